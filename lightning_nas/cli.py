@@ -1,0 +1,119 @@
+"""The ``lightning-nas`` command: one verb per stage, every stage a YAML recipe."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .recipe.errors import USAGE_EXIT_CODE, RecipeError
+
+OVERRIDES_HELP = "overrides: key=value (nested.key=1, list=[1,2], flag=true), ~key to delete"
+
+
+def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="path to a recipe YAML (see `lightning-nas ls`)")
+    parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    parser.add_argument("--smoke", action="store_true",
+                        help="apply the recipe's `smoke:` overrides: tiny data, a few steps, well under a minute")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-nas",
+        description="Hardware-aware architecture, pruning and quantization search; every stage is a YAML recipe.",
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    _recipe_arguments(verbs.add_parser("fit", help="train the recipe's task (supernet, QAT, predictor, ...)"))
+    _recipe_arguments(verbs.add_parser("search", help="run the recipe's architecture/quantization search"))
+    _recipe_arguments(verbs.add_parser("export", help="extract and export a subnet from a trained supernet"))
+    sweep = verbs.add_parser("sweep", help="write a W&B sweep definition from the recipe's `sweep:` section")
+    _recipe_arguments(sweep)
+    sweep.add_argument("--out", help="where to write the sweep YAML (default: RUN_DIR/sweep.yaml)")
+    sweep.add_argument("--start", action="store_true", help="register the sweep with W&B and start an agent")
+    sweep.add_argument("--count", type=int, help="runs for the agent started by --start")
+    config = verbs.add_parser("config", help="print the resolved recipe")
+    _recipe_arguments(config)
+    ls = verbs.add_parser("ls", help="list the recipes with their descriptions")
+    ls.add_argument("directory", nargs="?", default="recipes", help="directory of recipes (default: recipes)")
+    return parser
+
+
+#: Top-level sections that make a recipe belong to a verb other than ``fit``.
+VERB_SECTIONS = ("search", "export")
+
+
+def recipe_verb(config: dict) -> str:
+    """The verb that runs a recipe: the one whose section it has, else ``fit``."""
+    return next((verb for verb in VERB_SECTIONS if config.get(verb) is not None), "fit")
+
+
+def list_recipes(directory: str) -> list[tuple[str, str, str]]:
+    """(path, verb, description) of every recipe in ``directory``."""
+    import yaml
+
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise RecipeError("directory not found", given=directory, allowed="a directory of recipe YAML files")
+    rows = []
+    for path in sorted(folder.glob("*.yaml")):
+        try:
+            content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            content = {"description": "(cannot parse this file)"}
+        rows.append((str(path), recipe_verb(content), str(content.get("description") or "(no description)")))
+    return rows
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.verb == "ls":
+        rows = list_recipes(args.directory)
+        width = max((len(name) for name, _, _ in rows), default=0)
+        for name, verb, description in rows:
+            print(f"{name:<{width}}  {verb:<6}  {description}")
+        return 0
+
+    from .recipe.loader import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides, smoke=args.smoke)
+    if args.verb == "config":
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(OmegaConf.create(recipe.config)), end="")
+        return 0
+    if args.verb == "sweep":
+        from .stages import sweep
+
+        sweep.run(recipe, args.overrides, out=args.out, start=args.start, count=args.count)
+        return 0
+    if args.verb == "fit":
+        from .stages import fit
+
+        run_dir = fit.run(recipe)
+    elif args.verb == "search":
+        from .stages import search
+
+        run_dir = search.run(recipe)
+    else:
+        from .stages import export
+
+        run_dir = export.run(recipe)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except RecipeError as error:
+        print(f"error: {error.render()}", file=sys.stderr)
+        return USAGE_EXIT_CODE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Load a recipe: compose its fragments, apply overrides, resolve interpolations, validate.
+
+Composition: a recipe's ``defaults:`` lists fragment files, found relative to the including file
+or in the project's top-level ``callbacks/`` presets (``.yaml`` may be omitted). Fragments merge in
+order, then the recipe itself on top; mappings merge key by key, lists are replaced.
+Overrides: ``key=value`` (value parsed as YAML: lists, booleans, numbers, null), ``~key`` deletes.
+``--smoke`` applies the recipe's own ``smoke:`` overrides before those from the command line.
+Interpolations are resolved once, at load time, so ``${now:...}`` gives one run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import RecipeError
+from .signature import signature_of
+from .validate import RECIPE_SCHEMA, validate_recipe
+
+PRESETS_DIR = "callbacks"
+#: Set by the launching process so that every DDP rank writes into the same run directory.
+RUN_DIR_ENV = "LIGHTNING_NAS_RUN_DIR"
+COMMAND_LINE = "the command line"
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("now"):
+        register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+        register("now", lambda fmt="%Y%m%d-%H%M%S": datetime.now().strftime(fmt))
+
+
+@dataclass
+class LoadedRecipe:
+    """A validated, fully resolved recipe and where each of its keys came from."""
+
+    path: Path
+    config: dict[str, Any]
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def source_of(self, key: str | None) -> str:
+        """The file (or 'the command line') that set ``key``, its contents, or its closest parent."""
+        if key and key not in self.sources:
+            inside = [origin for k, origin in self.sources.items() if k.startswith(key + ".")]
+            if inside:
+                return inside[-1]
+        while key:
+            if key in self.sources:
+                return self.sources[key]
+            key = key.rpartition(".")[0]
+        return str(self.path)
+
+
+def _flat_keys(node: Any, prefix: str = "") -> Iterable[str]:
+    if isinstance(node, Mapping) and node:
+        for name, child in node.items():
+            yield from _flat_keys(child, f"{prefix}.{name}" if prefix else str(name))
+    elif prefix:
+        yield prefix
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except (OmegaConfBaseException, ValueError) as error:
+        raise RecipeError(f"cannot parse YAML: {error}", source=str(path)) from None
+    except Exception as error:  # yaml.YAMLError and friends: report the position the parser gives
+        raise RecipeError(f"cannot parse YAML: {error}", source=str(path)) from None
+    if loaded is None:
+        return OmegaConf.create({})
+    if not isinstance(loaded, DictConfig):
+        raise RecipeError("a recipe must be a mapping of keys to values", source=str(path), given=type(loaded).__name__)
+    return loaded
+
+
+def project_root(recipe: Path) -> Path | None:
+    """The nearest ancestor directory holding the ``callbacks/`` presets."""
+    for directory in (recipe.parent, *recipe.parent.parents):
+        if (directory / PRESETS_DIR).is_dir():
+            return directory
+    return None
+
+
+def _find_fragment(entry: str, including: Path, root: Path | None) -> Path:
+    names = [entry] if entry.endswith((".yaml", ".yml")) else [entry + ".yaml", entry]
+    candidates = [including.parent / n for n in names]
+    if root is not None:
+        candidates += [root / PRESETS_DIR / n for n in names] + [root / n for n in names]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    presets = sorted(p.stem for p in (root / PRESETS_DIR).glob("*.yaml")) if root else []
+    raise RecipeError(
+        "fragment not found",
+        source=str(including),
+        key="defaults",
+        given=entry,
+        allowed=f"a path relative to {including.parent} or a preset in {PRESETS_DIR}/: " + ", ".join(presets),
+    )
+
+
+def _compose(path: Path, root: Path | None, chain: tuple[Path, ...], sources: dict[str, str]) -> DictConfig:
+    if path.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise RecipeError(f"fragments include each other in a cycle: {cycle}", source=str(path), key="defaults")
+    node = _read_yaml(path)
+    defaults = node.pop("defaults") if "defaults" in node else ListConfig([])
+    if not isinstance(defaults, ListConfig) or not all(isinstance(d, str) for d in defaults):
+        raise RecipeError("expected a list of fragment paths", source=str(path), key="defaults",
+                          given=OmegaConf.to_container(defaults) if isinstance(defaults, (DictConfig, ListConfig))
+                          else defaults)
+    merged = OmegaConf.create({})
+    for entry in defaults:
+        fragment = _find_fragment(entry, path, root)
+        merged = OmegaConf.merge(merged, _compose(fragment, root, (*chain, path.resolve()), sources))
+    for key in _flat_keys(OmegaConf.to_container(node, resolve=False)):
+        sources[key] = str(path)
+    return OmegaConf.merge(merged, node)
+
+
+def parse_override(text: str) -> tuple[str, Any, bool]:
+    """``key=value`` -> (key, value, False); ``~key`` -> (key, None, True)."""
+    if text.startswith("~"):
+        key = text[1:].split("=", 1)[0]
+        if not key:
+            raise RecipeError("'~' must be followed by the key to delete", key=None, given=text)
+        return key, None, True
+    key, sep, raw = text.partition("=")
+    key = key.lstrip("+")
+    if not sep or not key:
+        raise RecipeError("an override must look like key=value or ~key", given=text,
+                          allowed="e.g. trainer.max_epochs=3, data.resolutions=[24,32], ~callbacks.early_stopping")
+    try:
+        value = OmegaConf.from_dotlist([f"value={raw}"])["value"]
+    except OmegaConfBaseException as error:
+        raise RecipeError(f"cannot parse the value: {error}", key=key, given=raw) from None
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=False)
+    return key, value, False
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str], origin: str, sources: dict[str, str]) -> None:
+    for text in overrides:
+        key, value, delete = parse_override(text)
+        if delete:
+            parent_key, _, leaf = key.rpartition(".")
+            parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+            if not isinstance(parent, DictConfig) or leaf not in parent:
+                raise RecipeError("cannot delete a key the recipe does not have", key=key)
+            del parent[leaf]
+            continue
+        try:
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+        except OmegaConfBaseException as error:
+            raise RecipeError(f"cannot set it: {error}", key=key, given=value).with_source(origin) from None
+        for leaf in _flat_keys(value, key) if isinstance(value, Mapping) else [key]:
+            sources[leaf] = origin
+        sources[key] = origin
+
+
+def _resolve(cfg: DictConfig, path: Path) -> dict[str, Any]:
+    _register_resolvers()
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or None
+        message = getattr(error, "msg", None) or str(error).splitlines()[0]
+        raise RecipeError(f"cannot resolve: {message}", source=str(path), key=key) from None
+    assert isinstance(resolved, dict)
+    return resolved
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = (), smoke: bool = False,
+                validate: bool = True) -> LoadedRecipe:
+    """Read, compose, override, resolve and validate a recipe file."""
+    recipe_path = Path(path)
+    if not recipe_path.is_file():
+        available = sorted(str(p) for p in Path("recipes").glob("*.yaml")) if Path("recipes").is_dir() else []
+        raise RecipeError("recipe file not found", source=str(recipe_path),
+                          allowed=", ".join(available) or None)
+    sources: dict[str, str] = {}
+    cfg = _compose(recipe_path, project_root(recipe_path.resolve()), (), sources)
+    if cfg.get("name") is None:
+        cfg["name"] = recipe_path.stem
+    for key, param in signature_of(RECIPE_SCHEMA).parameters.items():
+        if key not in cfg and not param.required and param.default is not ...:
+            cfg[key] = param.default  # the schema's defaults, so config.yaml shows what ran
+    loaded = LoadedRecipe(recipe_path, {}, sources)
+    try:
+        if smoke:
+            block = cfg.get("smoke")
+            if not block:
+                raise RecipeError("--smoke needs a `smoke:` list of overrides in the recipe", key="smoke")
+            if not isinstance(block, ListConfig) or not all(isinstance(o, str) for o in block):
+                raise RecipeError("expected a list of overrides such as 'trainer.max_epochs=1'", key="smoke",
+                                  given=OmegaConf.to_container(block) if isinstance(block, DictConfig) else block)
+            apply_overrides(cfg, list(block), f"smoke block of {recipe_path}", sources)
+        apply_overrides(cfg, overrides, COMMAND_LINE, sources)
+        inherited_run_dir = os.environ.get(RUN_DIR_ENV)
+        if inherited_run_dir and os.environ.get("LOCAL_RANK", "0") != "0":
+            cfg["run_dir"] = inherited_run_dir  # a DDP child: rank 0 already chose the directory
+        loaded.config = _resolve(cfg, recipe_path)
+        if validate:
+            validate_recipe(loaded.config)
+    except RecipeError as error:
+        raise error.with_source(str(recipe_path), loaded.source_of(error.key)) from None
+    return loaded

@@ -1,0 +1,74 @@
+"""The typed schema of a recipe's top level and of its plain settings sections.
+
+These dataclasses are read by recipe validation (from source, see :mod:`.signature`) and used
+as-is at run time. A stage that needs a new top-level section adds a field here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .markers import (
+    ClassPathSpec,
+    DataSpec,
+    ExistingFile,
+    LoggerName,
+    SpaceSpec,
+    TaskSpec,
+    TrainerArgs,
+)
+
+
+@dataclass
+class WandbSettings:
+    """Options of the Weights & Biases logger (``logger: wandb``)."""
+
+    project: str = "lightning-nas"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    #: None: offline when ``WANDB_MODE=offline`` or no API key is configured; True/False forces it.
+    offline: bool | None = None
+    log_model: bool = False
+
+
+@dataclass
+class SweepSettings:
+    """A W&B sweep over flat dotted recipe keys (``task.lr: {min: 0.01, max: 0.1}``)."""
+
+    parameters: dict[str, dict[str, Any]]
+    method: Literal["grid", "random", "bayes"] = "random"
+    metric: dict[str, Any] | None = None
+    name: str | None = None
+    early_terminate: dict[str, Any] | None = None
+    run_cap: int | None = None
+
+
+@dataclass
+class Recipe:
+    """Top-level keys of every recipe; which ones a verb needs is checked by the verb."""
+
+    #: One line shown by ``lightning-nas ls``.
+    description: str
+    #: Defaults to the recipe file's stem.
+    name: str | None = None
+    #: Where everything the run writes goes (resolved once, when the recipe is loaded).
+    run_dir: str = "runs/${name}/${now:%Y%m%d-%H%M%S}"
+    seed: int = 0
+    task: TaskSpec | None = None
+    data: DataSpec | None = None
+    space: SpaceSpec | None = None
+    trainer: TrainerArgs = field(default_factory=dict)
+    #: Named Lightning callbacks; a preset's entry is switched off with ``~callbacks.NAME``.
+    callbacks: dict[str, ClassPathSpec | None] = field(default_factory=dict)
+    logger: LoggerName | list[LoggerName] | None = "csv"
+    wandb: WandbSettings | None = None
+    #: A checkpoint to resume from ("last" resumes from run_dir/checkpoints/last.ckpt).
+    ckpt_path: ExistingFile | Literal["last"] | None = None
+    #: Overrides (``key=value``, ``~key``) that ``--smoke`` applies for a run of well under a minute.
+    smoke: list[str] = field(default_factory=list)
+    sweep: SweepSettings | None = None
+    #: Free-form values for interpolation (``${vars.width}``); never read by the framework.
+    vars: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,99 @@
+"""Registries of the components a recipe can name, and the catalog that fills them.
+
+A registry maps a short name (``cifar10``, ``ofa_mbv3``) to an import target
+(``package.module:Class``) and a one-line summary. Targets are imported only when a component is
+built, so listing, validating and suggesting names never pays for importing torch. The catalog
+at the bottom is the one place where components are registered.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .recipe.errors import RecipeError, close_match
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    target: str
+    summary: str
+
+    def load(self) -> Any:
+        module, _, attribute = self.target.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+class Registry:
+    """Named components of one kind, e.g. all data modules."""
+
+    def __init__(self, kind: str, description: str) -> None:
+        self.kind = kind
+        self.description = description
+        self._entries: dict[str, Entry] = {}
+
+    def add(self, name: str, target: str, summary: str) -> None:
+        if name in self._entries:
+            raise ValueError(f"{self.kind} '{name}' is registered twice")
+        if ":" not in target:
+            raise ValueError(f"target of {self.kind} '{name}' must look like 'package.module:Name'")
+        self._entries[name] = Entry(name, target, summary)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def entry(self, name: str, key: str = "name") -> Entry:
+        if name not in self._entries:
+            raise RecipeError(
+                f"unknown {self.description} '{name}'",
+                key=key,
+                given=name,
+                allowed=self.names(),
+                suggestion=close_match(str(name), self._entries),
+            )
+        return self._entries[name]
+
+    def build(self, spec: Mapping[str, Any], **injected: Any) -> Any:
+        """Build from ``{name: ..., **arguments}``; ``injected`` arguments win over the spec's."""
+        arguments = {k: v for k, v in spec.items() if k != "name"}
+        arguments.update(injected)
+        return self.entry(spec["name"]).load()(**arguments)
+
+
+SPACES = Registry("space", "search space")
+MODELS = Registry("model", "model")
+DATA = Registry("data", "data module")
+TASKS = Registry("task", "task")
+COST_MODELS = Registry("cost_model", "cost model")
+STRATEGIES = Registry("strategy", "search strategy")
+LOGGERS = Registry("logger", "logger")
+
+REGISTRIES: dict[str, Registry] = {
+    r.kind: r for r in (SPACES, MODELS, DATA, TASKS, COST_MODELS, STRATEGIES, LOGGERS)
+}
+
+# --- catalog ---------------------------------------------------------------------------------
+
+DATA.add("digits", "lightning_nas.data.digits:DigitsDataModule",
+         "scikit-learn's handwritten digits upscaled to RGB images; ships with the package, no download")
+DATA.add("cifar10", "lightning_nas.data.cifar10:CIFAR10DataModule",
+         "CIFAR-10 from train.npz/test.npz arrays or torchvision's format (downloads when allowed)")
+DATA.add("npz", "lightning_nas.data.arrays:NpzDataModule",
+         "any image classification set stored as .npz arrays (x uint8 NHWC, y int)")
+DATA.add("image_folder", "lightning_nas.data.folders:ImageFolderDataModule",
+         "ImageNet-style class folders (train/ and val/)")
+
+MODELS.add("timm", "lightning_nas.tasks.models:timm_model", "any timm architecture, trained from scratch")
+
+TASKS.add("classification", "lightning_nas.tasks.classification:ClassificationTask",
+          "train a fixed network with cross-entropy")
+
+LOGGERS.add("csv", "lightning_nas.loggers:csv_logger", "metrics as CSV in run_dir/logs")
+LOGGERS.add("wandb", "lightning_nas.loggers:wandb_logger",
+            "Weights & Biases; offline (synced later) when there is no network or WANDB_MODE=offline")

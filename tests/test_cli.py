@@ -1,0 +1,84 @@
+"""The command line: verbs, exit codes, messages without tracebacks, config printing, ls, sweep."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_nas.cli import list_recipes, main, recipe_verb
+
+SUPERNET = "recipes/ofa_supernet.yaml"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lightning_nas.cli", *args], capture_output=True, text=True)
+
+
+def test_help_lists_every_verb() -> None:
+    out = cli("--help").stdout
+    for verb in ("fit", "search", "export", "sweep", "config", "ls"):
+        assert verb in out
+    assert "--smoke" in cli("fit", "--help").stdout
+
+
+def test_config_prints_resolved_recipe_with_override() -> None:
+    result = cli("config", SUPERNET, "trainer.max_epochs=3")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["trainer"]["max_epochs"] == 3
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainr.max_epochs=3", ["trainr", "did you mean 'trainer'?", SUPERNET]),
+        ("trainer.max_epochs=abc", ["trainer.max_epochs", "'abc'", "int"]),
+        ("data.root=/no/such/dir", ["data.root", "directory not found", "/no/such/dir"]),
+    ],
+)
+def test_bad_recipes_exit_2_fast_without_traceback(override: str, expected: list[str]) -> None:
+    started = time.perf_counter()
+    result = cli("fit", SUPERNET, "data.name=cifar10", override) if override.startswith("data.root") \
+        else cli("fit", SUPERNET, override)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    for fragment in expected:
+        assert fragment in result.stderr
+    assert elapsed < 2.0
+
+
+def test_ls_lists_every_recipe_with_description() -> None:
+    rows = list_recipes("recipes")
+    assert {Path(name).name for name, _, _ in rows} == {p.name for p in Path("recipes").glob("*.yaml")}
+    assert all(description and not description.startswith("(") for _, _, description in rows)
+    out = cli("ls").stdout
+    assert SUPERNET in out
+
+
+def test_recipe_verb_from_sections() -> None:
+    assert recipe_verb({"task": {}}) == "fit"
+    assert recipe_verb({"search": {}}) == "search"
+    assert recipe_verb({"export": {}}) == "export"
+
+
+def test_sweep_definition_runs_fit_with_flat_dotted_parameters(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.yaml"
+    assert main(["sweep", "recipes/classify_timm.yaml", "--out", str(out)]) == 0
+    definition = yaml.safe_load(out.read_text())
+    assert definition["command"] == ["${env}", "lightning-nas", "fit", "recipes/classify_timm.yaml",
+                                     "${args_no_hyphens}"]
+    assert "task.lr" in definition["parameters"] and definition["method"] == "random"
+    assert definition["metric"] == {"name": "val/acc", "goal": "maximize"}
+
+
+def test_sweep_rejects_a_parameter_the_recipe_does_not_have(tmp_path: Path, capsys) -> None:
+    code = main(["sweep", "recipes/classify_timm.yaml", "--out", str(tmp_path / "s.yaml"),
+                 "sweep.parameters={task.lrr: {values: [0.1]}}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "sweep.parameters.task.lrr" in err and "did you mean 'lr'" in err
