@@ -92,9 +92,8 @@ def _run(args: argparse.Namespace) -> int:
 
         run_dir = fit.run(recipe)
     elif args.verb == "search":
-        from .stages import search
-
-        run_dir = search.run(recipe)
+        raise RecipeError("`lightning-nas search` needs a `search:` section, and this version has no search "
+                          "stage yet: no recipe can have one", source=str(recipe.path), key="search")
     else:
         from .stages import export
 
@@ -103,8 +102,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Overrides may come before or after options such as ``--smoke``."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") and not a.startswith("~")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     try:
         return _run(args)
     except RecipeError as error:

@@ -89,8 +89,15 @@ DATA.add("npz", "lightning_nas.data.arrays:NpzDataModule",
 DATA.add("image_folder", "lightning_nas.data.folders:ImageFolderDataModule",
          "ImageNet-style class folders (train/ and val/)")
 
+SPACES.add("ofa_mbv3", "lightning_nas.spaces.ofa_mbv3:OFAMobileNetV3Space",
+           "once-for-all elastic MobileNetV3 (kernel, expand, depth, resolution), ImageNet layout")
+SPACES.add("ofa_mbv3_cifar", "lightning_nas.spaces.ofa_mbv3:OFAMobileNetV3CifarSpace",
+           "once-for-all elastic MobileNetV3 for 32x32 inputs (stride-1 stem, 10 classes)")
+
 MODELS.add("timm", "lightning_nas.tasks.models:timm_model", "any timm architecture, trained from scratch")
 
+TASKS.add("supernet", "lightning_nas.tasks.supernet:SupernetTask",
+          "once-for-all supernet training with progressive shrinking and distillation")
 TASKS.add("classification", "lightning_nas.tasks.classification:ClassificationTask",
           "train a fixed network with cross-entropy")
 

@@ -45,6 +45,8 @@ MAPPING_MARKERS = {
     "TrainerArgs": "signature:lightning.pytorch.Trainer",
     "WandbSettings": "signature:lightning_nas.recipe.sections:WandbSettings",
     "SweepSettings": "signature:lightning_nas.recipe.sections:SweepSettings",
+    "ExportSettings": "signature:lightning_nas.recipe.sections:ExportSettings",
+    "ShrinkingPhase": "signature:lightning_nas.callbacks.phases:ShrinkingPhase",
 }
 #: Marker -> registry whose names it must be one of.
 NAME_MARKERS = {"LoggerName": "logger"}

@@ -47,6 +47,22 @@ class SweepSettings:
 
 
 @dataclass
+class ExportSettings:
+    """``lightning-nas export``: a subnet of a trained supernet as a standalone network."""
+
+    #: A checkpoint written by ``lightning-nas fit`` of a supernet recipe.
+    checkpoint: ExistingFile
+    #: A reference subnet's name (smallest, largest, random0, ...) or a config {ks, e, d, r}.
+    subnet: str | dict[str, Any] = "largest"
+    #: Recompute batch-norm statistics for the subnet on the recipe's held-out images (needs `data:`).
+    recalibrate_bn: bool = True
+    bn_recalibration_images: int = 2000
+    bn_recalibration_batch: int = 200
+    #: Also write an ONNX file.
+    onnx: bool = False
+
+
+@dataclass
 class Recipe:
     """Top-level keys of every recipe; which ones a verb needs is checked by the verb."""
 
@@ -70,5 +86,6 @@ class Recipe:
     #: Overrides (``key=value``, ``~key``) that ``--smoke`` applies for a run of well under a minute.
     smoke: list[str] = field(default_factory=list)
     sweep: SweepSettings | None = None
+    export: ExportSettings | None = None
     #: Free-form values for interpolation (``${vars.width}``); never read by the framework.
     vars: dict[str, Any] = field(default_factory=dict)

@@ -187,8 +187,15 @@ def _deep_check(node: ast.expr, value: Any, *, key: str, siblings: Mapping[str, 
                 validate_nested: NestedValidator) -> None:
     members = _union_members(node)
     if members is not None:
-        chosen = next(m for m in members if matches(m, value))
-        _deep_check(chosen, value, key=key, siblings=siblings, validate_nested=validate_nested)
+        first_error: RecipeError | None = None
+        for member in (m for m in members if matches(m, value)):
+            try:  # e.g. `ExistingFile | Literal["last"]`: "last" is a str, but only the literal fits
+                _deep_check(member, value, key=key, siblings=siblings, validate_nested=validate_nested)
+                return
+            except RecipeError as error:
+                first_error = first_error or error
+        if first_error is not None:
+            raise first_error
         return
     if isinstance(node, ast.Subscript):
         head = _head(node.value)

@@ -9,6 +9,17 @@ from ..recipe.validate import require_sections
 from .common import build, build_trainer, prepare_run_dir, resume_checkpoint, seed_everything
 
 
+DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+
+
+def ddp_strategy_for(task: object, trainer_args: dict) -> dict:
+    """A task that runs different subnets per step leaves parameters unused: tell DDP so."""
+    strategy = trainer_args.get("strategy")
+    if getattr(task, "ddp_find_unused_parameters", False) and strategy in DDP_STRATEGIES:
+        return {"strategy": f"{strategy}_find_unused_parameters_true"}
+    return {}
+
+
 def run(recipe: LoadedRecipe) -> Path:
     config = recipe.config
     require_sections(config, ("task", "data"), "fit")
@@ -18,6 +29,6 @@ def run(recipe: LoadedRecipe) -> Path:
 
     datamodule = build("data", lambda: DATA.build(config["data"]))
     task = build("task", lambda: TASKS.build(config["task"]))
-    trainer = build_trainer(config, run_dir)
+    trainer = build_trainer(config, run_dir, **ddp_strategy_for(task, config.get("trainer", {})))
     trainer.fit(task, datamodule=datamodule, ckpt_path=resume_checkpoint(config, run_dir))
     return run_dir

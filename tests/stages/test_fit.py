@@ -1,0 +1,38 @@
+"""`lightning-nas fit` writes a complete run directory and can resume."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import yaml
+
+from lightning_nas.cli import main
+
+RECIPE = "recipes/classify_timm.yaml"
+
+
+def test_fit_writes_config_logs_and_checkpoints(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert main(["fit", RECIPE, "--smoke", f"run_dir={run_dir}", "task.lr=0.01"]) == 0
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["task"]["lr"] == 0.01 and saved["run_dir"] == str(run_dir)
+    assert saved["trainer"]["max_epochs"] == 1  # the smoke block was applied
+    rows = list(csv.DictReader((run_dir / "logs" / "metrics.csv").open()))
+    assert any(row.get("val/acc") for row in rows)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_resume_from_last_checkpoint_continues_training(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert main(["fit", RECIPE, "--smoke", f"run_dir={run_dir}"]) == 0
+    assert main(["fit", RECIPE, "--smoke", f"run_dir={run_dir}", "ckpt_path=last", "trainer.max_epochs=2"]) == 0
+    import torch
+
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["epoch"] == 1 and state["global_step"] == 8
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    assert main(["fit", RECIPE, "--smoke", f"run_dir={tmp_path / 'empty'}", "ckpt_path=last"]) == 2
+    assert "no checkpoints/last.ckpt" in capsys.readouterr().err
