@@ -93,11 +93,15 @@ SPACES.add("ofa_mbv3", "lightning_nas.spaces.ofa_mbv3:OFAMobileNetV3Space",
            "once-for-all elastic MobileNetV3 (kernel, expand, depth, resolution), ImageNet layout")
 SPACES.add("ofa_mbv3_cifar", "lightning_nas.spaces.ofa_mbv3:OFAMobileNetV3CifarSpace",
            "once-for-all elastic MobileNetV3 for 32x32 inputs (stride-1 stem, 10 classes)")
+DATA.add("pairs", "lightning_nas.data.pairs:PairsDataModule",
+         "accuracy pairs of a pair store, encoded for predictors")
 
 MODELS.add("timm", "lightning_nas.tasks.models:timm_model", "any timm architecture, trained from scratch")
 
 TASKS.add("supernet", "lightning_nas.tasks.supernet:SupernetTask",
           "once-for-all supernet training with progressive shrinking and distillation")
+TASKS.add("predictor", "lightning_nas.tasks.predictor:PredictorTask",
+          "accuracy predictor (MLP) on stored pairs, with predictor transfer for quantized pairs")
 TASKS.add("classification", "lightning_nas.tasks.classification:ClassificationTask",
           "train a fixed network with cross-entropy")
 

@@ -36,3 +36,13 @@ def test_resume_from_last_checkpoint_continues_training(tmp_path: Path) -> None:
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert main(["fit", RECIPE, "--smoke", f"run_dir={tmp_path / 'empty'}", "ckpt_path=last"]) == 2
     assert "no checkpoints/last.ckpt" in capsys.readouterr().err
+
+
+def test_wandb_logger_writes_an_offline_run_in_the_run_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    assert main(["fit", RECIPE, "--smoke", f"run_dir={run_dir}", "logger=[csv, wandb]",
+                 "trainer.limit_train_batches=1"]) == 0
+    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert (run_dir / "logs" / "metrics.csv").is_file()

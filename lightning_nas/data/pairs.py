@@ -1,0 +1,86 @@
+"""Accuracy pairs from a pair store, encoded for predictors, split into train and validation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..predictors.pair_store import Pair, PairStore
+from ..recipe.errors import RecipeError
+from ..recipe.markers import ExistingFile, SpaceSpec
+
+
+def encode_pairs(space: Any, policy_space: Any | None, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(architecture encodings, policy encodings or None, top-1) as float tensors."""
+    archs = torch.tensor([space.encode(p.arch) for p in pairs], dtype=torch.float32)
+    targets = torch.tensor([p.top1 for p in pairs], dtype=torch.float32)
+    if policy_space is None:
+        return archs, None, targets
+    policies = []
+    for pair in pairs:
+        active = set(space.active_blocks(pair.arch))
+        policies.append(policy_space.encode(pair.policy, [b in active for b in range(space.num_blocks)]))
+    return archs, torch.tensor(policies, dtype=torch.float32), targets
+
+
+class PairsDataModule(pl.LightningDataModule):
+    """Pairs of one kind (``fp32`` or ``quant``) of a store; a seeded validation split."""
+
+    def __init__(self, path: ExistingFile, space: SpaceSpec, kind: Literal["fp32", "quant"] = "fp32",
+                 val_fraction: float = 0.2, seed: int = 0, max_train_pairs: int | None = None,
+                 batch_size: int = 256, policy_bits: list[int] = [4, 6, 8]) -> None:  # noqa: B006
+        super().__init__()
+        from ..registry import SPACES
+
+        self.path, self.kind, self.val_fraction, self.seed = path, kind, val_fraction, seed
+        self.max_train_pairs, self.batch_size = max_train_pairs, batch_size
+        self.space = SPACES.build(space)
+        self.policy_space = None
+        if kind == "quant":
+            from ..spaces.quant_policy import QuantPolicySpace
+
+            self.policy_space = QuantPolicySpace(bit_choices=policy_bits)
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+
+    @property
+    def policy_features(self) -> int:
+        return 0 if self.policy_space is None else self.policy_space.encoding_size(self.space.num_blocks)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        pairs = PairStore(self.path).pairs(kind=self.kind)
+        if len(pairs) < 4:
+            raise RecipeError(f"the store has {len(pairs)} pairs of kind '{self.kind}'; a predictor needs more",
+                              key="data.path", given=str(self.path))
+        order = np.random.default_rng(self.seed).permutation(len(pairs))
+        n_val = max(1, int(round(len(pairs) * self.val_fraction)))
+        val_idx, train_idx = order[:n_val], order[n_val:]
+        if self.max_train_pairs is not None:
+            train_idx = train_idx[: self.max_train_pairs]
+        self.train_set = self._dataset([pairs[i] for i in train_idx])
+        self.val_set = self._dataset([pairs[i] for i in val_idx])
+
+    def _dataset(self, pairs: Sequence[Pair]) -> TensorDataset:
+        archs, policies, targets = encode_pairs(self.space, self.policy_space, pairs)
+        if policies is None:
+            policies = torch.zeros(len(pairs), 0)
+        return TensorDataset(archs, policies, targets)
+
+    @property
+    def train_mean(self) -> float:
+        assert self.train_set is not None
+        return float(self.train_set.tensors[2].mean())
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=max(1, len(self.val_set or [])), shuffle=False)
