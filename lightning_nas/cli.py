@@ -19,15 +19,25 @@ def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="apply the recipe's `smoke:` overrides: tiny data, a few steps, well under a minute")
 
 
+#: verb -> (stage module running it, help). The stage module has ``run(recipe) -> Path``.
+STAGE_VERBS = {
+    "fit": ("lightning_nas.stages.fit", "train the recipe's task (supernet, QAT, predictor, ...)"),
+    "search": (None, "run the recipe's architecture/quantization search"),
+    "export": ("lightning_nas.stages.export", "extract and export a subnet from a trained supernet"),
+    "profile": ("lightning_nas.stages.profile", "measure a latency table of a space on this machine"),
+}
+#: Top-level sections that make a recipe belong to a verb other than ``fit``.
+VERB_SECTIONS = ("search", "export", "profile")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-nas",
         description="Hardware-aware architecture, pruning and quantization search; every stage is a YAML recipe.",
     )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    _recipe_arguments(verbs.add_parser("fit", help="train the recipe's task (supernet, QAT, predictor, ...)"))
-    _recipe_arguments(verbs.add_parser("search", help="run the recipe's architecture/quantization search"))
-    _recipe_arguments(verbs.add_parser("export", help="extract and export a subnet from a trained supernet"))
+    for verb, (_, help_text) in STAGE_VERBS.items():
+        _recipe_arguments(verbs.add_parser(verb, help=help_text, description=help_text))
     sweep = verbs.add_parser("sweep", help="write a W&B sweep definition from the recipe's `sweep:` section")
     _recipe_arguments(sweep)
     sweep.add_argument("--out", help="where to write the sweep YAML (default: RUN_DIR/sweep.yaml)")
@@ -38,10 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     ls = verbs.add_parser("ls", help="list the recipes with their descriptions")
     ls.add_argument("directory", nargs="?", default="recipes", help="directory of recipes (default: recipes)")
     return parser
-
-
-#: Top-level sections that make a recipe belong to a verb other than ``fit``.
-VERB_SECTIONS = ("search", "export")
 
 
 def recipe_verb(config: dict) -> str:
@@ -71,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         rows = list_recipes(args.directory)
         width = max((len(name) for name, _, _ in rows), default=0)
         for name, verb, description in rows:
-            print(f"{name:<{width}}  {verb:<6}  {description}")
+            print(f"{name:<{width}}  {verb:<7}  {description}")
         return 0
 
     from .recipe.loader import load_recipe
@@ -87,17 +93,13 @@ def _run(args: argparse.Namespace) -> int:
 
         sweep.run(recipe, args.overrides, out=args.out, start=args.start, count=args.count)
         return 0
-    if args.verb == "fit":
-        from .stages import fit
+    module, _ = STAGE_VERBS[args.verb]
+    if module is None:
+        raise RecipeError(f"`lightning-nas {args.verb}` needs a `{args.verb}:` section, and this version has no "
+                          f"{args.verb} stage yet: no recipe can have one", source=str(recipe.path), key=args.verb)
+    import importlib
 
-        run_dir = fit.run(recipe)
-    elif args.verb == "search":
-        raise RecipeError("`lightning-nas search` needs a `search:` section, and this version has no search "
-                          "stage yet: no recipe can have one", source=str(recipe.path), key="search")
-    else:
-        from .stages import export
-
-        run_dir = export.run(recipe)
+    run_dir = importlib.import_module(module).run(recipe)
     print(f"run directory: {run_dir}")
     return 0
 

@@ -21,7 +21,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_help_lists_every_verb() -> None:
     out = cli("--help").stdout
-    for verb in ("fit", "search", "export", "sweep", "config", "ls"):
+    for verb in ("fit", "search", "export", "sweep", "config", "ls", "profile"):
         assert verb in out
     assert "--smoke" in cli("fit", "--help").stdout
 
@@ -64,6 +64,7 @@ def test_recipe_verb_from_sections() -> None:
     assert recipe_verb({"task": {}}) == "fit"
     assert recipe_verb({"search": {}}) == "search"
     assert recipe_verb({"export": {}}) == "export"
+    assert recipe_verb({"profile": {}}) == "profile"
 
 
 def test_sweep_definition_runs_fit_with_flat_dotted_parameters(tmp_path: Path) -> None:

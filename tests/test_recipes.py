@@ -17,7 +17,7 @@ from lightning_nas.recipe.loader import load_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 #: Stages that produce what later recipes read come first.
-PIPELINE_ORDER = ["ofa_supernet", "ofa_export"]
+PIPELINE_ORDER = ["ofa_supernet", "ofa_export", "pairs_fp32", "predictor_fp32"]
 SMOKE_SECONDS = 60
 
 

@@ -87,7 +87,7 @@ class PairStore:
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         with closing(sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)) as connection:
-            connection.execute("PRAGMA busy_timeout = %d" % int(self.timeout * 1000))
+            connection.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             yield connection
 
     def add(self, pair: Pair) -> bool:

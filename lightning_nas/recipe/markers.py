@@ -46,6 +46,7 @@ MAPPING_MARKERS = {
     "WandbSettings": "signature:lightning_nas.recipe.sections:WandbSettings",
     "SweepSettings": "signature:lightning_nas.recipe.sections:SweepSettings",
     "ExportSettings": "signature:lightning_nas.recipe.sections:ExportSettings",
+    "ProfileSettings": "signature:lightning_nas.hardware.settings:ProfileSettings",
     "ShrinkingPhase": "signature:lightning_nas.callbacks.phases:ShrinkingPhase",
 }
 #: Marker -> registry whose names it must be one of.

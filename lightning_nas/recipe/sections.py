@@ -7,7 +7,7 @@ as-is at run time. A stage that needs a new top-level section adds a field here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .markers import (
     ClassPathSpec,
@@ -18,6 +18,9 @@ from .markers import (
     TaskSpec,
     TrainerArgs,
 )
+
+if TYPE_CHECKING:
+    from ..hardware.settings import ProfileSettings
 
 
 @dataclass
@@ -87,5 +90,6 @@ class Recipe:
     smoke: list[str] = field(default_factory=list)
     sweep: SweepSettings | None = None
     export: ExportSettings | None = None
+    profile: ProfileSettings | None = None
     #: Free-form values for interpolation (``${vars.width}``); never read by the framework.
     vars: dict[str, Any] = field(default_factory=dict)

@@ -8,7 +8,6 @@ from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import build, build_trainer, prepare_run_dir, resume_checkpoint, seed_everything
 
-
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
 
 

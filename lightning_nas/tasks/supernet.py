@@ -73,6 +73,7 @@ class SupernetTask(pl.LightningModule):
         bn_recalibration_batch: int = 200,
         channels_last: bool = False,
         record_subnets: bool = False,
+        init_checkpoint: ExistingFile | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -80,6 +81,8 @@ class SupernetTask(pl.LightningModule):
 
         self.space = SPACES.build(space)
         self.supernet = self.space.build_supernet()
+        if init_checkpoint:
+            self.load_supernet_weights(init_checkpoint)
         if channels_last:
             self.supernet = self.supernet.to(memory_format=torch.channels_last)
         self.automatic_optimization = False
@@ -91,6 +94,18 @@ class SupernetTask(pl.LightningModule):
         self._val_correct: torch.Tensor | None = None
         self._val_total = 0
         self._bn_states: dict[str, dict[str, torch.Tensor]] = {}
+
+    def load_supernet_weights(self, path: str) -> None:
+        """Start from the weights of another supernet run (same space), e.g. to collect pairs."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        theirs = checkpoint.get("hyper_parameters", {}).get("space")
+        if theirs is not None and dict(theirs) != dict(self.hparams.space):
+            raise ValueError(f"init_checkpoint {path} was trained on space {dict(theirs)}, not {dict(self.hparams.space)}")
+        weights = {k.removeprefix("supernet."): v for k, v in checkpoint["state_dict"].items()
+                   if k.startswith("supernet.")}
+        self.supernet.load_state_dict(weights)
+        if "teacher" in checkpoint:
+            self.set_teacher(checkpoint["teacher"])
 
     # --- phases -------------------------------------------------------------------------------
     def full_network_phase(self) -> ShrinkingPhase:

@@ -1,0 +1,114 @@
+"""Collect <architecture, accuracy> pairs from a trained supernet into a pair store.
+
+Runs when a fit ends: at the end of supernet training (as a callback of its recipe), or in a
+recipe that loads a supernet checkpoint and trains for zero epochs. The plan is deterministic
+(pair ``i`` is drawn from a generator seeded by ``seed`` and ``i``), ranks split it, and pairs
+already in the store are skipped, so a killed collection resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from ..nn.bn_recalibration import recalibrate_batchnorm
+from ..predictors.pair_store import Pair, PairStore, plan_key
+
+DEFAULT_STORE = "pairs.sqlite"
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    """A short hash of a network's weights and buffers: which supernet a pair was measured on."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """(top-1 in percent, mean cross-entropy) over normalised batches."""
+    model.eval()
+    correct, loss, total = 0, 0.0, 0
+    for images, labels in batches:
+        logits = model(images)
+        correct += int((logits.argmax(1) == labels).sum())
+        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        total += len(labels)
+    return 100.0 * correct / total, loss / total
+
+
+def split_holdout(datamodule: Any, bn_images: int, eval_images: int, batch_size: int) -> tuple[list, list]:
+    """Held-out images for BN recalibration, then the next ones (with labels) for evaluation."""
+    needed = bn_images + eval_images
+    available = len(datamodule.holdout_set)
+    if available < needed:
+        raise ValueError(f"pair collection needs {needed} held-out images (bn_images + eval_images), the data "
+                         f"module holds out {available}: raise data.holdout_size or lower them")
+    images, labels = [], []
+    for x, y in datamodule.holdout_dataloader(batch_size=batch_size):
+        images.append(x)
+        labels.append(y)
+    images, labels = torch.cat(images)[:needed], torch.cat(labels)[:needed]
+    bn = list(images[:bn_images].split(batch_size))
+    evaluation = list(zip(images[bn_images:].split(batch_size), labels[bn_images:].split(batch_size)))
+    return bn, evaluation
+
+
+class AccuracyPairCollector(pl.Callback):
+    """Full-precision pairs: sample, recalibrate BN, evaluate on held-out images, store."""
+
+    kind = "fp32"
+
+    def __init__(self, num_pairs: int = 1000, store: str | None = None, seed: int = 0, bn_images: int = 2000,
+                 eval_images: int = 2000, batch_size: int = 200) -> None:
+        self.num_pairs, self.store_path, self.seed = num_pairs, store, seed
+        self.bn_images, self.eval_images, self.batch_size = bn_images, eval_images, batch_size
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        store = PairStore(self.store_path or Path(trainer.default_root_dir) / DEFAULT_STORE)
+        datamodule = trainer.datamodule
+        bn_batches, eval_batches = split_holdout(datamodule, self.bn_images, self.eval_images, self.batch_size)
+        supernet = pl_module.supernet
+        checkpoint = state_hash(supernet)
+        saved = {k: v.clone() for k, v in supernet.state_dict().items()}
+        done = store.done_keys(plan_key(checkpoint, self.kind, self.seed, 0).rsplit(":", 1)[0] + ":")
+        todo = [i for i in range(self.num_pairs) if i % trainer.world_size == trainer.global_rank
+                and plan_key(checkpoint, self.kind, self.seed, i) not in done]
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = [TextColumn(f"{self.kind} pairs"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]:.1f} pairs/min"), TimeRemainingColumn()]
+        started = time.perf_counter()
+        with Progress(*columns, disable=not trainer.is_global_zero) as progress:
+            bar = progress.add_task("pairs", total=len(todo), rate=0.0)
+            for n, index in enumerate(todo, start=1):
+                pair_started = time.perf_counter()
+                rng = random.Random(f"pairs-{self.seed}-{index}")
+                pair = self.measure(pl_module, datamodule, rng, bn_batches, eval_batches)
+                store.add(Pair(**pair, checkpoint_hash=checkpoint, seed=self.seed, kind=self.kind,
+                               seconds=time.perf_counter() - pair_started,
+                               pair_key=plan_key(checkpoint, self.kind, self.seed, index)))
+                progress.update(bar, advance=1, rate=60 * n / (time.perf_counter() - started))
+        supernet.load_state_dict(saved)
+
+    def measure(self, pl_module: Any, datamodule: Any, rng: random.Random, bn_batches: list,
+                eval_batches: list) -> dict[str, Any]:
+        space, supernet, device = pl_module.space, pl_module.supernet, pl_module.device
+        config = space.sample(rng)
+        resolution = config["r"]
+        supernet.set_active(config)
+        recalibrate_batchnorm(supernet, (datamodule.normalize(b.to(device), resolution) for b in bn_batches))
+        batches = [(datamodule.normalize(x.to(device), resolution), y.to(device)) for x, y in eval_batches]
+        top1, loss = evaluate(supernet, batches)
+        return {"arch": space.canonical(config), "policy": None, "resolution": resolution, "top1": top1,
+                "loss": loss}
