@@ -1,0 +1,746 @@
+"""The once-for-all elastic MobileNetV3 search space, described without torch.
+
+This module is the single source of truth for the OFA MobileNetV3 layout: the supernet
+(:mod:`lightning_nas.nn.ofa_mbv3`), the extracted static subnets, the accuracy-predictor encoding,
+the evolutionary operators and the cost models all read their shapes from here. It must stay
+importable without torch because recipe validation and search scoring run on it; the network is
+only built on demand by :meth:`OFAMobileNetV3Space.build_supernet`.
+
+A subnet config is a plain dict ``{"ks": [B ints], "e": [B ints], "d": [S ints], "r": int}`` with
+``S`` stages of at most ``D`` blocks each (``B = S * D``): per-block depthwise kernel size and
+expand ratio, per-stage depth (the first ``d`` blocks of a stage run) and the input resolution.
+Entries of skipped blocks do not change the network; :meth:`OFAMobileNetV3Space.canonical` maps
+them to the smallest choices so that equal networks have equal configs.
+
+Module naming contract: every :class:`~lightning_nas.hardware.layers.LayerSpec` returned by
+:meth:`OFAMobileNetV3Space.layer_specs` is named after the qualified module name (as in
+``model.named_modules()``) of its convolution / linear module, and that name is the same in the
+supernet and in the extracted subnet::
+
+    stem.conv                                  role stem
+    first_block.dw.conv, first_block.project.conv      roles dw, pw_project (block None)
+    blocks.{b}.expand.conv                     role pw_expand
+    blocks.{b}.dw.conv                         role dw
+    blocks.{b}.se.reduce, blocks.{b}.se.expand roles se_reduce, se_expand
+    blocks.{b}.project.conv                    role pw_project
+    head.final_expand.conv, head.feature_mix.conv      role head
+    classifier.linear                          role classifier
+
+Batch norms sit next to their convolution as ``<prefix>.bn``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lightning_nas.hardware.layers import LayerSpec
+
+__all__ = [
+    "ACTIVATIONS",
+    "BlockSpec",
+    "OFAMobileNetV3CifarSpace",
+    "OFAMobileNetV3Space",
+    "SPACES",
+    "make_divisible",
+]
+
+#: Activation names a stage may use.
+ACTIVATIONS = ("relu", "h_swish")
+
+_CONFIG_KEYS = ("ks", "e", "d", "r")
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor`` without losing more than 10 %.
+
+    This is the MobileNet channel rounding rule; the supernet, the subnets and the cost model
+    must all use it so that channel counts agree everywhere.
+    """
+    if min_value is None:
+        min_value = divisor
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+def _conv_out(size: int, kernel: int, stride: int) -> int:
+    # "same" padding (kernel // 2) for odd kernels
+    return (size + 2 * (kernel // 2) - kernel) // stride + 1
+
+
+class BlockSpec:
+    """Static facts about one elastic MBConv block of the supernet."""
+
+    __slots__ = (
+        "index",
+        "stage",
+        "position",
+        "in_channels",
+        "out_channels",
+        "stride",
+        "activation",
+        "use_se",
+    )
+
+    def __init__(
+        self,
+        index: int,
+        stage: int,
+        position: int,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        activation: str,
+        use_se: bool,
+    ) -> None:
+        self.index = index
+        self.stage = stage
+        self.position = position
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.stride = stride
+        self.activation = activation
+        self.use_se = use_se
+
+    @property
+    def residual(self) -> bool:
+        """Whether the block has an identity shortcut (shape preserving blocks only)."""
+        return self.stride == 1 and self.in_channels == self.out_channels
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockSpec(index={self.index}, stage={self.stage}, position={self.position}, "
+            f"in={self.in_channels}, out={self.out_channels}, stride={self.stride}, "
+            f"act={self.activation!r}, se={self.use_se})"
+        )
+
+
+class OFAMobileNetV3Space:
+    """Elastic MobileNetV3 (once-for-all) space: kernel, expand ratio, depth and resolution.
+
+    Layout: stem 3x3 conv (h-swish), one fixed MBConv (expand 1, 3x3, ReLU), ``len(stage_widths)``
+    elastic stages of up to ``max(depth_choices)`` MBConv blocks, then a 1x1 conv to
+    ``head_channels`` (BN, h-swish), global pooling, a 1x1 conv to ``feature_channels`` (no BN, no
+    bias, h-swish), dropout and the linear classifier. All channel counts are scaled by
+    ``width_mult`` and rounded with :func:`make_divisible`.
+
+    Args:
+        num_classes: classifier outputs.
+        width_mult: channel multiplier applied to every width before rounding to multiples of 8.
+        resolutions: allowed input resolutions; ``None`` means the ImageNet range 128..224 step 4.
+        kernel_choices: depthwise kernel sizes (odd); the largest is stored, smaller ones are
+            derived through learned transformation matrices.
+        expand_choices: expand ratios of the elastic blocks.
+        depth_choices: number of blocks a stage may run.
+        stage_widths: output channels of each elastic stage (before ``width_mult``).
+        stage_strides: stride of the first block of each stage.
+        stage_activations: ``"relu"`` or ``"h_swish"`` per stage.
+        se_stages: indices of the stages whose blocks use squeeze-excite.
+        stem_channels: output channels of the stem convolution.
+        stem_stride: stride of the stem (2 for ImageNet, 1 for 32x32 inputs).
+        first_block_channels: output channels of the fixed first MBConv block.
+        head_channels: channels of the final 1x1 expand layer.
+        feature_channels: channels of the feature-mix layer after pooling.
+        se_reduction: squeeze-excite reduction factor.
+        dropout: dropout before the classifier.
+        bn_momentum: batch-norm momentum (PyTorch convention).
+        bn_eps: batch-norm epsilon.
+    """
+
+    #: Registry name of the space.
+    name = "ofa_mbv3"
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        width_mult: float = 1.0,
+        resolutions: list[int] | None = None,
+        kernel_choices: list[int] = [3, 5, 7],  # noqa: B006 - copied, never mutated
+        expand_choices: list[int] = [3, 4, 6],  # noqa: B006
+        depth_choices: list[int] = [2, 3, 4],  # noqa: B006
+        stage_widths: list[int] = [24, 40, 80, 112, 160],  # noqa: B006
+        stage_strides: list[int] = [2, 2, 2, 1, 2],  # noqa: B006
+        stage_activations: list[str] = ["relu", "relu", "h_swish", "h_swish", "h_swish"],  # noqa: B006
+        se_stages: list[int] = [1, 3, 4],  # noqa: B006
+        stem_channels: int = 16,
+        stem_stride: int = 2,
+        first_block_channels: int = 16,
+        head_channels: int = 960,
+        feature_channels: int = 1280,
+        se_reduction: int = 4,
+        dropout: float = 0.1,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+    ) -> None:
+        if resolutions is None:
+            resolutions = list(range(128, 225, 4))
+        # the normalised constructor inputs, before width_mult scaling, so hparams() rebuilds us
+        self._hparams: dict[str, Any] = {
+            "num_classes": int(num_classes),
+            "width_mult": float(width_mult),
+            "resolutions": sorted({int(r) for r in resolutions}),
+            "kernel_choices": sorted({int(k) for k in kernel_choices}),
+            "expand_choices": sorted({int(e) for e in expand_choices}),
+            "depth_choices": sorted({int(d) for d in depth_choices}),
+            "stage_widths": [int(w) for w in stage_widths],
+            "stage_strides": [int(s) for s in stage_strides],
+            "stage_activations": [str(a) for a in stage_activations],
+            "se_stages": sorted({int(s) for s in se_stages}),
+            "stem_channels": int(stem_channels),
+            "stem_stride": int(stem_stride),
+            "first_block_channels": int(first_block_channels),
+            "head_channels": int(head_channels),
+            "feature_channels": int(feature_channels),
+            "se_reduction": int(se_reduction),
+            "dropout": float(dropout),
+            "bn_momentum": float(bn_momentum),
+            "bn_eps": float(bn_eps),
+        }
+        h = self._hparams
+        self.num_classes: int = h["num_classes"]
+        self.width_mult: float = h["width_mult"]
+        self.resolutions: list[int] = list(h["resolutions"])
+        self.kernel_choices: list[int] = list(h["kernel_choices"])
+        self.expand_choices: list[int] = list(h["expand_choices"])
+        self.depth_choices: list[int] = list(h["depth_choices"])
+        self.stage_widths: list[int] = list(h["stage_widths"])
+        self.stage_strides: list[int] = list(h["stage_strides"])
+        self.stage_activations: list[str] = list(h["stage_activations"])
+        self.se_stages: list[int] = list(h["se_stages"])
+        self.stem_stride: int = h["stem_stride"]
+        self.se_reduction: int = h["se_reduction"]
+        self.dropout: float = h["dropout"]
+        self.bn_momentum: float = h["bn_momentum"]
+        self.bn_eps: float = h["bn_eps"]
+        self._check_layout()
+
+        # Rounded channel counts. The feature-mix width only grows with width_mult, as in the
+        # MobileNetV3 paper, so that narrow networks keep a wide final representation.
+        self.stem_channels = make_divisible(h["stem_channels"] * self.width_mult)
+        self.first_block_channels = make_divisible(h["first_block_channels"] * self.width_mult)
+        self.widths = [make_divisible(w * self.width_mult) for w in self.stage_widths]
+        self.head_channels = make_divisible(h["head_channels"] * self.width_mult)
+        self.feature_channels = (
+            make_divisible(h["feature_channels"] * self.width_mult)
+            if self.width_mult > 1.0
+            else h["feature_channels"]
+        )
+
+        self.num_stages = len(self.stage_widths)
+        self.max_depth = max(self.depth_choices)
+        self.num_blocks = self.num_stages * self.max_depth
+        self.blocks = self._block_specs()
+
+    # ------------------------------------------------------------------ layout
+
+    def _check_layout(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        need(self.num_classes > 0, f"num_classes must be positive, got {self.num_classes}")
+        need(self.width_mult > 0, f"width_mult must be positive, got {self.width_mult}")
+        need(
+            bool(self.resolutions) and min(self.resolutions) > 0,
+            f"resolutions must be positive, got {self.resolutions}",
+        )
+        need(
+            bool(self.kernel_choices) and all(k > 0 and k % 2 == 1 for k in self.kernel_choices),
+            f"kernel_choices must be odd positive sizes, got {self.kernel_choices}",
+        )
+        need(
+            bool(self.expand_choices) and min(self.expand_choices) > 0,
+            f"expand_choices must be positive, got {self.expand_choices}",
+        )
+        need(
+            bool(self.depth_choices) and min(self.depth_choices) > 0,
+            f"depth_choices must be positive, got {self.depth_choices}",
+        )
+        stages = len(self.stage_widths)
+        need(stages > 0, "stage_widths must not be empty")
+        for name in ("stage_strides", "stage_activations"):
+            need(
+                len(getattr(self, name)) == stages,
+                f"{name} has {len(getattr(self, name))} entries but stage_widths has {stages}",
+            )
+        need(all(w > 0 for w in self.stage_widths), f"stage_widths must be positive, got {self.stage_widths}")
+        need(
+            all(s in (1, 2) for s in self.stage_strides),
+            f"stage_strides must be 1 or 2, got {self.stage_strides}",
+        )
+        for act in self.stage_activations:
+            need(act in ACTIVATIONS, f"stage_activations entry {act!r} is not one of {list(ACTIVATIONS)}")
+        need(
+            all(0 <= s < stages for s in self.se_stages),
+            f"se_stages must be stage indices in [0, {stages}), got {self.se_stages}",
+        )
+        need(self.stem_stride in (1, 2), f"stem_stride must be 1 or 2, got {self.stem_stride}")
+        for name in ("stem_channels", "first_block_channels", "head_channels", "feature_channels"):
+            need(self._hparams[name] > 0, f"{name} must be positive, got {self._hparams[name]}")
+        need(self.se_reduction > 0, f"se_reduction must be positive, got {self.se_reduction}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+
+    def _block_specs(self) -> list[BlockSpec]:
+        specs = []
+        in_channels = self.first_block_channels
+        for stage, (width, stride, act) in enumerate(
+            zip(self.widths, self.stage_strides, self.stage_activations)
+        ):
+            for position in range(self.max_depth):
+                specs.append(
+                    BlockSpec(
+                        index=len(specs),
+                        stage=stage,
+                        position=position,
+                        in_channels=in_channels,
+                        out_channels=width,
+                        stride=stride if position == 0 else 1,
+                        activation=act,
+                        use_se=stage in self.se_stages,
+                    )
+                )
+                in_channels = width
+        return specs
+
+    def hparams(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this space (for checkpoints and logs)."""
+        return {k: list(v) if isinstance(v, list) else v for k, v in self._hparams.items()}
+
+    def mid_channels(self, block: int, expand: int) -> int:
+        """Expanded (hidden) channels of elastic block ``block`` at expand ratio ``expand``."""
+        return make_divisible(round(self.blocks[block].in_channels * expand))
+
+    def max_mid_channels(self, block: int) -> int:
+        return self.mid_channels(block, max(self.expand_choices))
+
+    def se_channels(self, mid: int) -> int:
+        """Hidden channels of the squeeze-excite module on ``mid`` channels."""
+        return make_divisible(mid // self.se_reduction)
+
+    def stage_blocks(self, stage: int) -> range:
+        """Indices of the elastic blocks of ``stage``."""
+        return range(stage * self.max_depth, (stage + 1) * self.max_depth)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hparams().items())})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.hparams() == self.hparams()
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
+
+    # ------------------------------------------------------------------ configs
+
+    def largest(self) -> dict:
+        """The largest subnet: every block, largest kernel and expand ratio, highest resolution."""
+        return {
+            "ks": [max(self.kernel_choices)] * self.num_blocks,
+            "e": [max(self.expand_choices)] * self.num_blocks,
+            "d": [self.max_depth] * self.num_stages,
+            "r": max(self.resolutions),
+        }
+
+    def smallest(self) -> dict:
+        """The smallest subnet: minimum depth, kernel, expand ratio and resolution."""
+        return self.canonical(
+            {
+                "ks": [min(self.kernel_choices)] * self.num_blocks,
+                "e": [min(self.expand_choices)] * self.num_blocks,
+                "d": [min(self.depth_choices)] * self.num_stages,
+                "r": min(self.resolutions),
+            }
+        )
+
+    def sample(self, rng: random.Random) -> dict:
+        """A uniformly random canonical subnet config drawn from ``rng``."""
+        config = {
+            "ks": [rng.choice(self.kernel_choices) for _ in range(self.num_blocks)],
+            "e": [rng.choice(self.expand_choices) for _ in range(self.num_blocks)],
+            "d": [rng.choice(self.depth_choices) for _ in range(self.num_stages)],
+            "r": rng.choice(self.resolutions),
+        }
+        return self.canonical(config)
+
+    def validate(self, config: Mapping[str, Any]) -> dict:
+        """Check ``config`` against the space and return a normalised copy (plain lists and ints).
+
+        Raises:
+            ValueError: naming the offending key (and index), the bad value and what is allowed.
+        """
+        if not isinstance(config, Mapping):
+            raise ValueError(
+                f"config must be a mapping with keys {list(_CONFIG_KEYS)}, got {type(config).__name__}"
+            )
+        missing = [k for k in _CONFIG_KEYS if k not in config]
+        if missing:
+            raise ValueError(f"config is missing key(s) {missing}; a config needs {list(_CONFIG_KEYS)}")
+        extra = sorted(str(k) for k in config if k not in _CONFIG_KEYS)
+        if extra:
+            raise ValueError(f"config has unknown key(s) {extra}; allowed keys are {list(_CONFIG_KEYS)}")
+
+        def check_list(key: str, length: int, allowed: list[int]) -> list[int]:
+            values = config[key]
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+                raise ValueError(
+                    f"config[{key!r}] must be a list of {length} ints from {allowed}, got {values!r}"
+                )
+            if len(values) != length:
+                raise ValueError(
+                    f"config[{key!r}] must have {length} entries, got {len(values)}: {list(values)!r}"
+                )
+            for i, v in enumerate(values):
+                if not _is_int(v) or v not in allowed:
+                    raise ValueError(f"config[{key!r}][{i}] = {v!r} is not allowed; choose from {allowed}")
+            return [int(v) for v in values]
+
+        out = {
+            "ks": check_list("ks", self.num_blocks, self.kernel_choices),
+            "e": check_list("e", self.num_blocks, self.expand_choices),
+            "d": check_list("d", self.num_stages, self.depth_choices),
+        }
+        r = config["r"]
+        if not _is_int(r) or r not in self.resolutions:
+            raise ValueError(f"config['r'] = {r!r} is not allowed; choose from {self.resolutions}")
+        out["r"] = int(r)
+        return out
+
+    def active_blocks(self, config: Mapping[str, Any]) -> list[int]:
+        """Indices of the elastic blocks that run in ``config`` (the first ``d`` of each stage)."""
+        depths = config["d"]
+        return [b for s in range(self.num_stages) for b in self.stage_blocks(s)[: depths[s]]]
+
+    def canonical(self, config: Mapping[str, Any]) -> dict:
+        """Validated copy of ``config`` whose skipped blocks use the smallest kernel and ratio.
+
+        Skipped blocks do not affect the network, so two configs describe the same subnet iff
+        their canonical forms are equal. The normalised values stay valid choices so a canonical
+        config is an ordinary config everywhere.
+        """
+        config = self.validate(config)
+        active = set(self.active_blocks(config))
+        k_min, e_min = min(self.kernel_choices), min(self.expand_choices)
+        for b in range(self.num_blocks):
+            if b not in active:
+                config["ks"][b] = k_min
+                config["e"][b] = e_min
+        return config
+
+    def config_key(self, config: Mapping[str, Any]) -> tuple:
+        """A hashable identity of the subnet (equal for configs describing the same network)."""
+        c = self.canonical(config)
+        return (tuple(c["ks"]), tuple(c["e"]), tuple(c["d"]), c["r"])
+
+    def reference_subnets(self, num_random: int = 2, seed: int = 0) -> dict[str, dict]:
+        """Named subnets to track during training: smallest, largest and ``random{i}``.
+
+        The random ones depend only on ``seed`` so every run (and every rank) sees the same ones.
+        """
+        rng = random.Random(seed)
+        subnets = {"smallest": self.smallest(), "largest": self.largest()}
+        for i in range(num_random):
+            subnets[f"random{i}"] = self.sample(rng)
+        return subnets
+
+    # ------------------------------------------------------------------ evolution
+
+    def mutate(
+        self, config: Mapping[str, Any], rng: random.Random, prob: float = 0.1, resolution_prob: float = 0.5
+    ) -> dict:
+        """Resample each block's kernel and expand ratio and each stage's depth with ``prob``,
+        the resolution with ``resolution_prob``; returns a canonical config.
+
+        Blocks that a depth mutation switches on get fresh random choices: in a canonical parent
+        they hold the normalised smallest values, which would bias children towards small blocks.
+        """
+        parent = self.canonical(config)
+        child = {"ks": list(parent["ks"]), "e": list(parent["e"]), "d": list(parent["d"]), "r": parent["r"]}
+        if rng.random() < resolution_prob:
+            child["r"] = rng.choice(self.resolutions)
+        for b in range(self.num_blocks):
+            if rng.random() < prob:
+                child["ks"][b] = rng.choice(self.kernel_choices)
+            if rng.random() < prob:
+                child["e"][b] = rng.choice(self.expand_choices)
+        for s in range(self.num_stages):
+            if rng.random() < prob:
+                child["d"][s] = rng.choice(self.depth_choices)
+        newly_active = set(self.active_blocks(child)) - set(self.active_blocks(parent))
+        for b in sorted(newly_active):
+            child["ks"][b] = rng.choice(self.kernel_choices)
+            child["e"][b] = rng.choice(self.expand_choices)
+        return self.canonical(child)
+
+    def crossover(self, a: Mapping[str, Any], b: Mapping[str, Any], rng: random.Random) -> dict:
+        """Uniform crossover: every gene (block kernel+ratio, stage depth, resolution) comes from
+        one parent at random; returns a canonical config.
+
+        A block's kernel and ratio are taken from a parent in which the block actually runs when
+        there is one, so the child never inherits the meaningless values of a skipped block.
+        """
+        a, b = self.canonical(a), self.canonical(b)
+        active_a, active_b = set(self.active_blocks(a)), set(self.active_blocks(b))
+        child: dict[str, Any] = {
+            "d": [rng.choice((da, db)) for da, db in zip(a["d"], b["d"])],
+            "r": rng.choice((a["r"], b["r"])),
+            "ks": [],
+            "e": [],
+        }
+        for i in range(self.num_blocks):
+            donor = a if rng.random() < 0.5 else b
+            if i not in (active_a if donor is a else active_b):
+                donor = b if donor is a else a
+            child["ks"].append(donor["ks"][i])
+            child["e"].append(donor["e"][i])
+        return self.canonical(child)
+
+    # ------------------------------------------------------------------ encoding
+
+    @property
+    def encoding_size(self) -> int:
+        """Length of :meth:`encode`'s vector."""
+        return len(self.resolutions) + self.num_blocks * (len(self.kernel_choices) + len(self.expand_choices))
+
+    def encode(self, config: Mapping[str, Any]) -> list[float]:
+        """One-hot feature vector for accuracy predictors.
+
+        Layout: resolution one-hot, then for every block its kernel one-hot followed by its
+        expand-ratio one-hot; skipped blocks are all zeros, which also encodes the depth.
+        One-to-one on canonical configs (see :meth:`decode`).
+        """
+        config = self.validate(config)
+        active = set(self.active_blocks(config))
+        vec = [0.0] * self.encoding_size
+        vec[self.resolutions.index(config["r"])] = 1.0
+        offset = len(self.resolutions)
+        nk, ne = len(self.kernel_choices), len(self.expand_choices)
+        for b in range(self.num_blocks):
+            if b in active:
+                vec[offset + self.kernel_choices.index(config["ks"][b])] = 1.0
+                vec[offset + nk + self.expand_choices.index(config["e"][b])] = 1.0
+            offset += nk + ne
+        return vec
+
+    def decode(self, vector: Sequence[float]) -> dict:
+        """Inverse of :meth:`encode`: the canonical config of a one-hot vector."""
+        if len(vector) != self.encoding_size:
+            raise ValueError(f"encoding must have {self.encoding_size} entries, got {len(vector)}")
+
+        def argmax(chunk: Sequence[float]) -> int | None:
+            hot = [i for i, v in enumerate(chunk) if v > 0.5]
+            if len(hot) > 1:
+                raise ValueError(f"encoding chunk {list(chunk)} is not one-hot")
+            return hot[0] if hot else None
+
+        n_res = len(self.resolutions)
+        r_index = argmax(vector[:n_res])
+        if r_index is None:
+            raise ValueError("encoding has no resolution set")
+        nk, ne = len(self.kernel_choices), len(self.expand_choices)
+        ks, es, running = [], [], []
+        offset = n_res
+        for _ in range(self.num_blocks):
+            k = argmax(vector[offset : offset + nk])
+            e = argmax(vector[offset + nk : offset + nk + ne])
+            if (k is None) != (e is None):
+                raise ValueError(f"encoding block at offset {offset} has a kernel xor an expand ratio")
+            running.append(k is not None)
+            ks.append(self.kernel_choices[k] if k is not None else min(self.kernel_choices))
+            es.append(self.expand_choices[e] if e is not None else min(self.expand_choices))
+            offset += nk + ne
+        depths = []
+        for s in range(self.num_stages):
+            flags = [running[b] for b in self.stage_blocks(s)]
+            d = sum(flags)
+            if flags != [True] * d + [False] * (self.max_depth - d):
+                raise ValueError(f"encoding stage {s} runs non-leading blocks {flags}")
+            depths.append(d)
+        return self.canonical({"ks": ks, "e": es, "d": depths, "r": self.resolutions[r_index]})
+
+    # ------------------------------------------------------------------ costs
+
+    def layer_specs(self, config: Mapping[str, Any], resolution: int | None = None) -> list[LayerSpec]:
+        """Every convolution / linear layer of the subnet, in execution order.
+
+        Names follow the module naming contract of this module, so a spec names the same module in
+        the supernet and in the extracted subnet. ``resolution`` overrides ``config["r"]`` (the
+        network itself runs at any input size; only the config must use the space's resolutions).
+        """
+        config = self.validate(config)
+        size = config["r"] if resolution is None else int(resolution)
+        specs: list[LayerSpec] = []
+
+        def conv(
+            name: str,
+            cin: int,
+            cout: int,
+            k: int,
+            stride: int,
+            groups: int,
+            in_size: int,
+            bias: bool,
+            role: str,
+            block: int | None = None,
+            op: str = "conv",
+        ) -> int:
+            out_size = _conv_out(in_size, k, stride)
+            specs.append(
+                LayerSpec(
+                    name=name,
+                    op=op,
+                    in_channels=cin,
+                    out_channels=cout,
+                    kernel_size=k,
+                    stride=stride,
+                    groups=groups,
+                    in_size=in_size,
+                    out_size=out_size,
+                    bias=bias,
+                    role=role,
+                    block=block,
+                )
+            )
+            return out_size
+
+        size = conv("stem.conv", 3, self.stem_channels, 3, self.stem_stride, 1, size, False, "stem")
+        c = self.stem_channels
+        size = conv("first_block.dw.conv", c, c, 3, 1, c, size, False, "dw")
+        conv("first_block.project.conv", c, self.first_block_channels, 1, 1, 1, size, False, "pw_project")
+        for b in self.active_blocks(config):
+            spec = self.blocks[b]
+            mid = self.mid_channels(b, config["e"][b])
+            k = config["ks"][b]
+            p = f"blocks.{b}"
+            conv(f"{p}.expand.conv", spec.in_channels, mid, 1, 1, 1, size, False, "pw_expand", b)
+            out = conv(f"{p}.dw.conv", mid, mid, k, spec.stride, mid, size, False, "dw", b)
+            if spec.use_se:
+                se = self.se_channels(mid)
+                conv(f"{p}.se.reduce", mid, se, 1, 1, 1, 1, True, "se_reduce", b)
+                conv(f"{p}.se.expand", se, mid, 1, 1, 1, 1, True, "se_expand", b)
+            conv(f"{p}.project.conv", mid, spec.out_channels, 1, 1, 1, out, False, "pw_project", b)
+            size = out
+        last = self.widths[-1] if self.num_blocks else self.first_block_channels
+        conv("head.final_expand.conv", last, self.head_channels, 1, 1, 1, size, False, "head")
+        conv("head.feature_mix.conv", self.head_channels, self.feature_channels, 1, 1, 1, 1, False, "head")
+        conv(
+            "classifier.linear",
+            self.feature_channels,
+            self.num_classes,
+            1,
+            1,
+            1,
+            1,
+            True,
+            "classifier",
+            op="linear",
+        )
+        return specs
+
+    def batchnorm_channels(self, config: Mapping[str, Any]) -> list[int]:
+        """Channel count of every batch norm of the subnet (one per conv except SE / feature mix)."""
+        config = self.validate(config)
+        out = [self.stem_channels, self.stem_channels, self.first_block_channels]
+        for b in self.active_blocks(config):
+            mid = self.mid_channels(b, config["e"][b])
+            out += [mid, mid, self.blocks[b].out_channels]
+        out.append(self.head_channels)
+        return out
+
+    def macs(self, config: Mapping[str, Any], resolution: int | None = None) -> int:
+        """Multiply-accumulates of one image through the subnet (convolutions and linear layers
+        only; pooling, activations, batch norm and the squeeze-excite scaling are not counted).
+        ``resolution`` overrides ``config["r"]``."""
+        return sum(spec.macs for spec in self.layer_specs(config, resolution))
+
+    def params(self, config: Mapping[str, Any]) -> int:
+        """Trainable parameters of the extracted subnet: conv / linear weights and biases plus the
+        batch-norm affine weights and biases (2 per channel; running statistics are buffers and
+        are not counted)."""
+        return sum(spec.params for spec in self.layer_specs(config)) + 2 * sum(
+            self.batchnorm_channels(config)
+        )
+
+    # ------------------------------------------------------------------ networks
+
+    def build_supernet(self):  # -> lightning_nas.nn.ofa_mbv3.OFAMobileNetV3 (torch imported lazily)
+        """The elastic supernet for this space (imports torch)."""
+        from lightning_nas.nn.ofa_mbv3 import OFAMobileNetV3
+
+        return OFAMobileNetV3(self)
+
+    def build_subnet(self, config: Mapping[str, Any]):  # -> lightning_nas.nn.static.MobileNetV3Subnet
+        """A freshly initialised standalone network for ``config`` (imports torch).
+
+        Use :meth:`OFAMobileNetV3.extract` to get one with the supernet's weights.
+        """
+        from lightning_nas.nn.static import MobileNetV3Subnet
+
+        return MobileNetV3Subnet(self, self.canonical(config))
+
+
+class OFAMobileNetV3CifarSpace(OFAMobileNetV3Space):
+    """The OFA MobileNetV3 space for 32x32 inputs: stride-1 stem, 10 classes, small resolutions.
+
+    Same arguments as :class:`OFAMobileNetV3Space`, with CIFAR-10 defaults.
+    """
+
+    name = "ofa_mbv3_cifar"
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        width_mult: float = 1.0,
+        resolutions: list[int] = [24, 28, 32],  # noqa: B006 - copied, never mutated
+        kernel_choices: list[int] = [3, 5, 7],  # noqa: B006
+        expand_choices: list[int] = [3, 4, 6],  # noqa: B006
+        depth_choices: list[int] = [2, 3, 4],  # noqa: B006
+        stage_widths: list[int] = [24, 40, 80, 112, 160],  # noqa: B006
+        stage_strides: list[int] = [2, 2, 2, 1, 2],  # noqa: B006
+        stage_activations: list[str] = ["relu", "relu", "h_swish", "h_swish", "h_swish"],  # noqa: B006
+        se_stages: list[int] = [1, 3, 4],  # noqa: B006
+        stem_channels: int = 16,
+        stem_stride: int = 1,
+        first_block_channels: int = 16,
+        head_channels: int = 960,
+        feature_channels: int = 1280,
+        se_reduction: int = 4,
+        dropout: float = 0.1,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+    ) -> None:
+        super().__init__(
+            num_classes=num_classes,
+            width_mult=width_mult,
+            resolutions=resolutions,
+            kernel_choices=kernel_choices,
+            expand_choices=expand_choices,
+            depth_choices=depth_choices,
+            stage_widths=stage_widths,
+            stage_strides=stage_strides,
+            stage_activations=stage_activations,
+            se_stages=se_stages,
+            stem_channels=stem_channels,
+            stem_stride=stem_stride,
+            first_block_channels=first_block_channels,
+            head_channels=head_channels,
+            feature_channels=feature_channels,
+            se_reduction=se_reduction,
+            dropout=dropout,
+            bn_momentum=bn_momentum,
+            bn_eps=bn_eps,
+        )
+
+
+#: Registry of the variants defined here, by name.
+SPACES: dict[str, type[OFAMobileNetV3Space]] = {
+    OFAMobileNetV3Space.name: OFAMobileNetV3Space,
+    OFAMobileNetV3CifarSpace.name: OFAMobileNetV3CifarSpace,
+}
+
+
+def _is_int(value: Any) -> bool:
+    # bools are ints in Python but never a meaningful kernel size or resolution
+    return isinstance(value, int) and not isinstance(value, bool)
