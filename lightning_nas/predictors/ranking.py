@@ -1,0 +1,66 @@
+"""Score NAS-Bench-201 architectures with a zero-cost proxy or a trained ParZC checkpoint.
+
+Used by the ``rank`` CLI verb. Higher scores mean "predicted better" for every ranker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from lightning_nas.predictors.zc_cache import DEFAULT_PROXIES, compute_statistics, load_cifar10_batch
+from lightning_nas.predictors.zero_cost import PROXIES
+
+DEFAULT_DATA = "/work/shared/data/cifar10/train.npz"
+
+
+def available_rankers() -> list[str]:
+    return list(PROXIES)
+
+
+def _load_task(checkpoint: str | Path):
+    from lightning_nas.tasks.parzc import ParZCTask
+
+    task = ParZCTask.load_from_checkpoint(str(checkpoint), map_location="cpu")
+    if task.model is None:
+        raise ValueError(f"{checkpoint} holds no ParZC model (num_nodes / num_stats missing)")
+    return task
+
+
+def score_architectures(
+    arch_strings: Sequence[str],
+    ranker: str,
+    images: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    seed: int | None = None,
+    data_path: str | Path = DEFAULT_DATA,
+    batch_size: int = 64,
+    cache_path: str | Path | None = None,
+    progress: bool = False,
+) -> list[float]:
+    """One score per architecture (input order); ``ranker`` is a proxy name or a ParZC checkpoint.
+
+    Statistics use ``images`` / ``labels`` when given, else a batch of ``batch_size`` from
+    ``data_path`` chosen by ``seed``. For a checkpoint the proxies and the seed default to the
+    ones it was trained with, so its inputs are computed the way its training statistics were.
+    ``cache_path`` makes long rankings resumable (see :mod:`lightning_nas.predictors.zc_cache`).
+    """
+    if ranker in PROXIES:
+        task, proxies = None, [ranker]
+        seed = 0 if seed is None else seed
+    elif Path(ranker).is_file():
+        task = _load_task(ranker)
+        proxies = list(task.hparams.proxies or DEFAULT_PROXIES)
+        if seed is None:
+            seed = int(task.hparams.stats_seed or 0)
+    else:
+        raise ValueError(f"ranker {ranker!r} is neither a proxy ({', '.join(PROXIES)}) nor a checkpoint file")
+    if images is None or labels is None:
+        images, labels = load_cifar10_batch(data_path, batch_size=batch_size, seed=seed)
+    stats = compute_statistics(list(arch_strings), proxies, images, labels, seed=seed,
+                               cache_path=cache_path, progress=progress)
+    if task is None:
+        return [float(s) for s in stats.scores[:, 0]]
+    return task.score(torch.as_tensor(stats.nodes, dtype=torch.float64)).tolist()
