@@ -1,0 +1,47 @@
+"""Recipe settings of the hardware stages (read by recipe validation: no torch here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lightning_nas.recipe.markers import SpaceSpec
+
+__all__ = ["ProfileSettings"]
+
+
+@dataclass
+class ProfileSettings:
+    """``lightning-nas profile``: measure a latency lookup table of a space on this machine.
+
+    Every distinct unit (stem, blocks, head parts) the space can produce at ``resolutions`` is
+    timed (warm-up, then the median of ``repeats``) and written to ``output`` entry by entry, so an
+    interrupted run resumes when run again with the same ``output``.
+    """
+
+    #: The search space whose units are measured (``{name: ofa_mbv3_cifar, ...}``).
+    space: SpaceSpec
+    #: The table file; default ``<run_dir>/latency_table.json``.
+    output: str | None = None
+    #: Input resolutions to cover; default: every resolution of the space.
+    resolutions: list[int] | None = None
+    batch_size: int = 1
+    #: Intra-op threads of the measurement (recorded in the table).
+    threads: int = 1
+    precisions: list[Literal["fp32", "int8"]] = field(default_factory=lambda: ["fp32", "int8"])
+    #: int8 kernels: torch.ao (x86 engine) or onnxruntime on the ONNX QDQ export.
+    int8_backend: Literal["torch", "onnxruntime"] = "torch"
+    #: Time units inside profiling networks (realistic caches) or each alone (the OFA way).
+    context: Literal["network", "isolated"] = "network"
+    #: Time under real-time priority (needs root) so that other processes cannot preempt it.
+    realtime: bool = False
+    warmup: int = 10
+    repeats: int = 50
+    #: Passes over all profiling networks (network context), pooled: entries then average over the
+    #: machine's drift during the run instead of catching one moment; keeps the networks in memory.
+    rounds: int = 1
+    #: Stop after this many profiling networks (network context) or entries (isolated); for smoke runs.
+    limit: int | None = None
+    #: Show a progress bar.
+    progress: bool = True
+    seed: int = 0

@@ -1,0 +1,45 @@
+"""``lightning-nas profile``: measure a latency lookup table of a search space on this machine.
+
+Writes the table (``profile.output``, default ``<run_dir>/latency_table.json``) entry by entry:
+running the same recipe again after an interruption measures only what is missing. The table feeds
+the ``latency_table`` cost model of later stages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..recipe.errors import RecipeError
+from ..recipe.loader import LoadedRecipe
+from ..recipe.validate import require_sections
+from .common import build, prepare_run_dir
+
+TABLE_FILE = "latency_table.json"
+
+
+def run(recipe: LoadedRecipe) -> Path:
+    from ..hardware.latency_table import LatencyTable, profile_space
+    from ..hardware.settings import ProfileSettings
+    from ..registry import SPACES
+
+    config = recipe.config
+    require_sections(config, ("profile",), "profile")
+    try:
+        settings = ProfileSettings(**config["profile"])
+    except TypeError as error:
+        raise RecipeError(f"invalid profile settings ({error})", key="profile") from None
+    run_dir = prepare_run_dir(recipe)
+    space = build("profile.space", lambda: SPACES.build(settings.space))
+    output = Path(settings.output) if settings.output else run_dir / TABLE_FILE
+    result = build("profile", lambda: profile_space(
+        space, output, resolutions=settings.resolutions, batch_size=settings.batch_size, threads=settings.threads,
+        precisions=settings.precisions, int8_backend=settings.int8_backend, warmup=settings.warmup,
+        repeats=settings.repeats, context=settings.context, realtime=settings.realtime, rounds=settings.rounds,
+        limit=settings.limit,
+        progress=settings.progress, seed=settings.seed,
+    ))
+    table = LatencyTable.load(output)
+    sizes = ", ".join(f"{len(table.keys(p))} {p}" for p in table.precisions)
+    state = "complete" if result.remaining == 0 else f"{result.remaining} entries still missing (run again to resume)"
+    print(f"latency table {output}: {sizes} entries; measured {result.measured} now, {result.skipped} reused; {state}")
+    return run_dir
