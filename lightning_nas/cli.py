@@ -22,7 +22,7 @@ def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
 #: verb -> (stage module running it, help). The stage module has ``run(recipe) -> Path``.
 STAGE_VERBS = {
     "fit": ("lightning_nas.stages.fit", "train the recipe's task (supernet, QAT, predictor, ...)"),
-    "search": (None, "run the recipe's architecture/quantization search"),
+    "search": ("lightning_nas.stages.search", "run the recipe's joint architecture/pruning/quantization search"),
     "export": ("lightning_nas.stages.export", "extract and export a subnet from a trained supernet"),
     "profile": ("lightning_nas.stages.profile", "measure a latency table of a space on this machine"),
 }
@@ -94,9 +94,6 @@ def _run(args: argparse.Namespace) -> int:
         sweep.run(recipe, args.overrides, out=args.out, start=args.start, count=args.count)
         return 0
     module, _ = STAGE_VERBS[args.verb]
-    if module is None:
-        raise RecipeError(f"`lightning-nas {args.verb}` needs a `{args.verb}:` section, and this version has no "
-                          f"{args.verb} stage yet: no recipe can have one", source=str(recipe.path), key=args.verb)
     import importlib
 
     run_dir = importlib.import_module(module).run(recipe)

@@ -93,17 +93,41 @@ SPACES.add("ofa_mbv3", "lightning_nas.spaces.ofa_mbv3:OFAMobileNetV3Space",
            "once-for-all elastic MobileNetV3 (kernel, expand, depth, resolution), ImageNet layout")
 SPACES.add("ofa_mbv3_cifar", "lightning_nas.spaces.ofa_mbv3:OFAMobileNetV3CifarSpace",
            "once-for-all elastic MobileNetV3 for 32x32 inputs (stride-1 stem, 10 classes)")
+SPACES.add("nb201", "lightning_nas.spaces.nb201:NB201Space",
+           "NAS-Bench-201 cell space (15,625 cells, 5 ops on 6 edges)")
+SPACES.add("proxyless", "lightning_nas.spaces.proxyless:ProxylessSpace",
+           "ProxylessNAS MobileNetV2-style layout with MBConv candidates per layer (ImageNet)")
+SPACES.add("proxyless_cifar", "lightning_nas.spaces.proxyless:ProxylessCifarSpace",
+           "ProxylessNAS MobileNetV2-style layout for 32x32 inputs")
+
+DATA.add("zc_stats", "lightning_nas.data.zc_stats:ZCStatsDataModule",
+         "node-wise zero-cost statistics of NAS-Bench-201 architectures with their accuracies")
 DATA.add("pairs", "lightning_nas.data.pairs:PairsDataModule",
          "accuracy pairs of a pair store, encoded for predictors")
 
 MODELS.add("timm", "lightning_nas.tasks.models:timm_model", "any timm architecture, trained from scratch")
+MODELS.add("proxyless_derived", "lightning_nas.tasks.proxyless_models:proxyless_derived",
+           "the architecture a ProxylessNAS search derived (derived_arch.json), from scratch")
 
 TASKS.add("supernet", "lightning_nas.tasks.supernet:SupernetTask",
           "once-for-all supernet training with progressive shrinking and distillation")
 TASKS.add("predictor", "lightning_nas.tasks.predictor:PredictorTask",
           "accuracy predictor (MLP) on stored pairs, with predictor transfer for quantized pairs")
+TASKS.add("qat", "lightning_nas.tasks.qat:QATTask",
+          "quantization-aware finetuning of a subnet under a policy, then int8/ONNX deployment")
+TASKS.add("proxyless", "lightning_nas.tasks.proxyless:ProxylessSearchTask",
+          "ProxylessNAS: binary-gate differentiable search with a latency loss")
+TASKS.add("parzc", "lightning_nas.tasks.parzc:ParZCTask",
+          "ParZC: Bayesian MLP-Mixer ranker over node-wise zero-cost statistics")
 TASKS.add("classification", "lightning_nas.tasks.classification:ClassificationTask",
           "train a fixed network with cross-entropy")
+
+COST_MODELS.add("counts", "lightning_nas.hardware.cost_models:CountsCostModel",
+                "MACs, parameters, BitOps and model size from the config")
+COST_MODELS.add("latency_table", "lightning_nas.hardware.cost_models:LatencyTableCostModel",
+                "latency from a table measured with `lightning-nas profile`")
+COST_MODELS.add("bitfusion", "lightning_nas.hardware.cost_models:BitFusionCostModel",
+                "analytic BitFusion-style mixed-precision accelerator: latency and energy")
 
 LOGGERS.add("csv", "lightning_nas.loggers:csv_logger", "metrics as CSV in run_dir/logs")
 LOGGERS.add("wandb", "lightning_nas.loggers:wandb_logger",

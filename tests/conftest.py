@@ -10,6 +10,8 @@ SHARED = REPO.parent / "shared"
 CIFAR10_DIR = SHARED / "data" / "cifar10"
 
 os.environ.setdefault("WANDB_MODE", "offline")
+# Busy-waiting OpenMP threads collapse throughput when the cores are shared (CI runners, xdist).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(autouse=True)

@@ -112,3 +112,52 @@ class AccuracyPairCollector(pl.Callback):
         top1, loss = evaluate(supernet, batches)
         return {"arch": space.canonical(config), "policy": None, "resolution": resolution, "top1": top1,
                 "loss": loss}
+
+
+class QuantizedPairCollector(AccuracyPairCollector):
+    """Quantized pairs: sample an architecture and a policy, extract the subnet with the supernet's
+    weights, recalibrate BN, calibrate activation ranges, finetune briefly with quantization-aware
+    training, evaluate on held-out images, store. Expensive per pair: this is why the quantized
+    predictor is transferred from the full-precision one."""
+
+    kind = "quant"
+
+    def __init__(self, num_pairs: int = 200, store: str | None = None, seed: int = 0, bn_images: int = 2000,
+                 eval_images: int = 2000, batch_size: int = 200, finetune_steps: int = 50, lr: float = 1e-3,
+                 momentum: float = 0.9, policy_bits: list[int] = [4, 6, 8]) -> None:  # noqa: B006
+        super().__init__(num_pairs, store, seed, bn_images, eval_images, batch_size)
+        self.finetune_steps, self.lr, self.momentum, self.policy_bits = finetune_steps, lr, momentum, policy_bits
+
+    def measure(self, pl_module: Any, datamodule: Any, rng: random.Random, bn_batches: list,
+                eval_batches: list) -> dict[str, Any]:
+        from ..nn.quantize_model import attach_quantizers, calibrate_activation_ranges
+        from ..spaces.quant_policy import QuantPolicySpace
+
+        space, supernet, device = pl_module.space, pl_module.supernet, pl_module.device
+        config = space.canonical(space.sample(rng))
+        policy = QuantPolicySpace(bit_choices=self.policy_bits).sample(rng, space.num_blocks)
+        resolution = config["r"]
+        bn_inputs = [datamodule.normalize(b.to(device), resolution) for b in bn_batches]
+        supernet.set_active(config)
+        recalibrate_batchnorm(supernet, bn_inputs)
+        subnet = supernet.extract(config)
+        bits = QuantPolicySpace(bit_choices=self.policy_bits).bits_for_layers(space.layer_specs(config), policy)
+        attach_quantizers(subnet, bits)
+        calibrate_activation_ranges(subnet, bn_inputs)
+        if self.finetune_steps > 0:
+            optimizer = torch.optim.SGD(subnet.parameters(), lr=self.lr, momentum=self.momentum)
+            subnet.train()
+            steps = 0
+            while steps < self.finetune_steps:
+                for images, labels in datamodule.train_dataloader():
+                    images = datamodule.normalize(images.to(device), resolution)
+                    loss = F.cross_entropy(subnet(images), labels.to(device))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    steps += 1
+                    if steps >= self.finetune_steps:
+                        break
+        batches = [(datamodule.normalize(x.to(device), resolution), y.to(device)) for x, y in eval_batches]
+        top1, loss = evaluate(subnet, batches)
+        return {"arch": config, "policy": policy, "resolution": resolution, "top1": top1, "loss": loss}

@@ -68,9 +68,7 @@ def _flat_keys(node: Any, prefix: str = "") -> Iterable[str]:
 def _read_yaml(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
-    except (OmegaConfBaseException, ValueError) as error:
-        raise RecipeError(f"cannot parse YAML: {error}", source=str(path)) from None
-    except Exception as error:  # yaml.YAMLError and friends: report the position the parser gives
+    except Exception as error:  # yaml.YAMLError, OmegaConf errors: their text gives the position
         raise RecipeError(f"cannot parse YAML: {error}", source=str(path)) from None
     if loaded is None:
         return OmegaConf.create({})

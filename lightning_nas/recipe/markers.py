@@ -47,6 +47,7 @@ MAPPING_MARKERS = {
     "SweepSettings": "signature:lightning_nas.recipe.sections:SweepSettings",
     "ExportSettings": "signature:lightning_nas.recipe.sections:ExportSettings",
     "ProfileSettings": "signature:lightning_nas.hardware.settings:ProfileSettings",
+    "SearchSettings": "signature:lightning_nas.search.settings:SearchSettings",
     "ShrinkingPhase": "signature:lightning_nas.callbacks.phases:ShrinkingPhase",
 }
 #: Marker -> registry whose names it must be one of.

@@ -21,6 +21,7 @@ from .markers import (
 
 if TYPE_CHECKING:
     from ..hardware.settings import ProfileSettings
+    from ..search.settings import SearchSettings
 
 
 @dataclass
@@ -91,5 +92,6 @@ class Recipe:
     sweep: SweepSettings | None = None
     export: ExportSettings | None = None
     profile: ProfileSettings | None = None
+    search: SearchSettings | None = None
     #: Free-form values for interpolation (``${vars.width}``); never read by the framework.
     vars: dict[str, Any] = field(default_factory=dict)
