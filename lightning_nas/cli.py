@@ -25,9 +25,13 @@ STAGE_VERBS = {
     "search": ("lightning_nas.stages.search", "run the recipe's joint architecture/pruning/quantization search"),
     "export": ("lightning_nas.stages.export", "extract and export a subnet from a trained supernet"),
     "profile": ("lightning_nas.stages.profile", "measure a latency table of a space on this machine"),
+    "rank": ("lightning_nas.stages.rank", "score NAS-Bench-201 architectures of a CSV with a proxy or ParZC "
+             "(`archs=IN.csv out=OUT.csv` set rank.archs / rank.out)"),
 }
 #: Top-level sections that make a recipe belong to a verb other than ``fit``.
-VERB_SECTIONS = ("search", "export", "profile")
+VERB_SECTIONS = ("search", "export", "profile", "rank")
+#: Bare keys a verb accepts as shorthand for keys of its section (`rank archs=x.csv`).
+SECTION_SHORTHANDS = {"rank": ("archs", "out", "ranker", "limit")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +114,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    shorthands = SECTION_SHORTHANDS.get(args.verb, ())
+    if shorthands:
+        args.overrides = [f"{args.verb}.{o}" if o.split("=", 1)[0] in shorthands else o for o in args.overrides]
     return args
 
 

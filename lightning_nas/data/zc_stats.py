@@ -34,7 +34,7 @@ class ZCStatsDataModule(pl.LightningDataModule):
     def __init__(
         self,
         stats_path: str = "runs/benchmarks/nb201_zc_stats.jsonl",
-        accuracy_csv: str = "/work/shared/benchdata/nb201/nb201_dev.csv",
+        accuracy_csv: str = "../shared/benchdata/nb201/nb201_dev.csv",
         target_column: str = "CIFAR10TestAccuracy200Epochs",
         proxies: list[str] | None = None,
         num_train: int = 78,

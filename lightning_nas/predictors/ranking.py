@@ -13,7 +13,7 @@ import torch
 from lightning_nas.predictors.zc_cache import DEFAULT_PROXIES, compute_statistics, load_cifar10_batch
 from lightning_nas.predictors.zero_cost import PROXIES
 
-DEFAULT_DATA = "/work/shared/data/cifar10/train.npz"
+DEFAULT_DATA = "../shared/data/cifar10/train.npz"
 
 
 def available_rankers() -> list[str]:

@@ -71,7 +71,7 @@ class _Entry:
 
 
 def load_cifar10_batch(
-    path: str | Path = "/work/shared/data/cifar10/train.npz", batch_size: int = 64, seed: int = 0
+    path: str | Path = "../shared/data/cifar10/train.npz", batch_size: int = 64, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed (by seed) normalised batch from an ``.npz`` with ``x`` uint8 NHWC and ``y`` int."""
     with np.load(path) as data:

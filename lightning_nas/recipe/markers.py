@@ -48,6 +48,7 @@ MAPPING_MARKERS = {
     "ExportSettings": "signature:lightning_nas.recipe.sections:ExportSettings",
     "ProfileSettings": "signature:lightning_nas.hardware.settings:ProfileSettings",
     "SearchSettings": "signature:lightning_nas.search.settings:SearchSettings",
+    "RankSettings": "signature:lightning_nas.recipe.sections:RankSettings",
     "ShrinkingPhase": "signature:lightning_nas.callbacks.phases:ShrinkingPhase",
 }
 #: Marker -> registry whose names it must be one of.

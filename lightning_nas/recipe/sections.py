@@ -67,6 +67,24 @@ class ExportSettings:
 
 
 @dataclass
+class RankSettings:
+    """``lightning-nas rank``: score NAS-Bench-201 architectures (higher = predicted better)."""
+
+    #: A zero-cost proxy (synflow, nwot, ...) or a trained ParZC checkpoint.
+    ranker: str
+    #: A CSV with an ``ArchitectureString`` column; the output repeats its rows with a ``score``.
+    archs: ExistingFile
+    #: Where to write; default ``<run_dir>/ranked.csv``.
+    out: str | None = None
+    #: CIFAR-10 training arrays the proxies take their batch from.
+    data_path: ExistingFile = "../shared/data/cifar10/train.npz"
+    batch_size: int = 64
+    seed: int | None = None
+    #: Score only the first rows (smoke runs).
+    limit: int | None = None
+
+
+@dataclass
 class Recipe:
     """Top-level keys of every recipe; which ones a verb needs is checked by the verb."""
 
@@ -93,5 +111,6 @@ class Recipe:
     export: ExportSettings | None = None
     profile: ProfileSettings | None = None
     search: SearchSettings | None = None
+    rank: RankSettings | None = None
     #: Free-form values for interpolation (``${vars.width}``); never read by the framework.
     vars: dict[str, Any] = field(default_factory=dict)

@@ -53,20 +53,22 @@ def run(recipe: LoadedRecipe) -> Path:
 
     config = recipe.config
     require_sections(config, ("export",), "export")
-    settings = config["export"]
+    from ..recipe.sections import ExportSettings
+
+    settings = ExportSettings(**config["export"])
     run_dir = prepare_run_dir(recipe)
     seed_everything(config["seed"])
-    task = load_supernet_task(settings["checkpoint"])
-    subnet_config = choose_subnet(task, settings["subnet"])
+    task = load_supernet_task(settings.checkpoint)
+    subnet_config = choose_subnet(task, settings.subnet)
     supernet = task.supernet.eval()
     supernet.set_active(subnet_config)
-    if settings["recalibrate_bn"]:
+    if settings.recalibrate_bn:
         require_sections(config, ("data",), "export with recalibrate_bn")
         from ..registry import DATA
 
         datamodule = build("data", lambda: DATA.build(config["data"]))
         datamodule.setup("fit")
-        batches = holdout_batches(datamodule, settings["bn_recalibration_images"], settings["bn_recalibration_batch"])
+        batches = holdout_batches(datamodule, settings.bn_recalibration_images, settings.bn_recalibration_batch)
         recalibrate_batchnorm(supernet, (datamodule.normalize(b, subnet_config["r"]) for b in batches))
     subnet = supernet.extract(subnet_config).eval()
     resolution = subnet_config["r"]
@@ -77,14 +79,14 @@ def run(recipe: LoadedRecipe) -> Path:
                 "state_dict": subnet.state_dict()}, run_dir / SUBNET_FILE)
     summary = {"config": subnet_config, "space": task.hparams.space, "macs": task.space.macs(subnet_config),
                "params": task.space.params(subnet_config), "max_abs_diff_vs_supernet": max_abs_diff,
-               "checkpoint": str(settings["checkpoint"])}
-    if settings["onnx"]:
+               "checkpoint": str(settings.checkpoint)}
+    if settings.onnx:
         onnx_path = run_dir / "subnet.onnx"
         torch.onnx.export(subnet, probe[:1], str(onnx_path), input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
         summary["onnx"] = str(onnx_path)
     (run_dir / "subnet.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    print(f"exported {settings['subnet'] if isinstance(settings['subnet'], str) else 'subnet'}: "
+    print(f"exported {settings.subnet if isinstance(settings.subnet, str) else 'subnet'}: "
           f"{summary['macs'] / 1e6:.2f}M MACs, {summary['params'] / 1e6:.3f}M params, "
           f"max |supernet - subnet| = {max_abs_diff:.2e}")
     return run_dir
