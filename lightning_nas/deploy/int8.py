@@ -19,6 +19,9 @@ Agreement with the fake-quantized training model comes from using the same grids
 * average pools run in float (:class:`FloatAvgPool`): FX's int8 pool must reuse its input's
   qparams, which would round a squeeze-excite or classifier input on the coarse grid of the map
   it was pooled from and leave no place for the layer's learned range.
+* dropout is removed from the graph (the converted model is for inference): FX keeps the qparams
+  of a dropout's input and ignores the observer after it, which would drop the learned input range
+  of the layer behind it (the classifier).
 * a layer whose input tensor also feeds other ops (the block input that is also the residual)
   gets its own requantized copy (:class:`Requantize`): training clips that input for the layer
   only, so the residual path must keep an unclipped version.
@@ -26,9 +29,19 @@ Agreement with the fake-quantized training model comes from using the same grids
   residual add, the SE product, a block output) must be int8 in the real model; their ranges come
   from a calibration pass (histogram observer), so they add 8-bit rounding that training did not
   see. This is the remaining gap between the two models, and it grows with depth (measured: about
-  2 % relative logit error on a two-block net, more on a 15-block OFA subnet).
-* activations use the full 8-bit range (no ``reduce_range``). That is exact on CPUs with VNNI
-  (int32 accumulation); on older AVX2-only CPUs fbgemm's int16 intermediate can saturate.
+  2 % relative logit error on a two-block net, more on a 15-block OFA subnet). Training can close
+  it: output quantizers (:func:`~lightning_nas.nn.quantize_model.attach_output_quantizers`) on
+  the modules producing those tensors make QAT see the rounding, and their learned ranges are
+  carried over here too (an identity marker after each such module output pins the int8 tensor's
+  qparams; a layer reading a marked tensor gets its own :class:`Requantize` copy, since training
+  quantizes it twice).
+* activations use the full 8-bit range (no ``reduce_range``). That is exact with the ``onednn``
+  engine and with fbgemm's GEMM-based convolutions on CPUs with VNNI, but fbgemm's depthwise
+  kernels add pairs of u8 x s8 products in int16 even there and saturate (measured here: up to
+  22 % error on one 3x3 depthwise layer with large weights and activations, and top-1 agreement
+  with the fake-quantized model falling from 99.8 % to 98.6 % on a 20-block OFA subnet, where the
+  ``x86`` engine picked fbgemm). Convert with ``backend="onednn"`` when agreement matters; it was
+  as fast as ``x86`` on these CPUs.
 * the conversion needs a torch.fx-traceable model: an extracted plain subnet, not the supernet.
 """
 
@@ -44,9 +57,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_nas.nn.quantize_model import _batch_input, quantized_layers, remove_quantizers
+from lightning_nas.nn.quantize_model import (
+    _batch_input,
+    has_fixed_range,
+    output_quantizers,
+    quantized_layers,
+    remove_quantizers,
+)
 
 _AVG_POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d)
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_DROPOUT_FUNCTIONS = {
+    torch.nn.functional.dropout,
+    torch.nn.functional.dropout1d,
+    torch.nn.functional.dropout2d,
+}
 _AVG_POOL_FUNCTIONS = {
     torch.nn.functional.adaptive_avg_pool1d,
     torch.nn.functional.adaptive_avg_pool2d,
@@ -98,6 +123,50 @@ def learned_activation_qparams(model: nn.Module) -> dict[str, tuple[float, int]]
         else:
             out[name] = (alpha / 255.0, 0)
     return out
+
+
+def learned_output_qparams(model: nn.Module) -> dict[str, tuple[float, int]]:
+    """quint8 ``(scale, zero_point)`` of each 8-bit output quantizer's learned range, by module name.
+
+    Full-precision output quantizers are skipped, and so are fixed-range ones (they stand for an
+    op's own fixed int8 qparams, see :func:`fixed_output_range`); other bit widths raise
+    ``ValueError``.
+    """
+    out: dict[str, tuple[float, int]] = {}
+    for name, quantizer in output_quantizers(model).items():
+        if quantizer.bits is None or has_fixed_range(quantizer):
+            continue
+        if quantizer.bits != 8:
+            raise ValueError(
+                f"int8 deployment needs 8-bit output quantizers; '{name}' uses {quantizer.bits} bits"
+            )
+        if not bool(quantizer.initialized):
+            raise ValueError(f"output quantizer of '{name}' never initialised; run calibration first")
+        alpha = float(quantizer.alpha.detach().abs())
+        out[name] = (alpha / 127.0, 128) if quantizer.signed else (alpha / 255.0, 0)
+    return out
+
+
+def fixed_output_range(module: nn.Module, backend: str = "x86") -> tuple[float, bool] | None:
+    """``(alpha, signed)`` of the 8-bit quantizer that reproduces the fixed output qparams FX
+    quantization gives ``module`` (hard sigmoid, sigmoid, tanh, ...), or ``None`` for other ops.
+
+    E.g. ``nn.Hardsigmoid`` outputs are rounded to multiples of 1/256 in ``[0, 255/256]``: an
+    unsigned quantizer with ``alpha = 255/256``. Pass it as ``fixed_ranges`` to
+    :func:`~lightning_nas.nn.quantize_model.attach_output_quantizers` so QAT sees that rounding.
+    """
+    from torch.ao.quantization.observer import FixedQParamsObserver
+
+    qconfig = int8_qconfig_mapping(backend).object_type_qconfigs.get(type(module))
+    if qconfig is None:
+        return None
+    observer = qconfig.activation()
+    if not isinstance(observer, FixedQParamsObserver):
+        return None
+    scale, zero_point = (float(observer.scale), int(observer.zero_point))
+    if zero_point == 0:
+        return scale * 255.0, False
+    return scale * 127.0, True  # zero point 128: the symmetric grid (training has no -128)
 
 
 def _full_precision_layers(model: nn.Module) -> list[str]:
@@ -161,12 +230,58 @@ class Requantize(nn.Module):
         return x
 
 
+class _OutputTracer(torch.fx.Tracer):
+    """``symbolic_trace`` that also records the graph node producing each named module's output."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        super().__init__()
+        self.wanted = set(names)
+        self.outputs: dict[str, torch.fx.Node] = {}
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        out = super().call_module(m, forward, args, kwargs)
+        path = self.path_of_module(m)
+        if path in self.wanted and isinstance(out, torch.fx.Proxy):
+            self.outputs[path] = out.node
+        return out
+
+
 def _rewrite_for_int8(
-    model: nn.Module, float_avg_pool: bool, requantize_layers: Iterable[str]
-) -> torch.fx.GraphModule:
-    """Trace ``model``; wrap average pools in :class:`FloatAvgPool` and put a :class:`Requantize`
-    before each named layer whose input tensor has other consumers. Layer names are unchanged."""
-    gm = torch.fx.symbolic_trace(model)
+    model: nn.Module,
+    float_avg_pool: bool,
+    requantize_layers: Iterable[str],
+    output_ranges: Iterable[str] = (),
+) -> tuple[torch.fx.GraphModule, dict[str, str]]:
+    """Trace ``model``; put an ``nn.Identity`` marker after the output of each module named in
+    ``output_ranges`` (FX quantization shares qparams across an identity, so fixing the observer
+    after the marker fixes the marked tensor's qparams, at no run-time cost), wrap average pools in :class:`FloatAvgPool` and put a :class:`Requantize`
+    before each named layer whose input tensor has other consumers or is marked. Layer names are
+    unchanged. Returns the graph module and ``{marker submodule name: module name}``."""
+    tracer = _OutputTracer(output_ranges)
+    graph = tracer.trace(model)
+    gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    # Dropout is the identity at inference, but FX ignores the observer after it and keeps its
+    # input's qparams: a learned input range of the layer behind it (the classifier) would be lost.
+    for node in list(gm.graph.nodes):
+        is_dropout = (
+            node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _DROPOUT_MODULES)
+        ) or (node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS)
+        if is_dropout and node.args and isinstance(node.args[0], torch.fx.Node):
+            for name, node_out in tracer.outputs.items():
+                if node_out is node:
+                    tracer.outputs[name] = node.args[0]
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    markers: dict[str, str] = {}
+    marker_nodes: set[torch.fx.Node] = set()
+    for index, (module_name, node) in enumerate(tracer.outputs.items()):
+        name = f"output_range_{index}"
+        gm.add_submodule(name, nn.Identity())  # the exact type: FX matches patterns by type
+        with gm.graph.inserting_after(node):
+            marker = gm.graph.call_module(name, (node,))
+        node.replace_all_uses_with(marker, delete_user_cb=lambda user, m=marker: user is not m)
+        markers[name] = module_name
+        marker_nodes.add(marker)
     for index, node in enumerate(list(gm.graph.nodes)):
         if not float_avg_pool or not _is_avg_pool(gm, node) or not node.args:
             continue
@@ -188,7 +303,7 @@ def _rewrite_for_int8(
         if node.op != "call_module" or str(node.target) not in targets or not node.args:
             continue
         source = node.args[0]
-        if not isinstance(source, torch.fx.Node) or len(source.users) < 2:
+        if not isinstance(source, torch.fx.Node) or (len(source.users) < 2 and source not in marker_nodes):
             continue
         name = f"requantize_{index}"
         gm.add_submodule(name, Requantize())
@@ -196,7 +311,7 @@ def _rewrite_for_int8(
             copy_node = gm.graph.call_module(name, (source,))
         node.replace_input_with(source, copy_node)
     gm.recompile()
-    return gm
+    return gm, markers
 
 
 def _is_avg_pool(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -258,6 +373,50 @@ def _apply_learned_ranges(
     return carried, skipped
 
 
+def _apply_output_ranges(
+    prepared: torch.fx.GraphModule, marker_qparams: dict[str, tuple[float, int]]
+) -> tuple[list[str], list[str]]:
+    """Fix the observer after each output-range marker (``{marker name: qparams}``) to the
+    learned qparams. Returns the marker names carried over and those left to calibration (an
+    observer already fixed by a layer's learned input range, or no observer at all)."""
+    from torch.ao.quantization.observer import FixedQParamsObserver, ObserverBase
+
+    modules = dict(prepared.named_modules(remove_duplicate=False))
+    replacement: dict[int, ObserverBase] = {}
+    carried, skipped = [], []
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or str(node.target) not in marker_qparams:
+            continue
+        observers = [modules.get(str(u.target)) for u in node.users if u.op == "call_module"]
+        observers = [o for o in observers if isinstance(o, ObserverBase)]
+        if not observers or isinstance(observers[0], FixedQParamsObserver) or id(observers[0]) in replacement:
+            skipped.append(str(node.target))
+            continue
+        scale, zero_point = marker_qparams[str(node.target)]
+        replacement[id(observers[0])] = FixedQParamsObserver(
+            scale=scale, zero_point=zero_point, dtype=torch.quint8, quant_min=0, quant_max=255
+        )
+        carried.append(str(node.target))
+    for name, mod in list(prepared.named_modules(remove_duplicate=False)):
+        if id(mod) in replacement:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(prepared.get_submodule(parent_name), attr, replacement[id(mod)])
+    return carried, skipped
+
+
+def _calibrated_observers(prepared: torch.fx.GraphModule) -> int:
+    """Distinct observers whose qparams still come from calibration data."""
+    from torch.ao.quantization.observer import FixedQParamsObserver, ObserverBase
+
+    return len(
+        {
+            id(m)
+            for m in prepared.modules()
+            if isinstance(m, ObserverBase) and not isinstance(m, FixedQParamsObserver)
+        }
+    )
+
+
 @torch.no_grad()
 def convert_to_int8(
     model: nn.Module,
@@ -284,11 +443,18 @@ def convert_to_int8(
     copy (:class:`Requantize`); both bring the int8 graph closer to the training graph at the cost
     of a dequantize/quantize pair each. Sets ``torch.backends.quantized.engine`` to ``backend``,
     which the returned model needs at run time too.
+
+    Output quantizers (:func:`~lightning_nas.nn.quantize_model.attach_output_quantizers`) carry
+    their learned ranges to the int8 tensors they produce when ``carry_learned_ranges`` is set;
+    the result then also records ``carried_output_ranges`` / ``calibrated_output_ranges`` (module
+    names) and ``calibrated_tensors``, the number of int8 tensors whose range came from the
+    calibration batches (0 when training saw every rounding the int8 model does).
     """
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     qparams = learned_activation_qparams(model) if carry_learned_ranges else {}
+    output_qparams = learned_output_qparams(model) if carry_learned_ranges else {}
     float_layers = _full_precision_layers(model)
     float_model = copy.deepcopy(model).cpu().eval()
     remove_quantizers(float_model)
@@ -310,7 +476,7 @@ def convert_to_int8(
     with _Quiet():
         try:
             requantize = list(qparams) if requantize_shared_inputs else []
-            float_model = _rewrite_for_int8(float_model, float_avg_pool, requantize)
+            float_model, markers = _rewrite_for_int8(float_model, float_avg_pool, requantize, output_qparams)
             prepared = prepare_fx(float_model, mapping, (example_input,), prepare_custom_config=custom)
         except Exception as err:  # torch.fx raises many types; the hint is the useful part
             raise RuntimeError(
@@ -318,6 +484,9 @@ def convert_to_int8(
                 "extracted subnet without data-dependent control flow"
             ) from err
         carried, skipped = _apply_learned_ranges(prepared, qparams) if qparams else ([], [])
+        marker_qparams = {marker: output_qparams[module] for marker, module in markers.items()}
+        carried_out, skipped_out = _apply_output_ranges(prepared, marker_qparams) if markers else ([], [])
+        calibrated_tensors = _calibrated_observers(prepared)
         seen = 0
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
@@ -329,6 +498,9 @@ def convert_to_int8(
         quantized = convert_fx(prepared)
     quantized.carried_ranges = carried
     quantized.calibrated_ranges = skipped
+    quantized.carried_output_ranges = [markers[m] for m in carried_out]
+    quantized.calibrated_output_ranges = [markers[m] for m in skipped_out]
+    quantized.calibrated_tensors = calibrated_tensors
     return quantized
 
 

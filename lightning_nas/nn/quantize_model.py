@@ -8,6 +8,12 @@ Two kinds of layers are handled by the same calls:
   ``torch.nn.utils.parametrize`` parametrization of ``weight`` and the input quantizer, stored as
   the submodule ``input_quantizer``, through a forward pre-hook.
 
+Opt-in, :func:`attach_output_quantizers` also fake-quantizes the *output* of named modules of any
+type (a batch norm before h-swish, a residual block, the logits): tensors that real int8 kernels
+round but that input quantizers never see. Training a network with them makes its fake-quantized
+forward pass match the int8 model converted by :func:`lightning_nas.deploy.int8.convert_to_int8`,
+which carries their learned ranges over.
+
 Quantizers are created once; attaching again, or :func:`set_bits`, only changes their ``bits``,
 so a policy switch during training keeps the learned clipping values and takes effect on the
 next forward pass. Layer names are qualified module names, the same names a search space gives
@@ -41,6 +47,15 @@ def _quantize_input_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any,
 
 def _has_input_hook(module: nn.Module) -> bool:
     return any(hook is _quantize_input_hook for hook in module._forward_pre_hooks.values())
+
+
+def _quantize_output_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    # Module-level for the same reason as the input hook.
+    return module.output_quantizer(output)
+
+
+def _output_hooks(module: nn.Module) -> list[int]:
+    return [k for k, hook in module._forward_hooks.items() if hook is _quantize_output_hook]
 
 
 def _plain_weight_quantizer(module: nn.Module) -> WeightQuantizer | None:
@@ -135,6 +150,81 @@ def set_bits(model: nn.Module, bits_by_layer: BitsByLayer) -> None:
         aq.bits = a_bits
 
 
+def attach_output_quantizers(
+    model: nn.Module,
+    names: Iterable[str],
+    bits: int | None = 8,
+    signed: Mapping[str, bool] | None = None,
+    fixed_ranges: Mapping[str, tuple[float, bool]] | None = None,
+) -> nn.Module:
+    """Fake-quantize the output of every named module (any type) with a PACT quantizer.
+
+    Opt-in, for deployment-faithful QAT: input quantizers cover what a conv / linear layer reads,
+    but int8 kernels also round tensors no layer reads directly (a conv output before h-swish, both
+    inputs and the output of a residual add, a tensor feeding a pool and a multiply, the logits).
+    Quantizing those module outputs at training time, with ranges that
+    :func:`calibrate_activation_ranges` initialises and training learns, removes that mismatch;
+    ``convert_to_int8`` gives the int8 tensors the same ranges. Put at most one output quantizer
+    on any tensor (a module whose output is another named module's output quantizes it twice).
+
+    The quantizer is the submodule ``output_quantizer`` applied by a forward hook; attaching again
+    only changes ``bits``. The sign is decided from data unless ``signed`` fixes it.
+    ``fixed_ranges`` maps some of the names to a constant ``(alpha, signed)``: those quantizers are
+    neither calibrated nor trained (``alpha`` has no gradient), for ops whose int8 kernels use
+    fixed qparams (a hard-sigmoid gate is rounded to multiples of 1/256). Returns ``model``.
+    """
+    signed = signed or {}
+    fixed_ranges = dict(fixed_ranges or {})
+    names = list(names)
+    unknown = sorted(set(fixed_ranges) - set(names))
+    if unknown:
+        raise KeyError(f"fixed_ranges names modules {unknown} that are not in names")
+    bits = check_bits(bits)
+    modules = []
+    for name in names:  # check everything first, so a bad name leaves the model untouched
+        try:
+            modules.append(model.get_submodule(name))
+        except AttributeError as err:
+            raise KeyError(f"no module named '{name}' in {type(model).__name__}: {err}") from None
+        if isinstance(modules[-1], (WeightQuantizer, ActivationQuantizer)):
+            raise TypeError(f"'{name}' is a quantizer; name the module whose output should be quantized")
+    for name, module in zip(names, modules):
+        quantizer = getattr(module, "output_quantizer", None)
+        if isinstance(quantizer, ActivationQuantizer):
+            quantizer.bits = bits
+            if name in signed:
+                quantizer.signed = bool(signed[name])
+        else:
+            quantizer = ActivationQuantizer(bits, signed=signed.get(name))
+            reference = next(model.parameters(), None)
+            if reference is not None:
+                quantizer = quantizer.to(device=reference.device)
+            module.output_quantizer = quantizer
+            if not _output_hooks(module):
+                module.register_forward_hook(_quantize_output_hook)
+        if name in fixed_ranges:
+            alpha, is_signed = fixed_ranges[name]
+            quantizer.set_range(alpha, is_signed)
+            quantizer.alpha.requires_grad_(False)
+            quantizer.fixed_range = True  # read by calibration and int8 conversion
+    return model
+
+
+def has_fixed_range(quantizer: ActivationQuantizer) -> bool:
+    """Whether an output quantizer's range is a constant (see ``fixed_ranges`` above)."""
+    return bool(getattr(quantizer, "fixed_range", False))
+
+
+def output_quantizers(model: nn.Module) -> dict[str, ActivationQuantizer]:
+    """Output quantizers attached by :func:`attach_output_quantizers`, by module name."""
+    out = {}
+    for name, module in model.named_modules():
+        quantizer = getattr(module, "output_quantizer", None)
+        if isinstance(quantizer, ActivationQuantizer) and _output_hooks(module):
+            out[name] = quantizer
+    return out
+
+
 def quantized_layers(model: nn.Module) -> dict[str, tuple[WeightQuantizer, ActivationQuantizer]]:
     """Layers that carry quantizers, by qualified name, with their (weight, input) quantizers."""
     out = {}
@@ -153,12 +243,19 @@ def get_bits(model: nn.Module) -> dict[str, tuple[int | None, int | None]]:
 
 
 def remove_quantizers(model: nn.Module) -> list[str]:
-    """Take every quantizer off, restoring the float weights; returns the layers touched."""
+    """Take every quantizer off (output quantizers too), restoring the float weights; returns the
+    modules touched."""
     touched = []
     for name, module in list(model.named_modules()):
         if isinstance(module, (WeightQuantizer, ActivationQuantizer)):
             continue
         changed = False
+        hooks = _output_hooks(module)
+        for key in hooks:
+            del module._forward_hooks[key]
+        if hooks and isinstance(getattr(module, "output_quantizer", None), ActivationQuantizer):
+            del module.output_quantizer
+            changed = True
         if _is_elastic(module):
             if module.weight_quantizer is not None or module.input_quantizer is not None:
                 module.weight_quantizer = None
@@ -203,7 +300,7 @@ def calibrate_activation_ranges(
     percentile: float = 99.99,
     max_batches: int | None = None,
 ) -> dict[str, tuple[float, bool]]:
-    """Initialise every input quantizer's clipping value from observed statistics.
+    """Initialise every input (and output) quantizer's clipping value from observed statistics.
 
     The model runs in eval mode with all quantization switched off (statistics of the float
     network), each quantizer recording the ``percentile`` of its input magnitudes per batch
@@ -212,11 +309,23 @@ def calibrate_activation_ranges(
     group the statistics are averaged (and the sign OR-ed) over ranks, so every rank ends up
     with the same ranges. A batch is a tensor, a ``(input, target, ...)`` sequence or a dict.
 
-    Returns ``{layer name: (alpha, signed)}``.
+    Returns ``{layer name: (alpha, signed)}``; output quantizers of
+    :func:`attach_output_quantizers` appear as ``"<module name>.output_quantizer"`` (those with
+    fixed ranges are left alone). Fixed-range quantizers stay on during calibration, as in the
+    int8 model.
     """
     layers = quantized_layers(model)
+    quantizers: dict[str, ActivationQuantizer] = {name: aq for name, (_, aq) in layers.items()}
+    quantizers.update(
+        {
+            f"{name}.output_quantizer": q
+            for name, q in output_quantizers(model).items()
+            if not has_fixed_range(q)
+        }
+    )
     saved = {name: (wq.bits, aq.bits) for name, (wq, aq) in layers.items()}
-    stats: dict[str, list[float]] = {name: [0.0, 0.0, 0.0] for name in layers}  # clip sum, count, min
+    saved_outputs = {name: q.bits for name, q in quantizers.items() if name not in layers}
+    stats: dict[str, list[float]] = {name: [0.0, 0.0, 0.0] for name in quantizers}  # clip sum, count, min
 
     def observe(name: str, quantizer: ActivationQuantizer):  # noqa: ANN202 - hook factory
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -229,14 +338,15 @@ def calibrate_activation_ranges(
 
         return hook
 
-    handles = [aq.register_forward_pre_hook(observe(name, aq)) for name, (_, aq) in layers.items()]
+    handles = [q.register_forward_pre_hook(observe(name, q)) for name, q in quantizers.items()]
     # Per-module flags: model.train(flag) afterwards would also undo deliberate per-module modes.
     modes = {module: module.training for module in model.modules()}
     device = next((p.device for p in model.parameters()), None)
     try:
-        for wq, aq in layers.values():
+        for q in quantizers.values():
+            q.bits = None
+        for wq, _ in layers.values():
             wq.bits = None
-            aq.bits = None
         model.eval()
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
@@ -250,11 +360,13 @@ def calibrate_activation_ranges(
             h.remove()
         for name, (wq, aq) in layers.items():
             wq.bits, aq.bits = saved[name]
+        for name, bits in saved_outputs.items():
+            quantizers[name].bits = bits
         for module, mode in modes.items():
             module.training = mode
 
-    # Every layer is reduced, seen or not, so that all ranks pass tensors of the same shape.
-    names = list(layers)
+    # Every quantizer is reduced, seen or not, so that all ranks pass tensors of the same shape.
+    names = list(quantizers)
     values = torch.tensor(
         [[stats[n][0], stats[n][1], -min(stats[n][2], 0.0)] for n in names], dtype=torch.float64
     )
@@ -272,7 +384,7 @@ def calibrate_activation_ranges(
         clip_sum, count, negative = row
         if count == 0:  # the layer is outside the active subnet: keep its current range
             continue
-        _, aq = layers[name]
+        aq = quantizers[name]
         signed = aq.signed if aq.signed is not None else negative > 0
         aq.set_range(clip_sum / count, signed)
         result[name] = (float(aq.alpha), bool(aq.signed))

@@ -1,0 +1,303 @@
+"""QAT finetuning from a tiny supernet trained here on digits, int8 / ONNX deployment, policies.
+
+The module fixture trains a narrow, shallow OFA MobileNetV3 supernet (SE and h-swish stages kept,
+so every kind of int8 rounding point occurs) for a few epochs, saves it as a Lightning checkpoint
+the way ``lightning-nas fit`` does, and runs one deploying QAT fit from it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_nas.data.digits import DigitsDataModule
+from lightning_nas.deploy.int8 import convert_to_int8, fixed_output_range
+from lightning_nas.nn.quantize_model import (
+    attach_output_quantizers,
+    attach_quantizers,
+    calibrate_activation_ranges,
+    get_bits,
+    output_quantizers,
+    remove_quantizers,
+)
+from lightning_nas.tasks.qat import (
+    LATENCY_FILE,
+    QAT_METRICS_FILE,
+    QAT_SUBNET_FILE,
+    QATTask,
+    int8_rounding_points,
+    load_qat_subnet,
+)
+from lightning_nas.tasks.supernet import SupernetTask
+
+SPACE = {
+    "name": "ofa_mbv3_cifar",
+    "num_classes": 10,
+    "width_mult": 0.5,
+    "resolutions": [16],
+    "kernel_choices": [3, 5],
+    "expand_choices": [3, 4],
+    "depth_choices": [1, 2],
+    "head_channels": 96,
+    "feature_channels": 128,
+}
+FAST = {"bn_recalibration_images": 100, "calibration_batch": 100, "latency_warmup": 1, "latency_repeats": 3}
+
+
+def datamodule() -> DigitsDataModule:
+    return DigitsDataModule(image_size=16, batch_size=64, num_workers=0, holdout_size=200)
+
+
+def trainer(root: Path, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        default_root_dir=str(root),
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    # One thread: on a shared 2-core machine two OpenMP threads thrash.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> str:
+    pl.seed_everything(0, verbose=False)
+    root = tmp_path_factory.mktemp("supernet")
+    task = SupernetTask(
+        space=SPACE,
+        lr=0.1,
+        kd_ratio=0.0,
+        num_reference_random=1,
+        bn_recalibration_images=100,
+        bn_recalibration_batch=100,
+        label_smoothing=0.0,
+    )
+    fit = trainer(root, max_epochs=4, limit_val_batches=0)
+    fit.fit(task, datamodule=datamodule())
+    path = root / "last.ckpt"
+    fit.save_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def deployed(checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    pl.seed_everything(0, verbose=False)
+    root = tmp_path_factory.mktemp("qat")
+    task = QATTask(supernet_checkpoint=checkpoint, subnet="largest", policy=8, freeze_bn_fraction=0.5, **FAST)
+    trainer(root, max_epochs=1, limit_train_batches=6, limit_val_batches=1).fit(task, datamodule=datamodule())
+    return {
+        "task": task,
+        "root": root,
+        "metrics": json.loads((root / QAT_METRICS_FILE).read_text()),
+        "latency": json.loads((root / LATENCY_FILE).read_text()),
+    }
+
+
+def test_finetune_writes_metrics_and_freezes_bn_late(deployed: dict) -> None:
+    metrics = deployed["metrics"]
+    assert metrics["steps"] == 6 and metrics["bn_frozen_at_step"] == 3  # the last half of 6 steps
+    assert metrics["test_images"] == 359  # the whole digits test split
+    # a trained network: far above chance before and after quantization, and QAT did not break it
+    assert metrics["fp32_top1"] > 80 and metrics["initial_top1"] > 80
+    assert abs(metrics["test_top1"] - metrics["fp32_top1"]) < 5
+    assert metrics["average_bits"] == {"weight": 8.0, "activation": 8.0}
+    assert metrics["policy"]["pw_w"] == [8] * 10  # 5 stages x depth 2
+    frozen = [m for m in deployed["task"].model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert frozen and all(not m.training for m in frozen)
+
+
+def test_int8_and_onnx_agree_with_fake_quantized_model(deployed: dict) -> None:
+    latency = deployed["latency"]
+    agreement = latency["agreement"]
+    assert agreement["images"] == 359
+    assert agreement["int8_vs_fake_quant"] >= 0.99, agreement
+    # onnxruntime rounds conv biases to int32 (scale = input scale x weight scale), which neither
+    # training nor the onednn kernels do: a small per-layer offset that a barely trained net feels
+    assert agreement["onnx_vs_fake_quant"] >= 0.95, agreement
+    # every tensor the int8 model rounds had its range learned in training
+    assert latency["calibrated_tensors"] == 0
+    assert latency["int8_backend"] == "onednn"
+    assert Path(latency["onnx"]).is_file()
+    assert deployed["metrics"]["deploy"]["agreement"] == agreement
+
+
+def test_latency_report_has_both_batch_sizes(deployed: dict) -> None:
+    results = deployed["latency"]["results"]
+    assert set(results) == {"fp32", "int8", "onnx_int8"}
+    for runner in results.values():
+        assert set(runner) == {"batch_1", "batch_32"}
+        assert runner["batch_1"]["median_ms"] > 0 and runner["batch_32"]["repeats"] == 3
+    assert deployed["latency"]["speedup_int8"]["batch_32"] > 0
+
+
+def test_saved_qat_subnet_reloads_with_the_same_outputs(deployed: dict) -> None:
+    task = deployed["task"]
+    reloaded = load_qat_subnet(deployed["root"] / QAT_SUBNET_FILE)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), task.model.eval()(x))
+    assert get_bits(reloaded) == get_bits(task.model)
+
+
+def test_policy_sets_the_bits_of_each_layer(checkpoint: str) -> None:
+    uniform = QATTask(supernet_checkpoint=checkpoint, subnet="smallest", policy=4, deploy=False)
+    bits = get_bits(uniform.model)
+    assert bits["blocks.0.expand.conv"] == (4, 4) and bits["blocks.0.dw.conv"] == (4, 4)
+    assert bits["stem.conv"] == (8, 8) and bits["classifier.linear"] == (8, 8)  # fixed layers
+    assert bits["blocks.2.se.reduce"] == (8, 8)  # SE layers stay at the fixed bits
+    assert output_quantizers(uniform.model) == {}  # output quantizers only for int8 deployment
+
+    n = uniform.space.num_blocks
+    policy = {"pw_w": [6] * n, "pw_a": [8] * n, "dw_w": [4] * n, "dw_a": [6] * n}
+    explicit = QATTask(supernet_checkpoint=checkpoint, subnet="smallest", policy=policy, deploy=False)
+    bits = get_bits(explicit.model)
+    assert bits["blocks.0.expand.conv"] == (6, 8) and bits["blocks.0.project.conv"] == (6, 8)
+    assert bits["blocks.0.dw.conv"] == (4, 6)
+
+    first = QATTask(
+        supernet_checkpoint=checkpoint, subnet="smallest", policy="random", policy_seed=1, deploy=False
+    )
+    again = QATTask(
+        supernet_checkpoint=checkpoint, subnet="smallest", policy="random", policy_seed=1, deploy=False
+    )
+    other = QATTask(
+        supernet_checkpoint=checkpoint, subnet="smallest", policy="random", policy_seed=2, deploy=False
+    )
+    assert first.policy == again.policy != other.policy
+    assert get_bits(first.model) != get_bits(other.model)
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        (5, r"uniform bits 5 is not in the allowed set \[4, 6, 8\]"),
+        ("randm", r"policy must be a bit width .* or 'random', got 'randm'"),
+        (
+            {"pw_w": [8, 8], "pw_a": [8, 8], "dw_w": [8, 8], "dw_a": [8, 8]},
+            r"key 'pw_w' has 2 entries, expected 10 \(one per block slot\)",
+        ),
+        ({"pw_w": [8] * 10, "pw_a": [8] * 10, "dw_w": [8] * 10}, r"missing key\(s\) \['dw_a'\]"),
+        (
+            {"pw_w": [8] * 10, "pw_a": [8] * 10, "dw_w": [8] * 10, "dw_a": [8] * 9 + [3]},
+            r"key 'dw_a' index 9: value 3 is not in the allowed set \[4, 6, 8\]",
+        ),
+    ],
+)
+def test_invalid_policies_fail_clearly(checkpoint: str, policy: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        QATTask(supernet_checkpoint=checkpoint, subnet="smallest", policy=policy, deploy=False)
+
+
+def test_deploy_needs_a_uniform_8_bit_policy(checkpoint: str) -> None:
+    with pytest.raises(ValueError, match=r"needs a uniform 8-bit policy .* Set deploy: false"):
+        QATTask(supernet_checkpoint=checkpoint, subnet="smallest", policy=6)
+
+
+def test_exactly_one_source(checkpoint: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="exactly one source.*got neither"):
+        QATTask(policy=8)
+    with pytest.raises(ValueError, match="exactly one source.*got both"):
+        QATTask(supernet_checkpoint=checkpoint, subnet="largest", exported_subnet=checkpoint)
+    with pytest.raises(ValueError, match="supernet_checkpoint needs subnet"):
+        QATTask(supernet_checkpoint=checkpoint)
+    with pytest.raises(
+        ValueError, match=r"unknown reference subnet 'biggest'; the supernet names \['largest'"
+    ):
+        QATTask(supernet_checkpoint=checkpoint, subnet="biggest")
+    with pytest.raises(ValueError, match="not a subnet.pt"):
+        torch.save({"model": None}, tmp_path / "bad.pt")
+        QATTask(exported_subnet=str(tmp_path / "bad.pt"))
+
+
+def test_exported_subnet_is_a_source(checkpoint: str, tmp_path: Path) -> None:
+    supernet = SupernetTask.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+    config = supernet.reference_subnets["random0"]
+    subnet = supernet.supernet.extract(config)
+    # the layout `lightning-nas export` writes
+    torch.save(
+        {"model": subnet, "config": config, "space": SPACE, "state_dict": subnet.state_dict()},
+        tmp_path / "subnet.pt",
+    )
+    task = QATTask(exported_subnet=str(tmp_path / "subnet.pt"), policy=8)
+    assert task.config == config
+    remove_quantizers(task.model)
+    weights = task.model.state_dict()
+    for name, tensor in subnet.state_dict().items():
+        torch.testing.assert_close(weights[name], tensor)
+
+
+def test_output_quantizers_calibrate_remove_and_fix_ranges() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardswish(), nn.Conv2d(8, 8, 1), nn.Hardsigmoid()
+    ).eval()
+    attach_quantizers(model, {"0": (8, 8), "3": (8, 8)})
+    gate = fixed_output_range(model[4])
+    assert gate == (255 / 256, False)
+    attach_output_quantizers(model, ["1", "4"], fixed_ranges={"4": gate})
+    x = torch.randn(16, 3, 8, 8)
+    ranges = calibrate_activation_ranges(model, [x])
+    assert set(ranges) == {"0", "3", "1.output_quantizer"}  # the fixed gate range is not calibrated
+    assert ranges["1.output_quantizer"][1] is True  # BN outputs are signed
+    assert not model[4].output_quantizer.alpha.requires_grad
+    with torch.no_grad():
+        gated = model(x)
+    torch.testing.assert_close(gated * 256, torch.round(gated * 256))  # the int8 grid of a hard sigmoid
+    with pytest.raises(KeyError, match="no module named 'nope'"):
+        attach_output_quantizers(model, ["nope"])
+    assert set(remove_quantizers(model)) == {"0", "1", "3", "4"}
+    assert output_quantizers(model) == {} and not model[1]._forward_hooks
+
+
+def test_rounding_points_leave_nothing_to_calibration(checkpoint: str) -> None:
+    supernet = SupernetTask.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+    task = QATTask(supernet_checkpoint=checkpoint, subnet="random0", policy=8, fake_quantize_outputs=False)
+    model = task.model.eval()
+    points, fixed = int8_rounding_points(model)
+    assert "classifier.linear" in points and set(fixed) <= set(points)
+    assert all(name.endswith("se.gate") for name in fixed)
+    batches = [torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    calibrate_activation_ranges(model, batches)
+    assert convert_to_int8(model, batches, backend="onednn").calibrated_tensors > 0
+    attach_output_quantizers(model, points, fixed_ranges=fixed)
+    calibrate_activation_ranges(model, batches)
+    int8 = convert_to_int8(model, batches, backend="onednn")
+    assert int8.calibrated_tensors == 0 and int8.calibrated_output_ranges == []
+    assert sorted(int8.carried_output_ranges) == sorted(set(points) - set(fixed))
+    with pytest.raises(TypeError, match="MobileNetV3Subnet layout"):
+        int8_rounding_points(supernet.supernet)
+
+
+def test_fbgemm_depthwise_saturates_where_onednn_is_exact() -> None:
+    # Why the task converts with onednn: fbgemm's depthwise kernels sum pairs of u8 x s8 products
+    # in int16, so large activations times large weights overflow.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)).eval()
+    attach_quantizers(model, {"0": (8, 8)})
+    x = torch.rand(4, 16, 12, 12) * 4.0
+    calibrate_activation_ranges(model, [x], percentile=100)
+    with torch.no_grad():
+        model[0].parametrizations.weight.original.abs_()
+        reference = model(x)
+    errors = {}
+    for backend in ("fbgemm", "onednn"):
+        with torch.no_grad():
+            out = convert_to_int8(model, [x], backend=backend)(x)
+        errors[backend] = float((out - reference).abs().max() / reference.abs().max())
+    assert errors["onednn"] < 0.005 < 0.05 < errors["fbgemm"], errors
