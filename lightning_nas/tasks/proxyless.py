@@ -1,0 +1,610 @@
+"""ProxylessNAS: differentiable, memory-frugal architecture search on the target task and hardware.
+
+The search loop (manual optimisation, two optimizers):
+
+1. **Warm-up** (``warmup_epochs``): weight steps only, on uniformly random paths, with their own
+   cosine schedule from ``warmup_lr``.
+2. **Search**: every training batch is a weight step on one path per layer drawn from the
+   architecture's probabilities (SGD, Nesterov, cosine from ``lr``); every ``arch_update_every``
+   weight steps, ``arch_steps`` architecture steps on batches of the held-out split
+   (``datamodule.holdout_dataloader()``): two paths per layer, binary gates, the two-path gradient
+   estimate, Adam (lr 6e-3, betas (0, 0.999), eps 1e-8), then the rescaling that keeps the
+   unsampled paths' probabilities (see :mod:`lightning_nas.nn.mixed_op`).
+
+The architecture loss adds the expected cost ``E[cost] = fixed + sum_l sum_j p_lj cost_lj``:
+
+* ``multiplicative``: ``CE * (log E[cost] / log target) ** beta`` (the paper's code: beta 0.3);
+* ``additive``: ``CE + latency_lambda * (E[cost] - target) / target``;
+* ``none``: cross-entropy only.
+
+The per-(layer, candidate) cost vector is computed once, at setup, by ``cost``:
+
+* ``latency``: this machine's measured latency in ms: every candidate op (an MBConv with its
+  shortcut, as it runs in the derived network) and every fixed part is a unit of the project's
+  latency table (:mod:`lightning_nas.hardware.latency_table`: once-for-all / ProxylessNAS keys, JSON
+  file ``cost_table``, default ``run_dir/latency_table.json``), timed inside profiling networks
+  (median of repeats, fixed threads). Entries are written one by one and reused when the device
+  and settings match, so an interrupted measurement resumes and layers of equal shape are timed once.
+* ``flops``: millions of MACs, from the space's layer specs.
+* ``accelerator``: latency in ms of the BitFusion-like analytic model
+  (:class:`lightning_nas.hardware.accelerator.BitFusionModel`, arguments in ``accelerator``) at
+  ``accelerator_bits`` for weights and activations.
+
+At the end of fit the derived architecture (most probable op per layer) is written to
+``run_dir/derived_arch.json`` (ops, probabilities, expected and derived cost; the format of
+:func:`lightning_nas.spaces.proxyless.derived_arch_record`) and the standalone network with the
+search weights to ``run_dir/derived_model.pt``. Train it from scratch with
+``recipes/proxylessnas_train.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..recipe.markers import SpaceSpec
+from ..spaces.proxyless import ZERO, ProxylessSpace, derived_arch_record, parse_op
+from .optim import warmup_cosine
+
+DERIVED_ARCH_FILE = "derived_arch.json"
+DERIVED_MODEL_FILE = "derived_model.pt"
+LATENCY_TABLE_FILE = "latency_table.json"
+ARCH_HISTORY_FILE = "arch_history.jsonl"
+
+COST_UNITS = {"latency": "ms", "flops": "MMACs", "accelerator": "ms (accelerator model)"}
+
+
+# ---------------------------------------------------------------------------------------- cost tables
+
+class CostTable:
+    """Per-(layer, candidate) costs of a space plus the cost of its fixed layers, in one unit."""
+
+    def __init__(self, kind: str, unit: str, fixed: float, costs: list[list[float]]) -> None:
+        self.kind = kind
+        self.unit = unit
+        self.fixed = float(fixed)
+        self.costs = [[float(c) for c in row] for row in costs]
+
+    def arch_cost(self, space: ProxylessSpace, ops: list[str]) -> float:
+        """The table's cost of one architecture: fixed + the chosen op of every layer."""
+        ops = space.validate(ops)
+        return self.fixed + sum(row[layer.candidates.index(op)]
+                                for row, layer, op in zip(self.costs, space.layers, ops))
+
+    def scaled(self, factor: float) -> CostTable:
+        unit = self.unit if factor == 1.0 else f"{self.unit} x {factor:g}"
+        return CostTable(self.kind, unit, self.fixed * factor, [[c * factor for c in row] for row in self.costs])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "unit": self.unit, "fixed": self.fixed, "costs": self.costs}
+
+
+def flops_table(space: ProxylessSpace, resolution: int | None = None) -> CostTable:
+    """Millions of MACs per candidate (from layer specs)."""
+    def mmacs(specs: list) -> float:
+        return sum(s.macs for s in specs) / 1e6
+
+    return CostTable("flops", COST_UNITS["flops"], space.fixed_cost(mmacs, resolution),
+                     space.candidate_costs(mmacs, resolution))
+
+
+def accelerator_table(space: ProxylessSpace, resolution: int | None = None, bits: int = 8,
+                      arguments: dict[str, Any] | None = None) -> CostTable:
+    """Latency (ms) of every candidate on the analytic mixed-precision accelerator."""
+    from ..hardware.accelerator import BitFusionModel
+
+    model = BitFusionModel(**(arguments or {}))
+
+    def latency(specs: list) -> float:
+        return model.network_cost(specs, {s.name: (bits, bits) for s in specs})[0]
+
+    return CostTable("accelerator", COST_UNITS["accelerator"], space.fixed_cost(latency, resolution),
+                     space.candidate_costs(latency, resolution))
+
+
+@dataclass(frozen=True)
+class LatencyUnit:
+    """One separately timed piece of a ProxylessNAS network, keyed like the once-for-all /
+    ProxylessNAS lookup tables (:mod:`lightning_nas.hardware.latency_table`)."""
+
+    key: str
+    make: Callable[[], Any]  # builds the module (or callable) that runs the piece
+    shape: tuple[int, ...]  # one sample's input shape
+
+
+def latency_units(space: ProxylessSpace, resolution: int | None = None
+                  ) -> tuple[list[LatencyUnit], list[dict[str, LatencyUnit]]]:
+    """(fixed units in execution order, per searchable layer {op: unit}) of ``space``.
+
+    Fixed units: ``Conv`` (stem), the first block (``expanded_conv``), ``Conv_1`` (feature mix),
+    ``AvgPool2D``, ``Logits``. Every candidate MBConv is an ``expanded_conv`` unit with its shortcut
+    (``idskip``), built as it runs in the derived network; the zero op has no unit (it costs 0).
+    Layers of equal shapes share keys, so they are timed once.
+    """
+    from ..hardware.latency_table import _layer_key, block_key
+    from ..nn.proxyless_net import candidate_module, fixed_modules
+
+    resolution = space.resolution if resolution is None else int(resolution)
+    stem_out = space.stem_layer_specs(resolution)[0].out_size
+    c0, c1, last, feature = space.stem_channels, space.first_block_channels, space.widths[-1], space.feature_channels
+    final = space.final_size(resolution)
+    fixed = [
+        LatencyUnit(_layer_key("Conv", resolution, 3, stem_out, c0), lambda: fixed_modules(space)["stem"],
+                    (3, resolution, resolution)),
+        LatencyUnit(block_key(stem_out, c0, stem_out, c1, c0, 3, 1, c0 == c1, se=False, h_swish=False),
+                    lambda: fixed_modules(space)["first_block"], (c0, stem_out, stem_out)),
+        LatencyUnit(_layer_key("Conv_1", final, last, final, feature), lambda: fixed_modules(space)["feature_mix"],
+                    (last, final, final)),
+        LatencyUnit(_layer_key("AvgPool2D", final, feature, 1, feature), lambda: _GlobalPool(),
+                    (feature, final, final)),
+        LatencyUnit(f"Logits-input:1x1x{feature}-output:{space.num_classes}",
+                    lambda: fixed_modules(space)["classifier"], (feature,)),
+    ]
+    layers = []
+    for i, (layer, size) in enumerate(zip(space.layers, space.input_sizes(resolution))):
+        units = {}
+        for op in layer.candidates:
+            parsed = parse_op(op)
+            if parsed is None:
+                continue
+            kernel, expand = parsed
+            out = (size + 2 * (kernel // 2) - kernel) // layer.stride + 1
+            key = block_key(size, layer.in_channels, out, layer.out_channels,
+                            space.mid_channels(layer.in_channels, expand), kernel, layer.stride, layer.shortcut,
+                            se=False, h_swish=False)
+            units[op] = LatencyUnit(key, lambda i=i, op=op: candidate_module(space, i, op, shortcut=True),
+                                    (layer.in_channels, size, size))
+        layers.append(units)
+    return fixed, layers
+
+
+class _GlobalPool(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean((2, 3))
+
+
+def measured_latency_table(
+    space: ProxylessSpace,
+    path: str | Path,
+    resolution: int | None = None,
+    batch_size: int = 1,
+    threads: int = 1,
+    warmup: int = 10,
+    repeats: int = 30,
+    context: str = "network",
+    realtime: bool = False,
+) -> CostTable:
+    """This machine's latency (ms, median) of every candidate at its layer, from a latency table.
+
+    The table is the project's latency-table file (:class:`~lightning_nas.hardware.latency_table.LatencyTable`,
+    precision ``fp32``, once-for-all / ProxylessNAS keys from :func:`latency_units`), so tables are
+    shared with the other spaces' tools and any entry already in ``path`` (measured with the same
+    device, threads, batch size and torch) is reused: an interrupted measurement resumes, and
+    layers or spaces of equal shapes are timed once. ``context="network"`` (default) times the units
+    back to back inside *profiling networks* (each network takes, per layer, a candidate not yet
+    timed), so caches hold what they hold inside a real network; ``"isolated"`` times each unit
+    alone (warm caches, as the original tables were made). ``realtime`` times under real-time
+    priority (:func:`~lightning_nas.hardware.latency_table.realtime_priority`).
+    """
+    from ..hardware import latency_table as lt
+
+    if context not in lt.CONTEXTS:
+        raise ValueError(f"context {context!r} must be one of {list(lt.CONTEXTS)}")
+    path = Path(path)
+    resolution = space.resolution if resolution is None else int(resolution)
+    fixed, layers = latency_units(space, resolution)
+    if realtime:
+        with lt.realtime_priority() as granted:
+            realtime = granted
+    meta = lt.profile_meta(space, [resolution], batch_size, threads, "torch", warmup, repeats, context, realtime)
+    table = lt._open_table(path, meta)
+    table.meta["resolutions"] = sorted(set(table.meta.get("resolutions", [])) | {resolution})
+    generator = torch.Generator().manual_seed(0)
+
+    def sample_input(unit: LatencyUnit) -> Tensor:
+        return torch.randn(batch_size, *unit.shape, generator=generator)
+
+    missing = [u for u in fixed + [u for row in layers for u in row.values()] if ("fp32", u.key) not in table]
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if context == "isolated":
+            for unit in {u.key: u for u in missing}.values():
+                torch.manual_seed(0)
+                with lt.realtime_priority(realtime):
+                    entry = lt._time_unit(unit.make().eval(), sample_input(unit), warmup, repeats, threads)
+                lt._record(table, path, "fp32", unit.key, entry)
+        elif missing:
+            _profile_networks(table, path, fixed, layers, {u.key for u in missing}, sample_input, warmup, repeats,
+                              realtime)
+    finally:
+        torch.set_num_threads(threads_before)
+    table.save(path)
+
+    def value(unit: LatencyUnit) -> float:
+        return table.value("fp32", unit.key, "median")
+
+    costs = [[value(row[op]) if op in row else 0.0 for op in layer.candidates]
+             for layer, row in zip(space.layers, layers)]
+    return CostTable("latency", COST_UNITS["latency"], sum(value(u) for u in fixed), costs)
+
+
+def _profile_networks(table: Any, path: Path, fixed: list[LatencyUnit], layers: list[dict[str, LatencyUnit]],
+                      wanted: set[str], sample_input: Callable[[LatencyUnit], Tensor], warmup: int, repeats: int,
+                      realtime: bool) -> None:
+    """Time the wanted units inside networks: network ``n`` runs, per layer, the ``n``-th candidate
+    whose key is still wanted (the first candidate once none is), until every key is covered."""
+    from ..hardware import latency_table as lt
+
+    pooled: dict[str, list[float]] = {}
+    uncovered = set(wanted)
+    while uncovered:
+        chain = [fixed[0], fixed[1]]
+        for row in layers:
+            fresh = [u for u in row.values() if u.key in uncovered and u.key not in {c.key for c in chain}]
+            chain.append(fresh[0] if fresh else next(iter(row.values())))
+        chain += fixed[2:]
+        torch.manual_seed(0)
+        runners = [unit.make().eval() for unit in chain]
+        with lt.realtime_priority(realtime):
+            times = lt._time_chain(runners, sample_input(chain[0]), warmup, repeats)
+        for unit, samples in zip(chain, times):
+            if unit.key in wanted:
+                pooled.setdefault(unit.key, []).extend(samples)
+        uncovered -= {u.key for u in chain}
+        for key in dict.fromkeys(u.key for u in chain if u.key in wanted):  # pooled over this run's networks
+            lt._record(table, path, "fp32", key, lt._entry(pooled[key]))
+
+
+# ---------------------------------------------------------------------------------------- the task
+
+class ProxylessSearchTask(pl.LightningModule):
+    """ProxylessNAS search over a registered ProxylessNAS space (see the module docstring).
+
+    Args:
+        space: the search space (``proxyless`` or ``proxyless_cifar``).
+        mixed_op: ``binary`` (ProxylessNAS path binarisation) or ``all_paths`` (DARTS-style
+            weighted sum of every path, first order; for comparison).
+        lr: peak learning rate of the weight steps in the search phase (cosine per step).
+        warmup_lr: peak learning rate of the warm-up phase (its own cosine); None: ``lr``.
+        momentum / nesterov / weight_decay: the weight optimizer (SGD); no decay on BN and biases.
+        label_smoothing: of the weight steps' cross-entropy (the architecture steps use plain CE).
+        warmup_epochs: epochs of weight-only training on uniformly random paths before the search.
+        arch_lr / arch_betas / arch_eps / arch_weight_decay: the architecture optimizer (Adam).
+        arch_update_every: one round of architecture steps every this many weight steps.
+        arch_steps: architecture steps per round.
+        arch_batch_size: held-out batch size of an architecture step; None: the data's batch size.
+        latency_loss: ``multiplicative``, ``additive`` or ``none``.
+        target: the cost target in the cost's unit; None: ``target_ratio`` x the expected cost of
+            the uniform architecture distribution (portable across machines).
+        target_ratio: see ``target``.
+        beta: exponent of the multiplicative form.
+        latency_lambda: weight of the additive form.
+        cost: ``latency`` (measured on this machine), ``flops`` or ``accelerator``.
+        cost_scale: multiplies every cost (and is the unit of ``target``); the multiplicative form
+            needs costs above 1 because it takes their logarithm.
+        cost_table: the measured latency cache; None: ``run_dir/latency_table.json``.
+        latency_batch_size / latency_threads / latency_warmup / latency_repeats: the measurement.
+        latency_context: ``network`` (units timed inside profiling networks) or ``isolated``.
+        latency_realtime: time under real-time priority (needs root; see the latency-table module).
+        accelerator: arguments of the accelerator model; accelerator_bits: its weight/activation bits.
+        sample_seed: seeds path sampling (by step, so every DDP rank draws the same paths).
+    """
+
+    def __init__(
+        self,
+        space: SpaceSpec,
+        mixed_op: Literal["binary", "all_paths"] = "binary",
+        lr: float = 0.025,
+        warmup_lr: float | None = 0.05,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 4e-5,
+        label_smoothing: float = 0.1,
+        warmup_epochs: int = 40,
+        arch_lr: float = 6e-3,
+        arch_betas: list[float] = [0.0, 0.999],  # noqa: B006 - read only
+        arch_eps: float = 1e-8,
+        arch_weight_decay: float = 0.0,
+        arch_update_every: int = 5,
+        arch_steps: int = 1,
+        arch_batch_size: int | None = None,
+        latency_loss: Literal["multiplicative", "additive", "none"] = "multiplicative",
+        target: float | None = None,
+        target_ratio: float = 0.8,
+        beta: float = 0.3,
+        latency_lambda: float = 0.1,
+        cost: Literal["latency", "flops", "accelerator"] = "latency",
+        cost_scale: float = 1.0,
+        cost_table: str | None = None,
+        latency_batch_size: int = 1,
+        latency_threads: int = 1,
+        latency_warmup: int = 10,
+        latency_repeats: int = 30,
+        latency_context: Literal["network", "isolated"] = "network",
+        latency_realtime: bool = False,
+        accelerator: dict[str, Any] | None = None,
+        accelerator_bits: int = 8,
+        sample_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if arch_update_every < 1 or arch_steps < 0:
+            raise ValueError(f"arch_update_every must be >= 1 and arch_steps >= 0, got {arch_update_every}, {arch_steps}")
+        if len(arch_betas) != 2:
+            raise ValueError(f"arch_betas needs two values (beta1, beta2), got {arch_betas}")
+        if latency_loss != "none" and target is not None and target <= 0:
+            raise ValueError(f"target must be positive, got {target}")
+        if not target_ratio > 0 or not cost_scale > 0:
+            raise ValueError(f"target_ratio and cost_scale must be positive, got {target_ratio}, {cost_scale}")
+        from ..registry import SPACES
+
+        self.space: ProxylessSpace = SPACES.build(space)
+        if not isinstance(self.space, ProxylessSpace):
+            raise ValueError(f"the proxyless task needs a ProxylessNAS space, got {type(self.space).__name__}")
+        self.supernet = self.space.build_supernet(mixed_op)
+        self.automatic_optimization = False
+        self.ddp_find_unused_parameters = True  # one path per layer runs
+        self.table: CostTable | None = None
+        self.target: float | None = target
+        self._costs: list[Tensor] = []
+        self._holdout: Iterator | None = None
+
+    # --- costs ----------------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir) if self._trainer is not None else Path(".")
+
+    def build_cost_table(self) -> CostTable:
+        hp = self.hparams
+        if hp.cost == "flops":
+            table = flops_table(self.space)
+        elif hp.cost == "accelerator":
+            table = accelerator_table(self.space, bits=hp.accelerator_bits, arguments=hp.accelerator)
+        else:
+            path = Path(hp.cost_table) if hp.cost_table else self.run_dir / LATENCY_TABLE_FILE
+            table = measured_latency_table(self.space, path, batch_size=hp.latency_batch_size,
+                                           threads=hp.latency_threads, warmup=hp.latency_warmup,
+                                           repeats=hp.latency_repeats, context=hp.latency_context,
+                                           realtime=hp.latency_realtime)
+        return table.scaled(hp.cost_scale)
+
+    def set_cost_table(self, table: CostTable) -> None:
+        """Use ``table`` for the expected cost; fixes the target if none was given."""
+        if len(table.costs) != self.space.num_layers:
+            raise ValueError(f"cost table has {len(table.costs)} layers, the space {self.space.num_layers}")
+        self.table = table
+        self._costs = [torch.tensor(row, dtype=torch.float32) for row in table.costs]
+        if self.hparams.target is None:
+            uniform = [torch.full((len(row),), 1.0 / len(row)) for row in table.costs]
+            self.target = self.hparams.target_ratio * (table.fixed + sum(float((p * c).sum())
+                                                                       for p, c in zip(uniform, self._costs)))
+        if self.hparams.latency_loss == "multiplicative" and self.target <= 1.0:
+            raise ValueError(f"the multiplicative latency loss takes log(cost): the target must exceed 1 in the "
+                             f"cost's unit ({table.unit}), got {self.target:.4g}; raise cost_scale or use "
+                             f"latency_loss=additive")
+
+    def setup(self, stage: str) -> None:
+        if self.table is not None:
+            return
+        if self.trainer.world_size > 1:
+            # one rank measures (concurrent timing would disturb itself); the others read its cache
+            if self.trainer.is_global_zero:
+                self.set_cost_table(self.build_cost_table())
+            self.trainer.strategy.barrier()
+            if not self.trainer.is_global_zero:
+                self.set_cost_table(self.build_cost_table())
+        else:
+            self.set_cost_table(self.build_cost_table())
+
+    def expected_cost(self) -> Tensor:
+        """``E[cost]`` under the current architecture probabilities (differentiable)."""
+        if self.table is None:
+            raise RuntimeError("no cost table yet: it is built in setup() (or call set_cost_table)")
+        return self.supernet.expected_cost([c.to(self.device) for c in self._costs], self.table.fixed)
+
+    def arch_loss(self, ce: Tensor, expected: Tensor) -> Tensor:
+        """Cross-entropy combined with the expected cost (``latency_loss``)."""
+        hp = self.hparams
+        if hp.latency_loss == "none":
+            return ce
+        if hp.latency_loss == "multiplicative":
+            return ce * (torch.log(expected) / math.log(self.target)) ** hp.beta
+        return ce + hp.latency_lambda * (expected - self.target) / self.target
+
+    # --- schedule -------------------------------------------------------------------------------
+    def in_warmup(self) -> bool:
+        return self.current_epoch < self.hparams.warmup_epochs
+
+    def weight_step_index(self, batch_idx: int) -> int:
+        return self.current_epoch * self._batches_per_epoch() + batch_idx
+
+    def _batches_per_epoch(self) -> int:
+        batches = self.trainer.num_training_batches
+        return max(1, int(batches)) if batches != float("inf") else 1
+
+    def current_lr(self, batch_idx: int) -> float:
+        hp = self.hparams
+        per_epoch = self._batches_per_epoch()
+        epochs = int(self.trainer.max_epochs or 1)
+        if self.in_warmup():
+            total, step, peak = hp.warmup_epochs * per_epoch, self.weight_step_index(batch_idx), hp.warmup_lr or hp.lr
+        else:
+            warm = min(hp.warmup_epochs, epochs)
+            total = max(1, (epochs - warm) * per_epoch)
+            step, peak = self.weight_step_index(batch_idx) - warm * per_epoch, hp.lr
+        return peak * warmup_cosine(total)(step)
+
+    def _generator(self, kind: str, step: int) -> torch.Generator:
+        # arithmetic, not hash(): string hashes differ between processes, and every rank must agree
+        stream = {"weight": 0, "arch": 1}[kind]
+        return torch.Generator().manual_seed((self.hparams.sample_seed * 1_000_003 + step) * 2 + stream)
+
+    # --- training -------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self.supernet.set_search_mode()
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        weight_opt, arch_opt = self.optimizers()
+        images, labels = batch
+        step = self.weight_step_index(batch_idx)
+        lr = self.current_lr(batch_idx)
+        for group in weight_opt.param_groups:
+            group["lr"] = lr
+        binary = self.hparams.mixed_op == "binary"
+        if binary:
+            self.supernet.sample_paths(self._generator("weight", step), uniform=self.in_warmup())
+        weight_opt.zero_grad(set_to_none=True)
+        logits = self.supernet(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        self.manual_backward(loss)
+        weight_opt.step()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", (logits.argmax(1) == labels).float().mean(), prog_bar=True)
+        self.log("train/lr", lr)
+        if not self.in_warmup() and (step + 1) % self.hparams.arch_update_every == 0:
+            for k in range(self.hparams.arch_steps):
+                self.architecture_step(arch_opt, step * max(1, self.hparams.arch_steps) + k)
+        return loss
+
+    def next_holdout_batch(self) -> tuple[Tensor, Tensor]:
+        """The next held-out batch (cycling), normalised like training batches."""
+        datamodule = self.trainer.datamodule
+        if self._holdout is None:
+            if getattr(datamodule, "holdout_set", None) is None or len(datamodule.holdout_set) == 0:
+                raise ValueError("ProxylessNAS architecture steps need held-out images: set data.holdout_size > 0")
+            self._holdout_loader = datamodule.holdout_dataloader(
+                batch_size=self.hparams.arch_batch_size or datamodule.batch_size)
+            self._holdout = iter(self._holdout_loader)
+        try:
+            images, labels = next(self._holdout)
+        except StopIteration:
+            self._holdout = iter(self._holdout_loader)
+            images, labels = next(self._holdout)
+        images = datamodule.normalize(images.to(self.device), self.space.resolution)
+        return images, labels.to(self.device)
+
+    def architecture_step(self, arch_opt: Any, step: int) -> dict[str, float]:
+        """One architecture update on a held-out batch; returns the logged values."""
+        images, labels = self.next_holdout_batch()
+        binary = self.hparams.mixed_op == "binary"
+        if binary:
+            self.supernet.sample_pairs(self._generator("arch", step))
+        arch_opt.zero_grad(set_to_none=True)
+        logits = self.supernet(images)
+        ce = F.cross_entropy(logits, labels)
+        expected = self.expected_cost()
+        loss = self.arch_loss(ce, expected)
+        self.manual_backward(loss)
+        if binary:
+            gate_grads = self.supernet.gate_grads()
+            if self.trainer.world_size > 1:  # the gates are not parameters: DDP does not average them
+                stacked = self.trainer.strategy.reduce(torch.cat(gate_grads), reduce_op="mean")
+                gate_grads = list(stacked.split([g.numel() for g in gate_grads]))
+            self.supernet.accumulate_arch_grads(gate_grads)
+        arch_opt.step()
+        if binary:
+            self.supernet.rescale_arch()
+        values = {"arch/loss": float(loss.detach()), "arch/ce": float(ce.detach()),
+                  "arch/expected_cost": float(expected.detach())}
+        for key, value in values.items():
+            self.log(key, value)
+        return values
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        weights = torch.optim.SGD(self.supernet.weight_param_groups(hp.weight_decay), lr=hp.lr, momentum=hp.momentum,
+                                  nesterov=hp.nesterov and hp.momentum > 0)
+        arch = torch.optim.Adam(self.supernet.arch_parameters(), lr=hp.arch_lr, betas=tuple(hp.arch_betas),
+                                eps=hp.arch_eps, weight_decay=hp.arch_weight_decay)
+        return [weights, arch]
+
+    # --- validation: the derived architecture (most probable op per layer) ----------------------
+    def on_validation_epoch_start(self) -> None:
+        self.supernet.fix()
+
+    def on_validation_model_eval(self) -> None:
+        # The running statistics of an op's batch norms were gathered under random upstream paths,
+        # not under the derived architecture's; like the reference implementation, validate with
+        # batch statistics. Momentum 0 leaves the running statistics as they are.
+        super().on_validation_model_eval()
+        self._bn_momenta = {}
+        for module in self.supernet.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                self._bn_momenta[module] = module.momentum
+                module.train()
+                module.momentum = 0.0
+
+    def on_validation_model_train(self) -> None:
+        for module, momentum in getattr(self, "_bn_momenta", {}).items():
+            module.momentum = momentum
+        self._bn_momenta = {}
+        super().on_validation_model_train()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        logits = self.supernet(images)
+        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        self.log("val/acc", (logits.argmax(1) == labels).float().mean(), prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.table is None:
+            return
+        ops = self.supernet.derive()
+        summary = self.arch_summary()
+        self.log("arch/derived_cost", summary["derived_cost"])
+        self.log("arch/expected_cost_epoch", summary["expected_cost"])
+        self.log("arch/entropy", summary["entropy"])
+        self.log("arch/zero_layers", float(sum(op == ZERO for op in ops)))
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with (self.run_dir / ARCH_HISTORY_FILE).open("a", encoding="utf-8") as stream:
+                stream.write(json.dumps({"epoch": self.current_epoch, "ops": ops,
+                                         "expected_cost": summary["expected_cost"],
+                                         "derived_cost": summary["derived_cost"]}) + "\n")
+
+    # --- results --------------------------------------------------------------------------------
+    def arch_summary(self) -> dict[str, Any]:
+        """The derived ops, probabilities, expected and derived cost, mean entropy."""
+        assert self.table is not None
+        probs = [p.detach().cpu() for p in self.supernet.probabilities()]
+        ops = self.supernet.derive()
+        entropy = sum(float(-(p * p.clamp_min(1e-12).log()).sum()) for p in probs) / len(probs)
+        return {
+            "ops": ops,
+            "candidates": [list(layer.candidates) for layer in self.space.layers],
+            "probabilities": [[round(float(x), 6) for x in p] for p in probs],
+            "expected_cost": float(self.expected_cost().detach()),
+            "derived_cost": self.table.arch_cost(self.space, ops),
+            "entropy": entropy,
+        }
+
+    def derived_record(self) -> dict[str, Any]:
+        """The ``derived_arch.json`` record."""
+        assert self.table is not None
+        hp = self.hparams
+        summary = self.arch_summary()
+        return derived_arch_record(
+            self.space, summary.pop("ops"), **summary, cost={"kind": self.table.kind, "unit": self.table.unit,
+                                                             "fixed": self.table.fixed, "scale": hp.cost_scale},
+            target=self.target, latency_loss=hp.latency_loss, beta=hp.beta, latency_lambda=hp.latency_lambda,
+            mixed_op=hp.mixed_op, epochs=self.current_epoch, global_step=self.global_step)
+
+    def on_train_end(self) -> None:
+        if not self.trainer.is_global_zero or self.table is None:
+            return
+        run_dir = self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = self.derived_record()
+        (run_dir / DERIVED_ARCH_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+        net = self.supernet.extract(record["ops"]).cpu().eval()
+        torch.save({"model": net, "ops": record["ops"], "space": record["space"]}, run_dir / DERIVED_MODEL_FILE)
