@@ -72,6 +72,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=5, help="ParZC repetitions per training size")
     p.add_argument("--loss", default="diffkendall", choices=["diffkendall", "pairwise", "mse"])
     p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--alpha", type=float, default=50.0, help="DiffKendall sharpness")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--parzc-proxies", default=",".join(p for p in DEFAULT_PROXIES if p != "grasp"),
                    help="node-wise statistics ParZC uses (computed for every architecture)")
@@ -107,7 +108,7 @@ def correlations(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
 
 
 def train_parzc(stats, acc: np.ndarray, train_rows: np.ndarray, eval_rows: np.ndarray,
-                seed: int, loss: str, epochs: int) -> np.ndarray:
+                seed: int, loss: str, epochs: int, alpha: float) -> np.ndarray:
     """Fit a ParZC ranker on ``train_rows`` through the Lightning task; scores for ``eval_rows``."""
     import lightning.pytorch as pl
 
@@ -118,7 +119,7 @@ def train_parzc(stats, acc: np.ndarray, train_rows: np.ndarray, eval_rows: np.nd
         features=stats.nodes, targets=acc, train_index=train_rows.tolist(), val_index=eval_rows.tolist(),
     )
     pl.seed_everything(seed, workers=True, verbose=False)
-    task = ParZCTask(num_nodes=stats.nodes.shape[1], num_stats=stats.nodes.shape[2], loss=loss,
+    task = ParZCTask(num_nodes=stats.nodes.shape[1], num_stats=stats.nodes.shape[2], loss=loss, alpha=alpha,
                      proxies=list(stats.proxies), stats_seed=stats.seed)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         "protocol": {"csv": str(args.csv), "target": TARGET, "num_archs": int(len(order)),
                      "pool": int(len(pool_rows)), "eval": int(len(eval_rows)), "split_seed": args.split_seed,
                      "batch_seed": args.batch_seed, "init_seed": args.init_seed, "batch_size": 64,
-                     "threads": args.threads, "loss": args.loss, "epochs": args.epochs,
+                     "threads": args.threads, "loss": args.loss, "epochs": args.epochs, "alpha": args.alpha,
                      "parzc_proxies": parzc_proxies, "other_proxies_eval_archs": len(eval_archs) if others else 0},
         "seconds_per_arch": _timing(args.cache, parzc_proxies),
         "statistics_wall_s_this_run": stats_wall,
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         for seed in range(args.seeds):
             train_rows = np.random.default_rng(1000 + seed).choice(pool_rows, size=size, replace=False)
             t0 = time.perf_counter()
-            pred = train_parzc(stats, acc_rows, train_rows, eval_rows, seed, args.loss, args.epochs)
+            pred = train_parzc(stats, acc_rows, train_rows, eval_rows, seed, args.loss, args.epochs, args.alpha)
             secs.append(time.perf_counter() - t0)
             tau, rho = correlations(pred, acc_rows[eval_rows])
             taus.append(tau)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,11 +21,17 @@ class ProgressiveShrinking(pl.Callback):
     sorted by importance (with the optimizer state), keeping the channel sets of the expand ratios
     already trained. The index of the last phase entered is saved in checkpoints, so a resumed
     run continues in the same phase without re-sorting.
+
+    The wall time of every phase (training and validation) goes to ``run_dir/phases.csv`` after
+    each epoch; it is kept in checkpoints, so a resumed run adds to it.
     """
 
     def __init__(self, phases: list[ShrinkingPhase]) -> None:
         self.phases = parse_phases(phases)
         self.entered = -1
+        self.wall_seconds = [0.0] * len(self.phases)
+        self.epochs_done = [0] * len(self.phases)
+        self._epoch_started: tuple[int, float] | None = None  # (phase index, clock)
 
     @property
     def total_epochs(self) -> int:
@@ -47,9 +56,43 @@ class ProgressiveShrinking(pl.Callback):
                            f"{phase.subnets_per_step} subnet(s)/step, lr={phase.lr})")
             self.entered = index
         pl_module.set_phase(index, phase, start)
+        self._epoch_started = (index, time.perf_counter())
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._epoch_started is None:
+            return
+        self.wall_seconds, self.epochs_done = self._totals()
+        self._epoch_started = None
+        if trainer.is_global_zero:
+            self.write_table(Path(trainer.default_root_dir) / "phases.csv")
+
+    def write_table(self, path: Path) -> None:
+        """One row per phase: its epochs, the epochs run so far and their wall time."""
+        start = 0
+        with path.open("w", newline="", encoding="utf-8") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(["index", "name", "first_epoch", "epochs", "epochs_done", "wall_s"])
+            for index, phase in enumerate(self.phases):
+                writer.writerow([index, phase.name, start, phase.epochs, self.epochs_done[index],
+                                 round(self.wall_seconds[index], 2)])
+                start += phase.epochs
+
+    def _totals(self) -> tuple[list[float], list[int]]:
+        """Wall seconds and epochs per phase, counting the epoch under way as done."""
+        seconds, done = list(self.wall_seconds), list(self.epochs_done)
+        if self._epoch_started is not None:
+            index, started = self._epoch_started
+            seconds[index] += time.perf_counter() - started
+            done[index] += 1
+        return seconds, done
 
     def state_dict(self) -> dict[str, Any]:
-        return {"entered": self.entered}
+        # Checkpoints are written at the end of validation, before this epoch's on_train_epoch_end.
+        seconds, done = self._totals()
+        return {"entered": self.entered, "wall_seconds": seconds, "epochs_done": done}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.entered = state_dict["entered"]
+        if len(state_dict.get("wall_seconds", [])) == len(self.phases):
+            self.wall_seconds = list(state_dict["wall_seconds"])
+            self.epochs_done = list(state_dict["epochs_done"])

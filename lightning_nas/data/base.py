@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,6 +47,60 @@ class ArrayImageDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, self.labels[index]
+
+
+class EpochSeededSampler(Sampler[tuple[int, int]]):
+    """A permutation per epoch drawn from ``(seed, epoch)``, yielding ``(position, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before every epoch (through its distributed wrapper too), so
+    the order of epoch ``e`` does not depend on how many epochs this process has run: a run
+    resumed from a checkpoint sees the same batches as one that never stopped. The epoch travels
+    with each position so that per-sample augmentation can be seeded the same way.
+    """
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        epoch = self.epoch
+        return ((int(position), epoch) for position in torch.randperm(self.length, generator=generator))
+
+
+class SeededTrainingSubset(Dataset):
+    """Training images ``dataset[indices]`` with augmentation seeded by ``(seed, epoch, index)``.
+
+    Augmentations draw from torch's global generator; seeding it per sample (inside a forked RNG
+    state, so the caller's generator is untouched) makes the augmented batch a function of the
+    epoch and the sample alone: identical after a resume and independent of worker processes.
+    """
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable | None, seed: int) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Any]:
+        position, epoch = key if isinstance(key, tuple) else (key, 0)
+        index = self.indices[position]
+        image, label = self.dataset[index]
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+                image = self.transform(image)
+        return image, label
 
 
 def holdout_split(num_train: int, holdout_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,11 +191,11 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        full_train = self.load_train(self.train_transform())
+        full_train = self.load_train(None)
         train_idx, holdout_idx = holdout_split(len(full_train), self.holdout_size, self.seed)
         if self.train_subset is not None:
             train_idx = train_idx[: self.train_subset]
-        self.train_set = Subset(full_train, train_idx.tolist())
+        self.train_set = SeededTrainingSubset(full_train, train_idx.tolist(), self.train_transform(), self.seed)
         self.holdout_set = Subset(self.load_train(self.eval_transform()), holdout_idx.tolist())
         val = self.load_test(self.eval_transform())
         if self.val_subset is not None:
@@ -151,9 +205,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a data loader")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=shuffle, generator=generator)
+        sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, drop_last=shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True, self.batch_size)

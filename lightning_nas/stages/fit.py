@@ -29,5 +29,6 @@ def run(recipe: LoadedRecipe) -> Path:
     datamodule = build("data", lambda: DATA.build(config["data"]))
     task = build("task", lambda: TASKS.build(config["task"]))
     trainer = build_trainer(config, run_dir, **ddp_strategy_for(task, config.get("trainer", {})))
-    trainer.fit(task, datamodule=datamodule, ckpt_path=resume_checkpoint(config, run_dir))
+    # A supernet checkpoint carries its distillation teacher as a module, so it is not weights-only.
+    trainer.fit(task, datamodule=datamodule, ckpt_path=resume_checkpoint(config, run_dir), weights_only=False)
     return run_dir

@@ -35,7 +35,7 @@ class ParZCTask(pl.LightningModule):
         prior_sigma: float = 0.1,
         kl_weight: float = 1e-4,
         loss: str = "diffkendall",
-        alpha: float = 10.0,
+        alpha: float = 50.0,
         pairwise_kind: str = "logistic",
         margin: float = 0.1,
         lr: float = 1e-3,

@@ -173,6 +173,8 @@ class SupernetTask(pl.LightningModule):
         images, labels = batch
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        # Dropout masks as a function of the step: a resumed run repeats the uninterrupted one.
+        torch.manual_seed(self.hparams.sample_seed * 1_000_003 + self.global_step)
         optimizer = self.optimizers()
         lr = self.current_lr()
         for group in optimizer.param_groups:
@@ -192,9 +194,9 @@ class SupernetTask(pl.LightningModule):
         else:
             stats = shrinking_step(self.supernet, images, labels, configs, teacher_logits, self.kd_ratio,
                                    self.hparams.label_smoothing, backward=self.manual_backward)
-        optimizer.step()
-        if self.hparams.record_subnets:
+        if self.hparams.record_subnets:  # before the step: it is labelled with the step that sampled it
             self._record(configs)
+        optimizer.step()
         self.log("train/loss", stats["loss"], prog_bar=True)
         self.log("train/acc", stats["top1"], prog_bar=True)
         self.log("train/lr", lr)

@@ -55,6 +55,33 @@ def test_training_order_is_deterministic_with_a_seed() -> None:
     assert not torch.equal(first_batch(1), first_batch(2))
 
 
+def test_an_epoch_is_the_same_however_many_epochs_came_before() -> None:
+    """Order and augmentation of epoch e depend on (seed, e) only: a resumed run sees the same batches."""
+
+    def epoch_batch(epoch: int, num_workers: int, warm_epochs: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        dm = DigitsDataModule(num_workers=num_workers, seed=5, augment=True, batch_size=16)
+        dm.setup()
+        loader = dm.train_dataloader()
+        for warm in range(warm_epochs):  # a process that already ran earlier epochs
+            loader.sampler.set_epoch(warm)
+            next(iter(loader))
+            torch.rand(3)  # other consumers of the global generator make no difference
+        loader.sampler.set_epoch(epoch)
+        return next(iter(loader))
+
+    fresh = epoch_batch(2, num_workers=0)
+    for other in (epoch_batch(2, num_workers=0, warm_epochs=2), epoch_batch(2, num_workers=2)):
+        assert torch.equal(fresh[0], other[0]) and torch.equal(fresh[1], other[1])
+    next_epoch = epoch_batch(3, num_workers=0)
+    assert not torch.equal(fresh[1], next_epoch[1])
+    # augmentation is really on: the same image in two epochs is shifted differently
+    dm = DigitsDataModule(num_workers=0, seed=5, augment=True)
+    dm.setup()
+    views = [dm.train_set[(0, epoch)][0] for epoch in range(6)]
+    assert any(not torch.equal(views[0], view) for view in views[1:])
+    assert torch.equal(views[1], dm.train_set[(0, 1)][0])
+
+
 def test_step_resolution_is_a_function_of_the_step() -> None:
     choices = [24, 28, 32]
     drawn = [step_resolution(choices, 0, s) for s in range(60)]
