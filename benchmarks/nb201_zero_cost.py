@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_nas.predictors.zc_cache import (  # noqa: E402
     DEFAULT_PROXIES,
+    PARZC_PROXIES,
     compute_statistics,
     load_cifar10_batch,
 )
@@ -74,7 +75,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--alpha", type=float, default=50.0, help="DiffKendall sharpness")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--parzc-proxies", default=",".join(p for p in DEFAULT_PROXIES if p != "grasp"),
+    p.add_argument("--parzc-proxies", default=",".join(PARZC_PROXIES),
                    help="node-wise statistics ParZC uses (computed for every architecture)")
     p.add_argument("--other-proxy-archs", type=int, default=None,
                    help="compute the proxies ParZC does not use on only the first M evaluation archs")

@@ -3,6 +3,9 @@
 Reads a statistics cache written by :func:`lightning_nas.predictors.zc_cache.compute_statistics`
 and the accuracies of ``nb201_dev.csv``; architectures present in both are shuffled with
 ``seed``: the first ``num_train`` train, the next ``num_val`` (default: all the rest) validate.
+With ``compute_missing`` the architectures are drawn from the accuracy CSV instead (``num_train
++ num_val`` of them, seeded) and their missing statistics are computed into the cache first
+(resumable: a killed run keeps every finished architecture).
 Targets are standardised with the training mean / std (rank metrics do not care; DiffKendall's
 sharpness ``alpha`` and MSE do). By default a batch is a whole split, because ranking losses
 compare architectures within a batch.
@@ -41,13 +44,18 @@ class ZCStatsDataModule(pl.LightningDataModule):
         num_val: int | None = None,
         seed: int = 0,
         batch_size: int = 0,
+        compute_missing: bool = False,
+        images_path: str = "../shared/data/cifar10/train.npz",
+        stats_seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # The task records the proxies and statistics seed actually used (from the cache header).
+        self.save_hyperparameters(ignore=["proxies", "stats_seed"])
         self.stats_path, self.accuracy_csv, self.target_column = stats_path, accuracy_csv, target_column
         self.proxies, self.num_train, self.num_val, self.seed = proxies, num_train, num_val, seed
         self.batch_size = batch_size
-        self.stats_seed: int | None = None
+        self.compute_missing, self.images_path = compute_missing, images_path
+        self.stats_seed: int | None = stats_seed if compute_missing else None
         self.train_archs: list[str] = []
         self.val_archs: list[str] = []
         self._arrays: tuple[np.ndarray, np.ndarray, Sequence[int], Sequence[int]] | None = None
@@ -81,18 +89,34 @@ class ZCStatsDataModule(pl.LightningDataModule):
         if self.train_set is None:
             self.setup("fit")
 
+    def _compute_missing(self, accuracies: dict[str, float]) -> set[str]:
+        """Statistics for ``num_train + num_val`` seeded architectures of the CSV; returns them."""
+        from lightning_nas.predictors.zc_cache import PARZC_PROXIES, compute_statistics, load_cifar10_batch
+
+        labelled = sorted(accuracies)
+        wanted = len(labelled) if self.num_val is None else min(self.num_train + self.num_val, len(labelled))
+        chosen = [labelled[i] for i in np.random.default_rng(self.seed).permutation(len(labelled))[:wanted]]
+        self.proxies = list(self.proxies or PARZC_PROXIES)
+        images, labels = load_cifar10_batch(self.images_path, seed=self.stats_seed)
+        compute_statistics(chosen, self.proxies, images, labels, seed=self.stats_seed, cache_path=self.stats_path)
+        return set(chosen)
+
     def _load_file(self) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
         from lightning_nas.predictors.zc_cache import load_statistics
 
+        accuracies = read_accuracies(self.accuracy_csv, self.target_column)
+        chosen = self._compute_missing(accuracies) if self.compute_missing else None
+        if not Path(self.stats_path).is_file():
+            raise FileNotFoundError(f"data.stats_path: {self.stats_path} does not exist; set data.compute_missing=true "
+                                    "to compute it, or fill it with benchmarks/nb201_zero_cost.py --stats-only")
         # proxies=None: those every cached architecture has; otherwise the architectures that
         # have all the requested ones.
         stats = load_statistics(self.stats_path, proxies=self.proxies)
         if not stats.archs:
             raise ValueError(f"no architecture in {self.stats_path} has all of {self.proxies}")
         self.proxies = list(stats.proxies)
-        accuracies = read_accuracies(self.accuracy_csv, self.target_column)
         # Sorting first makes the split depend only on the seed and the set, not on cache order.
-        archs = sorted(a for a in stats.archs if a in accuracies)
+        archs = sorted(a for a in stats.archs if a in accuracies and (chosen is None or a in chosen))
         if self.num_train >= len(archs):
             raise ValueError(f"num_train={self.num_train} leaves no validation data ({len(archs)} labelled archs)")
         perm = np.random.default_rng(self.seed).permutation(len(archs))

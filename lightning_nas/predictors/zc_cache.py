@@ -35,6 +35,9 @@ CACHE_VERSION = 2
 DEFAULT_PROXIES: tuple[str, ...] = (
     "grad_norm", "snip", "grasp", "fisher", "jacov", "synflow", "nwot", "zen", "params", "flops",
 )
+#: ParZC's node-wise inputs: every proxy but grasp, whose Hessian-vector product through batch
+#: norm costs more on a CPU than the other nine together (and it is the weakest proxy).
+PARZC_PROXIES: tuple[str, ...] = tuple(p for p in DEFAULT_PROXIES if p != "grasp")
 # Per-channel statistics used by NAS-Bench-201 for CIFAR (pixel values / 255).
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)

@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
 
 from .errors import RecipeError
 from .signature import signature_of
@@ -135,11 +136,10 @@ def parse_override(text: str) -> tuple[str, Any, bool]:
         raise RecipeError("an override must look like key=value or ~key", given=text,
                           allowed="e.g. trainer.max_epochs=3, data.resolutions=[24,32], ~callbacks.early_stopping")
     try:
-        value = OmegaConf.from_dotlist([f"value={raw}"])["value"]
-    except OmegaConfBaseException as error:
+        # Unresolved: an interpolation such as ${run_dir} is resolved with the whole recipe later.
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]), resolve=False)["value"]
+    except (OmegaConfBaseException, YAMLError) as error:
         raise RecipeError(f"cannot parse the value: {error}", key=key, given=raw) from None
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value, resolve=False)
     return key, value, False
 
 
@@ -198,7 +198,8 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = (), smo
             if not isinstance(block, ListConfig) or not all(isinstance(o, str) for o in block):
                 raise RecipeError("expected a list of overrides such as 'trainer.max_epochs=1'", key="smoke",
                                   given=OmegaConf.to_container(block) if isinstance(block, DictConfig) else block)
-            apply_overrides(cfg, list(block), f"smoke block of {recipe_path}", sources)
+            # Unresolved: its ${...} are resolved with the final recipe, after the command line.
+            apply_overrides(cfg, OmegaConf.to_container(block, resolve=False), f"smoke block of {recipe_path}", sources)
         apply_overrides(cfg, overrides, COMMAND_LINE, sources)
         inherited_run_dir = os.environ.get(RUN_DIR_ENV)
         if inherited_run_dir and os.environ.get("LOCAL_RANK", "0") != "0":

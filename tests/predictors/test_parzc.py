@@ -182,3 +182,39 @@ def test_datamodule_task_checkpoint_and_ranking(tmp_path: Path, batch) -> None:
     with pytest.raises(ValueError, match="neither a proxy"):
         score_architectures(ARCHS[:1], "no_such_thing")
     json.loads(cache.read_text().splitlines()[0])  # the header stays plain JSON
+
+
+def test_datamodule_computes_missing_statistics_once(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = tmp_path / "train.npz"
+    np.savez(images, x=rng.integers(0, 255, size=(70, 8, 8, 3), dtype=np.uint8), y=rng.integers(0, 10, size=70))
+    csv_path = tmp_path / "acc.csv"
+    extra = random.Random(1).sample(all_archs(), 3)
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["CIFAR10TestAccuracy200Epochs", "ArchitectureString"])
+        for i, a in enumerate(ARCHS + extra):
+            w.writerow([50.0 + i, a])
+    cache = tmp_path / "stats.jsonl"
+
+    def datamodule() -> ZCStatsDataModule:
+        dm = ZCStatsDataModule(stats_path=str(cache), accuracy_csv=str(csv_path), images_path=str(images),
+                               compute_missing=True, proxies=["synflow", "params"], num_train=3, num_val=2, seed=4)
+        dm.setup("fit")
+        return dm
+
+    first = datamodule()
+    assert len(first.train_set) == 3 and len(first.val_set) == 2 and first.proxies == ["synflow", "params"]
+    computed = cache.read_text().splitlines()
+    assert len(computed) == 1 + 5  # header + the 5 drawn of the 8 labelled architectures
+    second = datamodule()
+    assert cache.read_text().splitlines() == computed  # nothing recomputed
+    assert second.train_archs == first.train_archs and second.val_archs == first.val_archs
+    assert set(first.train_archs + first.val_archs) <= set(ARCHS + extra)
+
+
+def test_missing_statistics_file_names_the_key(tmp_path: Path) -> None:
+    dm = ZCStatsDataModule(stats_path=str(tmp_path / "none.jsonl"), accuracy_csv=str(tmp_path / "acc.csv"))
+    (tmp_path / "acc.csv").write_text("CIFAR10TestAccuracy200Epochs,ArchitectureString\n")
+    with pytest.raises(FileNotFoundError, match="data.stats_path.*compute_missing=true"):
+        dm.setup("fit")

@@ -63,6 +63,14 @@ def test_smoke_block_applies_before_command_line(tmp_path: Path) -> None:
     assert config["trainer"]["max_epochs"] == 1 and config["trainer"]["max_steps"] == 5
 
 
+def test_override_interpolations_resolve_against_the_final_recipe(tmp_path: Path) -> None:
+    """A smoke override naming ${run_dir} follows a run_dir changed later on the command line."""
+    recipe = write_recipe(tmp_path, BASE.replace("vars: {width: 4}", "vars: {runs: runs}") + "run_dir: ${vars.runs}/x\n"
+                          "smoke: ['data.cache=${run_dir}/cache.jsonl']\n")
+    config = load_recipe(recipe, [f"vars.runs={tmp_path}"], smoke=True, validate=False).config
+    assert config["data"]["cache"] == f"{tmp_path}/x/cache.jsonl"
+
+
 def test_smoke_without_block_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="needs a `smoke:` list"):
         load_recipe(write_recipe(tmp_path, BASE), smoke=True)
