@@ -27,9 +27,10 @@ STAGE_VERBS = {
     "profile": ("lightning_nas.stages.profile", "measure a latency table of a space on this machine"),
     "rank": ("lightning_nas.stages.rank", "score NAS-Bench-201 architectures of a CSV with a proxy or ParZC "
              "(`archs=IN.csv out=OUT.csv` set rank.archs / rank.out)"),
+    "pipeline": ("lightning_nas.stages.pipeline", "run a list of recipes in order, reusing stages already finished"),
 }
 #: Top-level sections that make a recipe belong to a verb other than ``fit``.
-VERB_SECTIONS = ("search", "export", "profile", "rank")
+VERB_SECTIONS = ("search", "export", "profile", "rank", "pipeline")
 #: Bare keys a verb accepts as shorthand for keys of its section (`rank archs=x.csv`).
 SECTION_SHORTHANDS = {"rank": ("archs", "out", "ranker", "limit")}
 

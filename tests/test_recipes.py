@@ -17,6 +17,9 @@ from lightning_nas.cli import main, recipe_verb
 from lightning_nas.recipe.loader import load_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+#: Pipelines run every stage's smoke run: longer than the budget of one recipe, tested apart.
+PIPELINES = [p for p in RECIPES if "\npipeline:" in p.read_text()]
+STAGE_RECIPES = [p for p in RECIPES if p not in PIPELINES]
 #: Stages that produce what later recipes read come first.
 PIPELINE_ORDER = ["ofa_supernet", "ofa_export", "qat_finetune", "pairs_fp32", "predictor_fp32", "pairs_quant",
                   "predictor_quant", "apq_int8", "proxylessnas", "proxylessnas_train"]
@@ -43,7 +46,7 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
-@pytest.mark.parametrize("path", ordered(RECIPES), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", ordered(STAGE_RECIPES), ids=lambda p: p.stem)
 def test_recipe_runs_with_smoke(path: Path, runs_dir: Path) -> None:
     if "../shared/" in path.read_text() and not SHARED.is_dir():
         pytest.skip("reads ../shared (benchmark data beside the repository)")
@@ -57,3 +60,28 @@ def test_recipe_runs_with_smoke(path: Path, runs_dir: Path) -> None:
     elapsed = time.perf_counter() - started
     assert (runs_dir / path.stem / "config.yaml").is_file()
     assert elapsed < SMOKE_SECONDS, f"{path.name} --smoke took {elapsed:.1f}s"
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.stem)
+def test_pipeline_stages_load_and_validate(path: Path, tmp_path: Path) -> None:
+    from lightning_nas.recipe.sections import PipelineStage
+    from lightning_nas.stages.pipeline import load_stage, stage_recipe_path, validate_ahead
+
+    config = load_recipe(path, [f"run_dir={tmp_path}"]).config
+    for index, given in enumerate(config["pipeline"]["stages"]):
+        stage = PipelineStage(**given)
+        for smoke in (False, True):
+            loaded = load_stage(path, stage_recipe_path(path, stage.recipe, index), tmp_path, stage, smoke, False)
+            validate_ahead(loaded, tmp_path)
+            assert str(loaded.config["run_dir"]).startswith(str(tmp_path)), stage.recipe
+
+
+@pytest.mark.slow  # every stage's smoke run in one process: a few minutes on 2 cores
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.stem)
+def test_pipeline_runs_with_smoke_then_reuses_every_stage(path: Path, tmp_path: Path) -> None:
+    import csv
+
+    assert main(["pipeline", str(path), "--smoke", f"run_dir={tmp_path}"]) == 0
+    assert main(["pipeline", str(path), "--smoke", f"run_dir={tmp_path}"]) == 0
+    rows = list(csv.DictReader((tmp_path / "pipeline.csv").open()))
+    assert rows and all(row["status"] == "reused" for row in rows)

@@ -175,8 +175,12 @@ def _resolve(cfg: DictConfig, path: Path) -> dict[str, Any]:
 
 
 def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = (), smoke: bool = False,
-                validate: bool = True) -> LoadedRecipe:
-    """Read, compose, override, resolve and validate a recipe file."""
+                validate: bool = True, edits: Sequence[str] = (), edits_origin: str = "a pipeline") -> LoadedRecipe:
+    """Read, compose, override, resolve and validate a recipe file.
+
+    ``edits`` are overrides that change the recipe itself (a pipeline's per-stage overrides): they
+    apply before the smoke block, so ``--smoke`` still shrinks the edited recipe.
+    """
     recipe_path = Path(path)
     if not recipe_path.is_file():
         available = sorted(str(p) for p in Path("recipes").glob("*.yaml")) if Path("recipes").is_dir() else []
@@ -191,6 +195,7 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = (), smo
             cfg[key] = param.default  # the schema's defaults, so config.yaml shows what ran
     loaded = LoadedRecipe(recipe_path, {}, sources)
     try:
+        apply_overrides(cfg, edits, edits_origin, sources)
         if smoke:
             block = cfg.get("smoke")
             if not block:

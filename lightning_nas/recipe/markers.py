@@ -50,6 +50,8 @@ MAPPING_MARKERS = {
     "SearchSettings": "signature:lightning_nas.search.settings:SearchSettings",
     "RankSettings": "signature:lightning_nas.recipe.sections:RankSettings",
     "ShrinkingPhase": "signature:lightning_nas.callbacks.phases:ShrinkingPhase",
+    "PipelineSettings": "signature:lightning_nas.recipe.sections:PipelineSettings",
+    "PipelineStage": "signature:lightning_nas.recipe.sections:PipelineStage",
 }
 #: Marker -> registry whose names it must be one of.
 NAME_MARKERS = {"LoggerName": "logger"}

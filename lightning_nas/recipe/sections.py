@@ -85,6 +85,31 @@ class RankSettings:
 
 
 @dataclass
+class PipelineStage:
+    """One stage of a pipeline: a recipe, run by its own verb, with overrides of its keys."""
+
+    #: Path of the stage's recipe, relative to the pipeline recipe's folder (or the working directory).
+    recipe: str
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PipelineSettings:
+    """``lightning-nas pipeline``: recipes run in order, chained through their run directories.
+
+    Every stage gets ``vars.runs`` = the pipeline's ``run_dir``, so a later stage finds an earlier
+    one's artifacts where its recipe looks for them (``${vars.runs}/ofa_supernet/...``). A stage
+    whose run directory records a finished run of the same resolved recipe is reused, not rerun.
+    """
+
+    stages: list[PipelineStage]
+    #: Run every stage with its own ``--smoke`` overrides.
+    smoke: bool = False
+    #: False reruns every stage even when a finished run of the same recipe is there.
+    reuse: bool = True
+
+
+@dataclass
 class Recipe:
     """Top-level keys of every recipe; which ones a verb needs is checked by the verb."""
 
@@ -112,5 +137,6 @@ class Recipe:
     profile: ProfileSettings | None = None
     search: SearchSettings | None = None
     rank: RankSettings | None = None
+    pipeline: PipelineSettings | None = None
     #: Free-form values for interpolation (``${vars.width}``); never read by the framework.
     vars: dict[str, Any] = field(default_factory=dict)

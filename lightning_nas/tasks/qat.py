@@ -147,6 +147,20 @@ def resolve_policy(
     return policy_space.validate(policy, num_blocks)
 
 
+def _searched_candidate(path: str, index: int, subnet: object, policy: object) -> tuple[dict, object]:
+    """(architecture, policy) of row ``index`` of a search's topk.json; policy stays unless it is 'candidate'."""
+    if subnet is not None:
+        raise ValueError("give either subnet or candidate (a search's topk.json), not both")
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))["topk"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"candidate {path} is not a topk.json of `lightning-nas search`") from None
+    if not 0 <= index < len(rows):
+        raise ValueError(f"candidate_index {index} is out of range: {path} has {len(rows)} candidates")
+    row = rows[index]
+    return dict(row["config"]), (dict(row["policy"]) if policy == "candidate" else policy)
+
+
 def _load_supernet_source(
     checkpoint: str, subnet: str | Mapping[str, Any]
 ) -> tuple[Any, dict, dict, nn.Module]:
@@ -229,7 +243,9 @@ class QATTask(pl.LightningModule):
         supernet_checkpoint: ExistingFile | None = None,
         subnet: str | dict[str, Any] | None = None,
         exported_subnet: ExistingFile | None = None,
-        policy: int | dict[str, Any] | Literal["random"] = 8,
+        candidate: ExistingFile | None = None,
+        candidate_index: int = 0,
+        policy: int | dict[str, Any] | Literal["random", "candidate"] = 8,
         policy_seed: int = 0,
         bit_choices: list[int] = [4, 6, 8],  # noqa: B006 - copied by QuantPolicySpace
         fixed_bits: int = 8,
@@ -260,6 +276,10 @@ class QATTask(pl.LightningModule):
             raise ValueError(f"freeze_bn_fraction must be in [0, 1], got {freeze_bn_fraction}")
         if agreement_images < 1 or latency_repeats < 1 or bn_recalibration_images < 1:
             raise ValueError("agreement_images, latency_repeats and bn_recalibration_images must be positive")
+        if candidate:
+            subnet, policy = _searched_candidate(candidate, candidate_index, subnet, policy)
+        elif policy == "candidate":
+            raise ValueError("policy: candidate takes the policy of a search result; set candidate: to its topk.json")
         sources = [
             name
             for name, value in (

@@ -301,3 +301,21 @@ def test_fbgemm_depthwise_saturates_where_onednn_is_exact() -> None:
             out = convert_to_int8(model, [x], backend=backend)(x)
         errors[backend] = float((out - reference).abs().max() / reference.abs().max())
     assert errors["onednn"] < 0.005 < 0.05 < errors["fbgemm"], errors
+
+
+def test_a_search_candidate_gives_the_architecture_and_optionally_its_policy(tmp_path: Path) -> None:
+    from lightning_nas.tasks.qat import _searched_candidate
+
+    config = {"ks": [3] * 20, "e": [3] * 20, "d": [2] * 5, "r": 24}
+    policy = {"pw_w": [4] * 20, "pw_a": [8] * 20, "dw_w": [6] * 20, "dw_a": [8] * 20}
+    topk = tmp_path / "topk.json"
+    topk.write_text(json.dumps({"topk": [{"rank": 1, "config": config, "policy": policy}]}))
+    assert _searched_candidate(str(topk), 0, None, 8) == (config, 8)
+    assert _searched_candidate(str(topk), 0, None, "candidate") == (config, policy)
+    with pytest.raises(ValueError, match="out of range: .* has 1 candidates"):
+        _searched_candidate(str(topk), 1, None, 8)
+    with pytest.raises(ValueError, match="either subnet or candidate"):
+        _searched_candidate(str(topk), 0, "smallest", 8)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a topk.json"):
+        _searched_candidate(str(tmp_path / "bad.json"), 0, None, 8)

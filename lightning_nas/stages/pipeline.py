@@ -1,0 +1,128 @@
+"""``lightning-nas pipeline``: run recipes in order, chained through their run directories.
+
+Each stage's recipe is edited by the stage's overrides (before its own smoke block, with
+``pipeline.smoke``), given ``vars.runs`` = the pipeline's run directory, and run by its own verb. When it finishes, its run
+directory gets ``stage_done.json`` with a hash of the resolved recipe; a later pipeline run skips
+a stage whose record matches, so an interrupted pipeline resumes at the first unfinished stage
+and a changed stage (and only it) is rerun. Stages after a rerun stage are rerun too: they read
+its artifacts.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..recipe.errors import RecipeError
+from ..recipe.loader import LoadedRecipe, load_recipe
+from ..recipe.sections import PipelineSettings, PipelineStage
+from ..recipe.validate import validate_recipe
+from .common import prepare_run_dir
+
+DONE_FILE = "stage_done.json"
+SUMMARY_FILE = "pipeline.csv"
+
+
+def recipe_hash(config: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stage_recipe_path(pipeline_recipe: Path, given: str, index: int) -> Path:
+    """The stage's recipe, relative to the pipeline recipe's folder first, then to the working directory."""
+    for candidate in (pipeline_recipe.parent / given, Path(given)):
+        if candidate.is_file():
+            return candidate
+    raise RecipeError("recipe file not found", key=f"pipeline.stages.{index}.recipe", given=given,
+                      allowed=f"a recipe path relative to {pipeline_recipe.parent} or the working directory")
+
+
+def load_stage(pipeline_recipe: Path, path: Path, run_dir: Path, stage: PipelineStage, smoke: bool,
+               validate: bool) -> LoadedRecipe:
+    """The stage's recipe with the pipeline's edits (before its own smoke block) and ``vars.runs``."""
+    return load_recipe(path, [f"vars.runs={run_dir}"], smoke=smoke, validate=validate, edits=stage.overrides,
+                       edits_origin=f"pipeline {pipeline_recipe}")
+
+
+def is_finished(run_dir: Path, digest: str) -> bool:
+    done = run_dir / DONE_FILE
+    if not done.is_file():
+        return False
+    try:
+        return json.loads(done.read_text(encoding="utf-8")).get("config_sha256") == digest
+    except json.JSONDecodeError:
+        return False
+
+
+def validate_ahead(loaded: LoadedRecipe, run_dir: Path) -> None:
+    """Validate a stage before anything runs; files inside the pipeline's run directory may be
+    missing (an earlier stage writes them), so such an error is left for the stage's own turn."""
+    try:
+        validate_recipe(loaded.config)
+    except RecipeError as error:
+        inside = isinstance(error.given, str) and Path(error.given).resolve().is_relative_to(run_dir.resolve())
+        if error.message == "file not found" and inside:
+            return
+        raise error.with_source(str(loaded.path), loaded.source_of(error.key)) from None
+
+
+def run(recipe: LoadedRecipe) -> Path:
+    from ..cli import STAGE_VERBS, recipe_verb
+
+    given = recipe.config["pipeline"]
+    settings = PipelineSettings(**{**given, "stages": [PipelineStage(**stage) for stage in given["stages"]]})
+    run_dir = prepare_run_dir(recipe)
+    stages: list[tuple[Path, LoadedRecipe, str]] = []
+    # Load and validate every stage first: a typo in the last stage fails before hours of training.
+    for index, stage in enumerate(settings.stages):
+        path = stage_recipe_path(recipe.path, stage.recipe, index)
+        loaded = load_stage(recipe.path, path, run_dir, stage, settings.smoke, validate=False)
+        validate_ahead(loaded, run_dir)
+        verb = recipe_verb(loaded.config)
+        if verb == "pipeline":
+            raise RecipeError("a pipeline cannot contain a pipeline", key=f"pipeline.stages.{index}.recipe",
+                              given=str(path))
+        stages.append((path, loaded, verb))
+
+    rows: list[dict[str, Any]] = []
+    rerun_upstream = not settings.reuse
+    for index, (path, loaded, verb) in enumerate(stages):
+        stage_dir = Path(loaded.config["run_dir"])
+        # `now` timestamps make no two loads of such a recipe equal: it is always rerun.
+        digest = recipe_hash(loaded.config)
+        name = f"[{index + 1}/{len(stages)}] {verb} {path}"
+        if not rerun_upstream and is_finished(stage_dir, digest):
+            print(f"{name}: finished before in {stage_dir}, reused", flush=True)
+            rows.append({"stage": index + 1, "verb": verb, "recipe": str(path), "run_dir": str(stage_dir),
+                         "status": "reused", "seconds": 0.0})
+            continue
+        rerun_upstream = True
+        print(f"{name} -> {stage_dir}", flush=True)
+        started = time.perf_counter()
+        # Loaded again now that earlier stages wrote their files: this time fully validated.
+        loaded = load_stage(recipe.path, path, run_dir, settings.stages[index], settings.smoke, validate=True)
+        digest = recipe_hash(loaded.config)
+        module = importlib.import_module(STAGE_VERBS[verb][0])
+        stage_dir = Path(module.run(loaded))
+        seconds = time.perf_counter() - started
+        (stage_dir / DONE_FILE).write_text(json.dumps(
+            {"recipe": str(path), "config_sha256": digest, "seconds": round(seconds, 2),
+             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n", encoding="utf-8")
+        print(f"{name}: done in {seconds:.1f} s", flush=True)
+        rows.append({"stage": index + 1, "verb": verb, "recipe": str(path), "run_dir": str(stage_dir),
+                     "status": "ran", "seconds": round(seconds, 2)})
+
+    with (run_dir / SUMMARY_FILE).open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    width = max(len(r["recipe"]) for r in rows)
+    for r in rows:
+        print(f"  {r['stage']:>2}  {r['verb']:<7} {r['recipe']:<{width}}  {r['status']:<6} {r['seconds']:>8.1f} s")
+    print(f"  total {sum(r['seconds'] for r in rows):.1f} s")
+    return run_dir

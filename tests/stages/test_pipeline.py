@@ -1,0 +1,69 @@
+"""`lightning-nas pipeline`: stages run in order, finished stages are reused, bad stages fail first."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, write_recipe
+
+from lightning_nas.cli import main
+from lightning_nas.stages.pipeline import DONE_FILE, SUMMARY_FILE
+
+# The timm baseline recipe (without its sweep section and callback presets), writing under the pipeline's run directory.
+STAGE = (REPO / "recipes" / "classify_timm.yaml").read_text().split("\nsweep:")[0].replace(
+    "defaults:\n  - default\n", "").replace(
+    "smoke:", "vars: {runs: runs}\nrun_dir: ${vars.runs}/${name}\nsmoke:") + \
+    "\n  - trainer.limit_train_batches=1\n  - trainer.limit_val_batches=1\n"
+
+
+def pipeline(tmp_path: Path, second_overrides: str = "[]") -> Path:
+    write_recipe(tmp_path, STAGE, "first.yaml")
+    write_recipe(tmp_path, STAGE, "second.yaml")
+    return write_recipe(tmp_path, f"""
+description: two stages
+run_dir: {tmp_path / 'runs'}
+pipeline:
+  smoke: true
+  stages:
+    - recipe: first.yaml
+    - recipe: second.yaml
+      overrides: {second_overrides}
+""", "pipe.yaml")
+
+
+def statuses(tmp_path: Path) -> list[str]:
+    return [row["status"] for row in csv.DictReader((tmp_path / "runs" / SUMMARY_FILE).open())]
+
+
+def test_stages_run_in_order_and_finished_ones_are_reused(tmp_path: Path) -> None:
+    assert main(["pipeline", str(pipeline(tmp_path))]) == 0
+    assert statuses(tmp_path) == ["ran", "ran"]
+    done = json.loads((tmp_path / "runs" / "first" / DONE_FILE).read_text())
+    assert done["seconds"] > 0 and len(done["config_sha256"]) == 64
+    assert (tmp_path / "runs" / "second" / "logs" / "metrics.csv").is_file()
+
+    assert main(["pipeline", str(pipeline(tmp_path))]) == 0
+    assert statuses(tmp_path) == ["reused", "reused"]
+
+    # a changed stage reruns (and so would every stage after it); the one before is kept
+    assert main(["pipeline", str(pipeline(tmp_path, "[task.lr=0.02]"))]) == 0
+    assert statuses(tmp_path) == ["reused", "ran"]
+    assert main(["pipeline", str(pipeline(tmp_path, "[task.lr=0.02]")), "pipeline.reuse=false"]) == 0
+    assert statuses(tmp_path) == ["ran", "ran"]
+
+
+def test_a_bad_later_stage_fails_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["pipeline", str(pipeline(tmp_path, "[task.lrr=0.02]"))]) == 2
+    err = capsys.readouterr().err
+    assert "second.yaml" in err and "task.lrr" in err and "unknown key" in err
+    assert not (tmp_path / "runs" / "first").exists()
+
+
+def test_missing_stage_recipe_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = write_recipe(tmp_path, "description: x\npipeline:\n  stages:\n    - recipe: nowhere.yaml\n", "p.yaml")
+    assert main(["pipeline", str(recipe), f"run_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert "pipeline.stages.0.recipe" in err and "nowhere.yaml" in err
