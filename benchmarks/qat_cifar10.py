@@ -60,6 +60,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--subnet-samples", type=int, default=500, help="candidates for the middle subnet")
     parser.add_argument("--bn-images", type=int, default=2000)
     parser.add_argument("--agreement-images", type=int, default=1000)
+    parser.add_argument("--test-images", type=int, default=None,
+                        help="evaluate top-1 on the first N test images (default: all)")
     parser.add_argument("--latency-repeats", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation")
     parser.add_argument("--accelerator", default="auto")
@@ -118,6 +120,7 @@ def run_qat(args: argparse.Namespace, config: dict, policy: int | dict, deploy: 
         bn_recalibration_images=args.bn_images,
         deploy=deploy,
         agreement_images=args.agreement_images,
+        test_images=args.test_images,
         latency_repeats=args.latency_repeats,
     )
     trainer = pl.Trainer(
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
         print(f"{name}: done in {row['seconds']:.0f}s", flush=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+        # after every subnet: a killed run keeps what it finished
+        (out / "results.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     print()
     print(table(rows))
     return 0
