@@ -100,6 +100,35 @@ class AccuracyPairCollector(pl.Callback):
                                pair_key=plan_key(checkpoint, self.kind, self.seed, index)))
                 progress.update(bar, advance=1, rate=60 * n / (time.perf_counter() - started))
         supernet.load_state_dict(saved)
+        if trainer.is_global_zero:
+            self.report(trainer, store, checkpoint)
+
+    def report(self, trainer: pl.Trainer, store: PairStore, checkpoint: str) -> dict[str, Any]:
+        """``run_dir/pairs_<kind>_summary.json`` (count, cost per pair, accuracy range) and, with a
+        W&B logger, the pairs as a table and the cost as a metric."""
+        import json
+        import statistics
+
+        pairs = store.pairs(kind=self.kind, checkpoint_hash=checkpoint)
+        if not pairs:
+            return {}
+        seconds, top1 = [p.seconds for p in pairs], [p.top1 for p in pairs]
+        summary = {"kind": self.kind, "pairs": len(pairs), "store": str(store.path), "checkpoint_hash": checkpoint,
+                   "seconds_per_pair_mean": statistics.fmean(seconds),
+                   "seconds_per_pair_median": statistics.median(seconds),
+                   "top1_mean": statistics.fmean(top1), "top1_min": min(top1), "top1_max": max(top1),
+                   "threads": torch.get_num_threads()}
+        path = Path(trainer.default_root_dir) / f"pairs_{self.kind}_summary.json"
+        path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                columns = ["arch", "policy", "resolution", "top1", "loss", "seconds"]
+                rows = [[json.dumps(p.arch), json.dumps(p.policy), p.resolution, p.top1, p.loss, p.seconds]
+                        for p in pairs]
+                logger.log_table(key=f"pairs/{self.kind}", columns=columns, data=rows)
+                logger.log_metrics({f"pairs/{self.kind}_seconds_per_pair": summary["seconds_per_pair_mean"],
+                                    f"pairs/{self.kind}_count": float(len(pairs))})
+        return summary
 
     def measure(self, pl_module: Any, datamodule: Any, rng: random.Random, bn_batches: list,
                 eval_batches: list) -> dict[str, Any]:

@@ -43,3 +43,8 @@ def test_killed_collection_resumes_without_duplicates(tmp_path: Path) -> None:
     assert len(keys) == planned == len(set(keys))
     assert {int(k.rsplit(":", 1)[1]) for k in keys} == set(range(planned))
     assert all(0 <= p.top1 <= 100 and p.resolution in (24, 28, 32) for p in pairs)
+    import json
+
+    summary = json.loads((run_dir / "pairs_fp32_summary.json").read_text())
+    assert summary["pairs"] == planned and summary["seconds_per_pair_mean"] > 0
+    assert summary["top1_min"] <= summary["top1_mean"] <= summary["top1_max"]
