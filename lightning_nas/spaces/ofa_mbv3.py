@@ -384,6 +384,9 @@ class OFAMobileNetV3Space:
 
         def check_list(key: str, length: int, allowed: list[int]) -> list[int]:
             values = config[key]
+            # Fast path (search calls this on every candidate): a plain list of valid plain ints.
+            if type(values) is list and len(values) == length and all(type(v) is int and v in allowed for v in values):
+                return list(values)
             if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
                 raise ValueError(
                     f"config[{key!r}] must be a list of {length} ints from {allowed}, got {values!r}"

@@ -132,6 +132,14 @@ class QuantPolicySpace:
 
         Raises ``ValueError`` naming the offending key, index, value and the allowed set.
         """
+        # Fast path (search calls this on every candidate): plain dict of plain int lists, all valid.
+        allowed = set(self.bit_choices)
+        if type(policy) is dict and len(policy) == len(POLICY_KEYS) and all(
+            type(values := policy.get(key)) is list and len(values) == num_blocks
+            and all(type(v) is int and v in allowed for v in values)
+            for key in POLICY_KEYS
+        ):
+            return {key: list(policy[key]) for key in POLICY_KEYS}
         if not isinstance(policy, Mapping):
             raise ValueError(
                 f"quantization policy must be a mapping with keys {list(POLICY_KEYS)}, got {type(policy).__name__}"

@@ -150,3 +150,13 @@ def test_average_bits_weighted_by_macs() -> None:
     weight, act = space.average_bits(policy, layers)
     assert weight == pytest.approx(expected) and act == pytest.approx(expected)
     assert 4.0 < weight < 8.0
+
+
+def test_validate_returns_fresh_lists_and_still_rejects_near_misses() -> None:
+    space = QuantPolicySpace()
+    policy = space.uniform(8, 3)
+    checked = space.validate(policy, 3)
+    assert checked == policy and all(checked[k] is not policy[k] for k in policy)
+    for bad in ({**policy, "pw_w": [8, 8, True]}, {**policy, "pw_w": [8, 8, 8.0]}, {**policy, "pw_w": (8, 8, 5)}):
+        with pytest.raises(ValueError, match="pw_w"):
+            space.validate(bad, 3)
