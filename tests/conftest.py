@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,3 +44,29 @@ def _finish_wandb_runs():
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+
+
+def true_accuracy(space: Any, config: dict, policy: dict | None) -> float:
+    """A known ground truth: bigger kernels, wider and deeper nets and more bits are better."""
+    active = space.active_blocks(config)
+    score = 50 + 0.4 * sum(config["ks"][b] for b in active) + 0.3 * sum(config["e"][b] for b in active)
+    score += (config["r"] - 24) * 0.5
+    if policy is not None:
+        score -= sum((8 - policy["pw_w"][b]) * 0.6 + (8 - policy["dw_a"][b]) * 0.3 for b in active)
+    return score
+
+
+def fill_store(path: Path, count: int, kind: str, seed: int = 0) -> None:
+    """``count`` synthetic pairs of ``kind`` with :func:`true_accuracy` as their top-1."""
+    from lightning_nas.predictors.pair_store import Pair, PairStore, plan_key
+    from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+    from lightning_nas.spaces.quant_policy import QuantPolicySpace
+
+    space, policies = OFAMobileNetV3CifarSpace(), QuantPolicySpace()
+    rng = random.Random(seed)
+    store = PairStore(path)
+    for i in range(count):
+        config = space.sample(rng)
+        policy = policies.sample(rng, space.num_blocks) if kind == "quant" else None
+        store.add(Pair(config, policy, config["r"], true_accuracy(space, config, policy), None, "synthetic",
+                       seed, 0.0, kind=kind, pair_key=plan_key("synthetic", kind, seed, i)))

@@ -3,32 +3,18 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import fill_store
 
 from lightning_nas.callbacks.transfer import PredictorTransfer
 from lightning_nas.predictors.accuracy import AccuracyPredictor, save_predictor
-from lightning_nas.predictors.pair_store import Pair, PairStore, plan_key
 from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
-from lightning_nas.spaces.quant_policy import QuantPolicySpace
 from lightning_nas.tasks.predictor import METRICS_FILE, PREDICTOR_FILE
 
 SPACE = {"name": "ofa_mbv3_cifar", "num_classes": 10}
-
-
-def quant_store(path: Path, count: int) -> None:
-    space, policies, rng = OFAMobileNetV3CifarSpace(), QuantPolicySpace(), random.Random(0)
-    store = PairStore(path)
-    for i in range(count):
-        config = space.sample(rng)
-        policy = policies.sample(rng, space.num_blocks)
-        active = space.active_blocks(config)
-        top1 = 60 + 0.5 * sum(config["ks"][b] for b in active) - sum(8 - policy["pw_w"][b] for b in active)
-        store.add(Pair(config, policy, config["r"], top1, None, "synthetic", 0, 1.0, kind="quant",
-                       pair_key=plan_key("synthetic", "quant", 0, i)))
 
 
 def finished_fit(run_dir: Path) -> SimpleNamespace:
@@ -38,7 +24,7 @@ def finished_fit(run_dir: Path) -> SimpleNamespace:
 def test_transfer_trains_the_quant_predictor_from_the_fp32_one(tmp_path: Path) -> None:
     fp32 = AccuracyPredictor(OFAMobileNetV3CifarSpace().encoding_size, hidden=32, layers=2, base_accuracy=70.0)
     save_predictor(fp32, tmp_path / "fp32.pt", space="OFAMobileNetV3CifarSpace")
-    quant_store(tmp_path / "pairs.sqlite", 150)
+    fill_store(tmp_path / "pairs.sqlite", 150, "quant")
     callback = PredictorTransfer(fp32_predictor=str(tmp_path / "fp32.pt"), space=SPACE, hidden=32, layers=2,
                                  epochs=80, lr=3e-3)
     callback.on_fit_end(finished_fit(tmp_path), None)
@@ -49,7 +35,7 @@ def test_transfer_trains_the_quant_predictor_from_the_fp32_one(tmp_path: Path) -
 
 
 def test_transfer_without_enough_quantized_pairs_says_why(tmp_path: Path) -> None:
-    quant_store(tmp_path / "pairs.sqlite", 3)
+    fill_store(tmp_path / "pairs.sqlite", 3, "quant")
     callback = PredictorTransfer(fp32_predictor=str(tmp_path / "fp32.pt"), space=SPACE)
     with pytest.raises(ValueError, match="has 3 quantized pairs, fewer than min_pairs=10"):
         callback.on_fit_end(finished_fit(tmp_path), None)

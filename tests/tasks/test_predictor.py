@@ -3,42 +3,19 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import fill_store
 
 from lightning_nas.data.pairs import PairsDataModule
 from lightning_nas.predictors.accuracy import AccuracyPredictor, QuantAccuracyPredictor, load_predictor
-from lightning_nas.predictors.pair_store import Pair, PairStore, plan_key
 from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
-from lightning_nas.spaces.quant_policy import QuantPolicySpace
 from lightning_nas.tasks.predictor import METRICS_FILE, PREDICTOR_FILE, SCATTER_FILE, PredictorTask
 
 SPACE = {"name": "ofa_mbv3_cifar", "num_classes": 10}
-
-
-def true_accuracy(space: OFAMobileNetV3CifarSpace, config: dict, policy: dict | None) -> float:
-    """A known ground truth: bigger kernels, wider and deeper nets and more bits are better."""
-    active = space.active_blocks(config)
-    score = 50 + 0.4 * sum(config["ks"][b] for b in active) + 0.3 * sum(config["e"][b] for b in active)
-    score += (config["r"] - 24) * 0.5
-    if policy is not None:
-        score -= sum((8 - policy["pw_w"][b]) * 0.6 + (8 - policy["dw_a"][b]) * 0.3 for b in active)
-    return score
-
-
-def fill_store(path: Path, count: int, kind: str, seed: int = 0) -> None:
-    space, policies = OFAMobileNetV3CifarSpace(), QuantPolicySpace()
-    rng = random.Random(seed)
-    store = PairStore(path)
-    for i in range(count):
-        config = space.sample(rng)
-        policy = policies.sample(rng, space.num_blocks) if kind == "quant" else None
-        store.add(Pair(config, policy, config["r"], true_accuracy(space, config, policy), None, "synthetic",
-                       seed, 0.0, kind=kind, pair_key=plan_key("synthetic", kind, seed, i)))
 
 
 def fit(tmp_path: Path, kind: str, epochs: int, transfer_from: str | None = None, max_train: int | None = None):
