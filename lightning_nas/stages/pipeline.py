@@ -77,7 +77,7 @@ def run(recipe: LoadedRecipe) -> Path:
     given = recipe.config["pipeline"]
     settings = PipelineSettings(**{**given, "stages": [PipelineStage(**stage) for stage in given["stages"]]})
     run_dir = prepare_run_dir(recipe)
-    stages: list[tuple[Path, LoadedRecipe, str]] = []
+    stages: list[tuple[Path, PipelineStage, LoadedRecipe, str]] = []
     # Load and validate every stage first: a typo in the last stage fails before hours of training.
     for index, stage in enumerate(settings.stages):
         path = stage_recipe_path(recipe.path, stage.recipe, index)
@@ -87,11 +87,11 @@ def run(recipe: LoadedRecipe) -> Path:
         if verb == "pipeline":
             raise RecipeError("a pipeline cannot contain a pipeline", key=f"pipeline.stages.{index}.recipe",
                               given=str(path))
-        stages.append((path, loaded, verb))
+        stages.append((path, stage, loaded, verb))
 
     rows: list[dict[str, Any]] = []
     rerun_upstream = not settings.reuse
-    for index, (path, loaded, verb) in enumerate(stages):
+    for index, (path, stage, loaded, verb) in enumerate(stages):
         stage_dir = Path(loaded.config["run_dir"])
         # `now` timestamps make no two loads of such a recipe equal: it is always rerun.
         digest = recipe_hash(loaded.config)
@@ -105,7 +105,7 @@ def run(recipe: LoadedRecipe) -> Path:
         print(f"{name} -> {stage_dir}", flush=True)
         started = time.perf_counter()
         # Loaded again now that earlier stages wrote their files: this time fully validated.
-        loaded = load_stage(recipe.path, path, run_dir, settings.stages[index], settings.smoke, validate=True)
+        loaded = load_stage(recipe.path, path, run_dir, stage, settings.smoke, validate=True)
         digest = recipe_hash(loaded.config)
         module = importlib.import_module(STAGE_VERBS[verb][0])
         stage_dir = Path(module.run(loaded))
