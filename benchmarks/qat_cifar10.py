@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_nas.spaces.quant_policy import QuantPolicySpace  # noqa: E402
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="supernet checkpoint (lightning-nas fit)")
+def add_qat_arguments(parser: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
+    """The arguments :func:`run_qat` reads: supernet, data and the QAT schedule."""
+    parser.add_argument("--checkpoint", required=checkpoint_required, help="supernet checkpoint (lightning-nas fit)")
     parser.add_argument(
         "--data", default="cifar10", help="registered data module name (cifar10, digits, ...)"
     )
@@ -55,9 +55,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=30, help="QAT epochs per run (APQ: 30)")
     parser.add_argument("--limit-train-batches", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--mixed-bits", type=float, default=6.0, help="target mean bits of the mixed policy")
-    parser.add_argument("--policy-samples", type=int, default=500)
-    parser.add_argument("--subnet-samples", type=int, default=500, help="candidates for the middle subnet")
     parser.add_argument("--bn-images", type=int, default=2000)
     parser.add_argument("--agreement-images", type=int, default=1000)
     parser.add_argument("--test-images", type=int, default=None,
@@ -66,6 +63,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_qat_arguments(parser)
+    parser.add_argument("--mixed-bits", type=float, default=6.0, help="target mean bits of the mixed policy")
+    parser.add_argument("--policy-samples", type=int, default=500)
+    parser.add_argument("--subnet-samples", type=int, default=500, help="candidates for the middle subnet")
     parser.add_argument("--out", default="runs/benchmarks/qat_cifar10")
     return parser.parse_args(argv)
 

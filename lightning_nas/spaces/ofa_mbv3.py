@@ -328,6 +328,8 @@ class OFAMobileNetV3Space:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hparams().items())})"
 
     def __eq__(self, other: object) -> bool:
+        if not isinstance(other, OFAMobileNetV3Space):
+            return NotImplemented  # lets a wrapper of a space compare itself
         return type(other) is type(self) and other.hparams() == self.hparams()
 
     def __hash__(self) -> int:
