@@ -2,7 +2,8 @@
 
 Composition: a recipe's ``defaults:`` lists fragment files, found relative to the including file
 or in the project's top-level ``callbacks/`` presets (``.yaml`` may be omitted). Fragments merge in
-order, then the recipe itself on top; mappings merge key by key, lists are replaced.
+order, then the recipe itself on top; mappings merge key by key, lists are replaced, and a mapping
+with ``_replace_: true`` replaces the fragments' mapping at its place instead of merging into it.
 Overrides: ``key=value`` (value parsed as YAML: lists, booleans, numbers, null), ``~key`` deletes.
 ``--smoke`` applies the recipe's own ``smoke:`` overrides before those from the command line.
 Interpolations are resolved once, at load time, so ``${now:...}`` gives one run directory.
@@ -118,9 +119,31 @@ def _compose(path: Path, root: Path | None, chain: tuple[Path, ...], sources: di
     for entry in defaults:
         fragment = _find_fragment(entry, path, root)
         merged = OmegaConf.merge(merged, _compose(fragment, root, (*chain, path.resolve()), sources))
+    for key in _replaced_keys(node):
+        parent, _, leaf = key.rpartition(".")
+        container = OmegaConf.select(merged, parent) if parent else merged
+        if isinstance(container, DictConfig) and leaf in container:
+            del container[leaf]
     for key in _flat_keys(OmegaConf.to_container(node, resolve=False)):
         sources[key] = str(path)
     return OmegaConf.merge(merged, node)
+
+
+def _replaced_keys(node: DictConfig) -> list[str]:
+    """Dotted keys of the mappings marked ``_replace_: true``; the markers are removed."""
+    found: list[str] = []
+
+    def walk(mapping: dict, prefix: str) -> None:
+        for key, value in mapping.items():
+            if isinstance(value, dict):
+                if value.get("_replace_") is True:
+                    found.append(f"{prefix}{key}")
+                walk(value, f"{prefix}{key}.")
+
+    walk(OmegaConf.to_container(node, resolve=False), "")  # type: ignore[arg-type]
+    for key in found:
+        del OmegaConf.select(node, key)["_replace_"]
+    return found
 
 
 def parse_override(text: str) -> tuple[str, Any, bool]:

@@ -37,6 +37,20 @@ def test_defaults_compose_fragments_in_order_and_recipe_wins(tmp_path: Path) -> 
     assert config["callbacks"]["ckpt"]["init_args"] == {"save_last": True, "dirpath": "out/x/ck"}
 
 
+def test_replace_marker_swaps_a_fragment_mapping_instead_of_merging(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text(BASE.replace("{name: timm, arch: mobilenetv2_050}",
+                                                     "{name: proxyless_derived, arch_path: a.json}"))
+    merged = write_recipe(tmp_path, "defaults: [base]\ntask:\n  model: {name: timm, arch: mobilenetv2_035}\n",
+                          name="merged.yaml")
+    replaced = write_recipe(tmp_path, "defaults: [base]\ntask:\n  model: {_replace_: true, name: timm, "
+                            "arch: mobilenetv2_035}\n", name="replaced.yaml")
+    assert load_recipe(merged, validate=False).config["task"]["model"] == {
+        "name": "timm", "arch": "mobilenetv2_035", "arch_path": "a.json"}
+    config = load_recipe(replaced, validate=False).config
+    assert config["task"]["model"] == {"name": "timm", "arch": "mobilenetv2_035"}
+    assert config["task"]["num_classes"] == 10  # the rest of the fragment's task is kept
+
+
 def test_interpolation_and_default_run_dir_are_resolved_once(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path, BASE + "seed: ${vars.width}\n")
     loaded = load_recipe(recipe)
