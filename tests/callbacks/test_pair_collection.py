@@ -48,3 +48,27 @@ def test_killed_collection_resumes_without_duplicates(tmp_path: Path) -> None:
     summary = json.loads((run_dir / "pairs_fp32_summary.json").read_text())
     assert summary["pairs"] == planned and summary["seconds_per_pair_mean"] > 0
     assert summary["top1_min"] <= summary["top1_mean"] <= summary["top1_max"]
+
+
+class CountingData:
+    """A data module stand-in whose training loader has 3 batches and counts how often it is built."""
+
+    def __init__(self) -> None:
+        self.loaders = 0
+
+    def train_dataloader(self):  # noqa: ANN201
+        import torch
+
+        self.loaders += 1
+        return [(torch.full((2, 3, 4, 4), float(10 * self.loaders + i)), torch.zeros(2, dtype=torch.long))
+                for i in range(3)]
+
+
+def test_quantized_collector_draws_its_finetuning_batches_once() -> None:
+    from lightning_nas.callbacks.pairs import QuantizedPairCollector
+
+    collector, data = QuantizedPairCollector(finetune_steps=5), CountingData()
+    first = collector.finetune_batches(data)
+    assert len(first) == 5 and data.loaders == 2  # the loader ran out once and was restarted
+    assert [float(x[0, 0, 0, 0]) for x, _ in first] == [10, 11, 12, 20, 21]
+    assert collector.finetune_batches(data) is first and data.loaders == 2  # the next pairs reuse them
