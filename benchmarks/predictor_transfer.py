@@ -112,6 +112,7 @@ def plot(summary: dict, path: Path) -> None:
     for axis, label in zip(axes, ("Kendall tau (test pairs)", "RMSE, top-1 points (test pairs)"), strict=True):
         axis.set_xscale("log")
         axis.set_xticks(sizes, [str(s) for s in sizes])
+        axis.set_xticks([], minor=True)  # log-scale minor labels would overprint the sizes
         axis.set_xlabel("quantized training pairs")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
