@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,7 +122,15 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def passive_openmp_threads() -> None:
+    """Let idle OpenMP threads sleep unless the user chose otherwise. The default (spinning) makes
+    two jobs sharing a small CPU slow each other down several-fold; set before torch loads, since
+    the OpenMP runtime reads it once."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    passive_openmp_threads()
     args = parse_arguments(argv)
     try:
         return _run(args)

@@ -83,3 +83,16 @@ def test_sweep_rejects_a_parameter_the_recipe_does_not_have(tmp_path: Path, caps
     assert code == 2
     err = capsys.readouterr().err
     assert "sweep.parameters.task.lrr" in err and "did you mean 'lr'" in err
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_when_idle_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch, given: str | None,
+                                                             expected: str) -> None:
+    if given is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", given)
+    assert main(["ls"]) == 0
+    import os
+
+    assert os.environ["OMP_WAIT_POLICY"] == expected
