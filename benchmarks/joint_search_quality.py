@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
 
     if not args.no_finetune:
-        for i, row in enumerate(results["rows"]):
+        for row in results["rows"]:
             run_dir = out / f"{row['budget_ms']}ms" / row["method"]
             started = time.perf_counter()
             qat = run_qat(args, row["candidate"]["config"], row["candidate"]["policy"], False, run_dir)

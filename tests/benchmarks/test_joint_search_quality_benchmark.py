@@ -10,7 +10,6 @@ import random
 from pathlib import Path
 
 import torch
-
 from conftest import REPO
 
 SPACE = {"name": "ofa_mbv3_cifar", "num_classes": 10}
