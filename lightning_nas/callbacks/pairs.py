@@ -161,7 +161,7 @@ class QuantizedPairCollector(AccuracyPairCollector):
     def finetune_batches(self, datamodule: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first ``finetune_steps`` training batches, drawn once and shared by every pair: each
         pair is finetuned on the same images (less noise between pairs), and the augmentation cost
-        (a third of a pair's time on CIFAR-10 at 2 cores) is paid once."""
+        (a fifth of a pair's time on CIFAR-10 in a profile) is paid once."""
         if self._finetune_batches is None:
             batches: list[tuple[torch.Tensor, torch.Tensor]] = []
             while len(batches) < self.finetune_steps:
