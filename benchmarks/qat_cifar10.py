@@ -39,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_nas.spaces.quant_policy import QuantPolicySpace  # noqa: E402
 
+SUBNETS = ("smallest", "middle", "largest")
+POLICIES = ("w8a8", "mixed", "w4a4")
+
 
 def add_qat_arguments(parser: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
     """The arguments :func:`run_qat` reads: supernet, data and the QAT schedule."""
@@ -71,6 +74,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mixed-bits", type=float, default=6.0, help="target mean bits of the mixed policy")
     parser.add_argument("--policy-samples", type=int, default=500)
     parser.add_argument("--subnet-samples", type=int, default=500, help="candidates for the middle subnet")
+    parser.add_argument("--subnets", default=",".join(SUBNETS), help=f"a subset of {','.join(SUBNETS)}")
+    parser.add_argument("--policies", default=",".join(POLICIES), help=f"a subset of {','.join(POLICIES)}")
     parser.add_argument("--out", default="runs/benchmarks/qat_cifar10")
     return parser.parse_args(argv)
 
@@ -153,17 +158,20 @@ def table(rows: list[dict]) -> str:
     )
     lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
     for row in rows:
-        w8 = row["w8a8"]
-        deploy = w8["deploy"]
-        lines.append(
-            f"| {row['name']} | {w8['macs'] / 1e6:.1f} | {w8['params'] / 1e6:.2f} | {w8['fp32_top1']:.2f} "
-            f"| {w8['test_top1']:.2f} | {row['mixed']['test_top1']:.2f} ({row['mixed_bits']:.2f}) "
-            f"| {row['w4a4']['test_top1']:.2f} "
-            f"| {100 * deploy['agreement']['int8_vs_fake_quant']:.1f}% / "
-            f"{100 * deploy['agreement']['onnx_vs_fake_quant']:.1f}% "
-            f"| {deploy['speedup_int8']['batch_1']:.2f}x / {deploy['speedup_int8']['batch_32']:.2f}x "
-            f"| {deploy['speedup_onnx_int8']['batch_1']:.2f}x / {deploy['speedup_onnx_int8']['batch_32']:.2f}x |"
-        )
+        first = next(row[p] for p in POLICIES if p in row)
+        cells = [row["name"], f"{first['macs'] / 1e6:.1f}", f"{first['params'] / 1e6:.2f}", f"{first['fp32_top1']:.2f}"]
+        cells.append(f"{row['w8a8']['test_top1']:.2f}" if "w8a8" in row else "-")
+        cells.append(f"{row['mixed']['test_top1']:.2f} ({row['mixed_bits']:.2f})" if "mixed" in row else "-")
+        cells.append(f"{row['w4a4']['test_top1']:.2f}" if "w4a4" in row else "-")
+        if "w8a8" in row:
+            deploy = row["w8a8"]["deploy"]
+            cells += [f"{100 * deploy['agreement']['int8_vs_fake_quant']:.1f}% / "
+                      f"{100 * deploy['agreement']['onnx_vs_fake_quant']:.1f}%",
+                      f"{deploy['speedup_int8']['batch_1']:.2f}x / {deploy['speedup_int8']['batch_32']:.2f}x",
+                      f"{deploy['speedup_onnx_int8']['batch_1']:.2f}x / {deploy['speedup_onnx_int8']['batch_32']:.2f}x"]
+        else:
+            cells += ["-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -174,11 +182,16 @@ def main(argv: list[str] | None = None) -> int:
 
     supernet = SupernetTask.load_from_checkpoint(args.checkpoint, map_location="cpu", weights_only=False)
     space = supernet.space
+    chosen_subnets, chosen_policies = args.subnets.split(","), args.policies.split(",")
+    for given, allowed, flag in ((chosen_subnets, SUBNETS, "--subnets"), (chosen_policies, POLICIES, "--policies")):
+        if not set(given) <= set(allowed):
+            raise SystemExit(f"{flag}: {','.join(sorted(set(given) - set(allowed)))} unknown; allowed: {','.join(allowed)}")
     subnets = {
         "smallest": space.smallest(),
         "middle": middle_subnet(space, args.subnet_samples, args.seed),
         "largest": space.largest(),
     }
+    subnets = {name: config for name, config in subnets.items() if name in chosen_subnets}
     del supernet
     out = Path(args.out)
     rows = []
@@ -186,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         policy, bits = mixed_policy(space, config, args.mixed_bits, args.policy_samples, args.seed)
         row = {"name": name, "config": config, "mixed_policy": policy, "mixed_bits": bits}
-        row["w8a8"] = run_qat(args, config, 8, True, out / name / "w8a8")
-        row["mixed"] = run_qat(args, config, policy, False, out / name / "mixed")
-        row["w4a4"] = run_qat(args, config, 4, False, out / name / "w4a4")
+        runs = {"w8a8": (8, True), "mixed": (policy, False), "w4a4": (4, False)}
+        for key in POLICIES:
+            if key in chosen_policies:
+                row[key] = run_qat(args, config, runs[key][0], runs[key][1], out / name / key)
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
         print(f"{name}: done in {row['seconds']:.0f}s", flush=True)
