@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,7 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from qat_cifar10 import add_qat_arguments, run_qat  # noqa: E402
 
 METHODS = ("joint", "random", "separate")
-CIFAR_SPACE = {"name": "ofa_mbv3", "num_classes": 10, "resolutions": [24, 28, 32]}
+#: The CIFAR-10 supernet's space, from the recipe fragment its recipes share.
+CIFAR_SPACE = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "fragments" / "cifar10_space.yaml")
+                             .read_text(encoding="utf-8"))["space"]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
