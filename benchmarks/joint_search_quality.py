@@ -167,6 +167,19 @@ def describe(candidate: Any, scorer: Any) -> dict[str, Any]:
     return {"costs": costs, "mean_weight_bits": weight_bits, "mean_activation_bits": activation_bits}
 
 
+def finished_qat(run_dir: Path, candidate: dict[str, Any]) -> dict[str, Any] | None:
+    """The metrics of an earlier finetuning of this very candidate in ``run_dir`` (a rerun after a
+    kill finetunes only what is missing), else ``None``."""
+    from lightning_nas.tasks.qat import QAT_METRICS_FILE
+
+    path = run_dir / QAT_METRICS_FILE
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    same = metrics.get("config") == candidate["config"] and metrics.get("policy") == candidate["policy"]
+    return metrics if same else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
@@ -224,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         for row in results["rows"]:
             run_dir = out / f"{row['budget_ms']}ms" / row["method"]
             started = time.perf_counter()
-            qat = run_qat(args, row["candidate"]["config"], row["candidate"]["policy"], False, run_dir)
+            qat = finished_qat(run_dir, row["candidate"])
+            if qat is None:
+                qat = run_qat(args, row["candidate"]["config"], row["candidate"]["policy"], False, run_dir)
             row["finetuned_top1"] = qat["test_top1"]
             row["fp32_top1"] = qat["fp32_top1"]
             row["finetune_seconds"] = time.perf_counter() - started

@@ -72,3 +72,12 @@ def test_fixed_architecture_search_changes_only_the_policy() -> None:
     second, _ = benchmark.evolve(joint, scorer, 400, seed=1)
     assert first.config == config and second.config == config
     assert first.policy != second.policy
+
+
+def test_a_rerun_reuses_only_the_finetuning_of_the_same_candidate(tmp_path: Path) -> None:
+    benchmark = load_benchmark()
+    candidate = {"config": {"ks": [3], "r": 32}, "policy": {"pw_w": [8]}}
+    assert benchmark.finished_qat(tmp_path, candidate) is None
+    (tmp_path / "qat_metrics.json").write_text(json.dumps({**candidate, "test_top1": 57.5}))
+    assert benchmark.finished_qat(tmp_path, candidate)["test_top1"] == 57.5
+    assert benchmark.finished_qat(tmp_path, {**candidate, "policy": {"pw_w": [4]}}) is None
