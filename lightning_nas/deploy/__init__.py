@@ -10,6 +10,7 @@ from lightning_nas.deploy.int8 import (
     onnx_session,
     run_onnx,
     top1_agreement,
+    training_weight_codes,
 )
 from lightning_nas.deploy.latency import compare_fp32_int8, measure_latency
 
@@ -25,4 +26,5 @@ __all__ = [
     "onnx_session",
     "run_onnx",
     "top1_agreement",
+    "training_weight_codes",
 ]

@@ -11,8 +11,11 @@ Agreement with the fake-quantized training model comes from using the same grids
 
 * weights: per-output-channel symmetric ``[-127, 127]`` with scale ``max|w| / 127``, the grid of
   :class:`~lightning_nas.nn.quant.WeightQuantizer`. FX folds batch norm into the convolution
-  first; a per-channel rescaling does not move a weight relative to its channel's grid, so the
-  integers are the ones training saw.
+  first; a per-channel rescaling does not move a weight relative to its channel's grid in exact
+  arithmetic, but float rounding of the folded weight decides some .5 ties the other way, so the
+  integers training saw are written into the converted layers afterwards (FX's folded scales kept).
+* rounding: the fake quantizers round ``x * (1 / scale)`` as torch's int8 kernels do, and a signed
+  activation grid has the codes ``-128..127`` of a zero-point-128 quint8 tensor.
 * activations: the input of every quantized conv/linear gets the learned PACT range of its
   quantizer, as a fixed-qparams observer on the tensor that feeds it (unsigned: ``alpha / 255``,
   zero point 0; signed: ``alpha / 127``, zero point 128).
@@ -166,7 +169,7 @@ def fixed_output_range(module: nn.Module, backend: str = "x86") -> tuple[float, 
     scale, zero_point = (float(observer.scale), int(observer.zero_point))
     if zero_point == 0:
         return scale * 255.0, False
-    return scale * 127.0, True  # zero point 128: the symmetric grid (training has no -128)
+    return scale * 127.0, True  # zero point 128: codes -128..127, the signed activation grid
 
 
 def _full_precision_layers(model: nn.Module) -> list[str]:
@@ -456,6 +459,7 @@ def convert_to_int8(
     qparams = learned_activation_qparams(model) if carry_learned_ranges else {}
     output_qparams = learned_output_qparams(model) if carry_learned_ranges else {}
     float_layers = _full_precision_layers(model)
+    weight_codes = training_weight_codes(model) if carry_learned_ranges else {}
     float_model = copy.deepcopy(model).cpu().eval()
     remove_quantizers(float_model)
 
@@ -496,12 +500,64 @@ def convert_to_int8(
         if seen == 0:
             prepared(example_input)
         quantized = convert_fx(prepared)
+    replaced_codes = _carry_weight_codes(quantized, weight_codes)
     quantized.carried_ranges = carried
+    quantized.replaced_weight_codes = replaced_codes
     quantized.calibrated_ranges = skipped
     quantized.carried_output_ranges = [markers[m] for m in carried_out]
     quantized.calibrated_output_ranges = [markers[m] for m in skipped_out]
     quantized.calibrated_tensors = calibrated_tensors
     return quantized
+
+
+_PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
+
+
+def training_weight_codes(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The integer weights of every 8-bit quantized layer, as its weight quantizer rounds them."""
+    codes = {}
+    for name, (weight_quantizer, _) in quantized_layers(model).items():
+        if weight_quantizer.bits != 8:
+            continue
+        layer = model.get_submodule(name)
+        weight = layer.parametrizations.weight.original if hasattr(layer, "parametrizations") else layer.weight
+        codes[name] = weight_quantizer.codes(weight).cpu()
+    return codes
+
+
+def _carry_weight_codes(quantized: torch.fx.GraphModule, codes: dict[str, torch.Tensor]) -> int:
+    """Give each converted conv/linear the integer weights training used; returns how many
+    integers changed.
+
+    FX folds batch norm into the float weight and rounds ``w * gamma / sigma`` on a rescaled grid:
+    in exact arithmetic the same integers (up to the sign of ``gamma``), but float rounding moves
+    about 3 in 10,000 of them across a .5 boundary. The scales stay FX's (the folded ones); the
+    sign of each channel is read off the converted weights, since batch norm may flip it.
+    """
+    changed = 0
+    for name, trained in codes.items():
+        try:
+            layer = quantized.get_submodule(name)
+        except AttributeError:
+            continue
+        if not hasattr(layer, "set_weight_bias"):
+            continue
+        weight = layer.weight()
+        if weight.qscheme() not in _PER_CHANNEL or weight.shape != trained.shape:
+            continue
+        converted = weight.int_repr().to(torch.float32)
+        agreement = (converted * trained).reshape(len(trained), -1).sum(dim=1)
+        sign = torch.where(agreement < 0, -1.0, 1.0).reshape((-1,) + (1,) * (trained.dim() - 1))
+        new_codes = trained * sign
+        changed += int((new_codes != converted).sum())
+        new_weight = torch._make_per_channel_quantized_tensor(
+            new_codes.to(torch.int8),
+            weight.q_per_channel_scales(),
+            weight.q_per_channel_zero_points(),
+            weight.q_per_channel_axis(),
+        )
+        layer.set_weight_bias(new_weight, layer.bias())
+    return changed
 
 
 def _chain(head: list[Any], tail: Iterable[Any]) -> Iterable[Any]:

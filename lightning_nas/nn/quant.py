@@ -7,8 +7,9 @@ Two quantizers share one functional core, :func:`fake_quantize`:
   or negative per-channel rescaling, so folding batch norm into the convolution at deploy time
   leaves the integer weights unchanged: the int8 model sees the same grid as training did.
 * :class:`ActivationQuantizer`: PACT. The clipping value ``alpha`` is a learned parameter; inputs
-  are clipped to ``[0, alpha]`` (unsigned, for inputs that follow a ReLU) or ``[-alpha, alpha]``
-  (signed, e.g. after h-swish, on normalized images or on a residual sum) and rounded to the grid.
+  are clipped to ``[0, alpha]`` (unsigned, for inputs that follow a ReLU) or, signed (e.g. after
+  h-swish, on normalized images or on a residual sum), to the grid ``alpha / qmax * {-qmax - 1,
+  ..., qmax}``, the codes of an int8 tensor with zero point 128, and rounded to the grid.
   ``alpha`` receives PACT's clipping gradient (1 for every clipped element) and, because rounding
   goes through the straight-through estimator rather than being treated as a constant, also the
   rounding-residual term that LSQ uses; the gradient is scaled as in LSQ (1 / sqrt(features *
@@ -53,7 +54,10 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:  # type: ignore[override]
-        scaled = x / scale
+        # torch's int8 kernels multiply by the inverse of the scale rather than dividing; the two
+        # differ by an ulp often enough to flip exact .5 ties (sums of grid values are full of
+        # them), so the fake quantizer rounds the same way.
+        scaled = x * (1.0 / scale)
         ctx.save_for_backward(scaled, scale)
         ctx.qrange = (qmin, qmax)
         return torch.clamp(torch.round(scaled), qmin, qmax) * scale
@@ -97,6 +101,16 @@ def symmetric_qrange(bits: int) -> tuple[int, int]:
     return -qmax, qmax
 
 
+def signed_activation_qrange(bits: int) -> tuple[int, int]:
+    """Integer range of a signed activation grid: all of ``[-2^(b-1), 2^(b-1) - 1]``.
+
+    An 8-bit signed activation deploys as quint8 with zero point 128, whose codes reach -128;
+    clipping at -127 in training would disagree with the int8 model on every value below it.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    return -qmax - 1, qmax
+
+
 def unsigned_qrange(bits: int) -> tuple[int, int]:
     return 0, 2**bits - 1
 
@@ -129,6 +143,14 @@ class WeightQuantizer(nn.Module):
         _, qmax = symmetric_qrange(self._bits)
         max_abs = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1).clamp_min(_EPS)
         return (max_abs / qmax).reshape((-1,) + (1,) * (weight.dim() - 1))
+
+    @torch.no_grad()
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """The integers the fake-quantized weight stands for (``forward = codes * scale``)."""
+        if self._bits is None:
+            raise RuntimeError("a full-precision WeightQuantizer has no integer codes")
+        scale = self.scale(weight)
+        return torch.round(fake_quantize(weight.detach(), scale, *symmetric_qrange(self._bits)) / scale)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self._bits is None:
@@ -187,7 +209,7 @@ class ActivationQuantizer(nn.Module):
     def qrange(self) -> tuple[int, int]:
         if self._bits is None:
             raise RuntimeError("a full-precision ActivationQuantizer has no integer range")
-        return symmetric_qrange(self._bits) if self.signed else unsigned_qrange(self._bits)
+        return signed_activation_qrange(self._bits) if self.signed else unsigned_qrange(self._bits)
 
     def scale(self) -> torch.Tensor:
         """Step size of the grid: ``alpha / qmax``."""

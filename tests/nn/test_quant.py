@@ -134,8 +134,23 @@ def test_activation_quantizer_unsigned_and_signed() -> None:
     assert float((y - x)[inside].abs().max()) <= 1.0 / 255 / 2 + 1e-6
     signed = ActivationQuantizer(4, signed=True, init_alpha=1.5)
     y = signed(x)
-    assert float(y.min()) == pytest.approx(-1.5) and float(y.max()) == pytest.approx(1.5)
-    assert torch.unique(y).numel() == 15  # symmetric 4-bit grid: -7..7
+    # the codes of an int8 tensor with zero point 128, at 4 bits: -8..7 steps of alpha / 7
+    assert float(y.min()) == pytest.approx(-1.5 * 8 / 7) and float(y.max()) == pytest.approx(1.5)
+    assert torch.unique(y).numel() == 16
+
+
+def test_quantizer_rounds_like_the_int8_kernels() -> None:
+    """Sums of two grids are full of exact .5 ties that x / s and x * (1 / s) round apart;
+    torch.quantize_per_tensor multiplies by the inverse, and so must training."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-200, 200, (200_000,), generator=generator).float() * 0.0211
+    b = torch.randint(-200, 200, (200_000,), generator=generator).float() * 0.0173
+    x = a + b
+    quantizer = ActivationQuantizer(8, signed=True, init_alpha=0.037 * 127)
+    step = float(quantizer.scale())
+    kernel = torch.quantize_per_tensor(x, step, 128, torch.quint8).dequantize()
+    assert torch.equal(quantizer(x), kernel)
+    assert int((torch.clamp(torch.round(x / quantizer.scale()), -128, 127) * step != kernel).sum()) > 0
 
 
 def test_activation_quantizer_pact_gradient_reaches_alpha() -> None:
