@@ -8,7 +8,10 @@ with :func:`~lightning_nas.deploy.int8.convert_to_int8` (onednn) and prints:
 * end to end: for every quantized layer, the share of its input elements that differ between the
   two models (both sit on the layer's learned 8-bit grid, so a difference is a whole number of steps);
 * isolated: every int8 conv with a fake-quantized output (conv, BN, output quantizer) fed the same
-  int8 input, the share of output elements that differ.
+  int8 input, the share of output elements that differ;
+* with ``--runtimes``: the agreement of torch's ``x86`` engine, and of ONNX Runtime unfused
+  (``ORT_DISABLE_ALL``) and fused (``ORT_ENABLE_ALL``), each with the exported int32 conv biases
+  and with the torch model's float biases put back into the graph.
 
     python benchmarks/int8_divergence.py --qat-subnet runs/benchmarks/qat_cifar10/middle/w8a8/qat_subnet.pt \\
         --data cifar10 --data-root ../shared/data/cifar10
@@ -33,6 +36,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=1000, help="test images for the agreement")
     parser.add_argument("--layer-images", type=int, default=200, help="test images for the per-layer figures")
     parser.add_argument("--calibration-images", type=int, default=1000)
+    parser.add_argument("--runtimes", action="store_true", help="also the x86 engine and ONNX Runtime")
     return parser.parse_args(argv)
 
 
@@ -68,6 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"fake-quantized top-2 margin: median {report['median_margin']:.3f}, flipped images "
           f"{[round(m, 3) for m in report['flipped_margins']]}; int8 tensors left to calibration "
           f"{report['calibrated_tensors']}")
+
+    if args.runtimes:
+        report["runtimes"] = _runtime_agreement(fake, int8, calibration, x, fake_logits)
 
     int8_modules = dict(int8.named_modules())
     fake_modules = dict(fake.named_modules())
@@ -109,6 +116,45 @@ def main(argv: list[str] | None = None) -> dict:
             report["layers"].append({"layer": name, "end_to_end": differing, "isolated": isolated})
             print(f"{name:30s} {differing:12.2e}                 " + ("" if isolated is None else f"{isolated:.2e}"))
     return report
+
+
+def _runtime_agreement(
+    fake: torch.nn.Module, int8: torch.nn.Module, calibration: list, x: torch.Tensor, fake_logits: torch.Tensor
+) -> dict[str, float]:
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from lightning_nas.deploy.int8 import convert_to_int8, export_onnx, top1_agreement
+
+    with torch.no_grad():
+        agreement = {"torch x86 engine": top1_agreement(convert_to_int8(fake, calibration, backend="x86")(x), fake_logits)}
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = onnx.load(str(export_onnx(int8, x[:1], Path(tmp) / "model.onnx")))
+        float_biases = onnx.ModelProto()
+        float_biases.CopyFrom(exported)
+        layers = [int8.get_submodule(str(n.target)) for n in int8.graph.nodes
+                  if n.op == "call_module" and hasattr(int8.get_submodule(str(n.target)), "set_weight_bias")]
+        nodes = [n for n in float_biases.graph.node if n.op_type in ("Conv", "Gemm")]
+        if len(layers) != len(nodes):
+            raise RuntimeError(f"{len(layers)} int8 conv/linear layers but {len(nodes)} ONNX Conv/Gemm nodes")
+        for index, (layer, node) in enumerate(zip(layers, nodes)):
+            if layer.bias() is not None and len(node.input) > 2:
+                name = f"float_bias_{index}"
+                float_biases.graph.initializer.append(numpy_helper.from_array(layer.bias().detach().numpy(), name))
+                node.input[2] = name
+        for variant, model in (("int32 biases", exported), ("float biases", float_biases)):
+            for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"):
+                options = ort.SessionOptions()
+                options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+                session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+                agreement[f"onnxruntime {level}, {variant}"] = top1_agreement(logits, fake_logits)
+    for name, value in agreement.items():
+        print(f"agreement with the fake-quantized model, {name}: {value:.3f}")
+    return agreement
 
 
 if __name__ == "__main__":
