@@ -2,13 +2,15 @@
 
 Runs when a fit ends: at the end of supernet training (as a callback of its recipe), or in a
 recipe that loads a supernet checkpoint and trains for zero epochs. The plan is deterministic
-(pair ``i`` is drawn from a generator seeded by ``seed`` and ``i``), ranks split it, and pairs
-already in the store are skipped, so a killed collection resumes where it stopped.
+(pair ``i`` is drawn from a generator seeded by ``seed`` and ``i``), pairs already in the store
+are skipped, so a killed collection resumes where it stopped, and ranks (on any number of nodes)
+split the rest; only global rank 0 touches the store.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -64,43 +66,80 @@ def split_holdout(datamodule: Any, bn_images: int, eval_images: int, batch_size:
     return bn, evaluation
 
 
+def gather_to_zero(trainer: pl.Trainer, items: list[Any]) -> list[Any]:
+    """Every rank's ``items`` on global rank 0 (in rank order); the other ranks get ``[]``.
+
+    Through ``torch.distributed`` directly: Lightning strategies gather tensors only, and every
+    multi-process strategy (DDP, FSDP, DeepSpeed, on any number of nodes) initialises it.
+    """
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return list(items)
+    gathered: list[Any] | None = [None] * trainer.world_size if trainer.is_global_zero else None
+    torch.distributed.gather_object(items, gathered, dst=0)
+    return [item for part in gathered or [] for item in part]
+
+
 class AccuracyPairCollector(pl.Callback):
-    """Full-precision pairs: sample, recalibrate BN, evaluate on held-out images, store."""
+    """Full-precision pairs: sample, recalibrate BN, evaluate on held-out images, store.
+
+    Under DDP every rank measures its share of the plan's missing pairs; every ``write_every``
+    pairs per rank, the pairs are gathered to global rank 0, which alone opens the store and
+    writes them in one transaction. Resume: rank 0 reads the done keys and broadcasts them.
+    """
 
     kind = "fp32"
 
     def __init__(self, num_pairs: int = 1000, store: str | None = None, seed: int = 0, bn_images: int = 2000,
-                 eval_images: int = 2000, batch_size: int = 200) -> None:
+                 eval_images: int = 2000, batch_size: int = 200, write_every: int = 4) -> None:
+        if write_every < 1:
+            raise ValueError(f"write_every must be at least 1, got {write_every}")
         self.num_pairs, self.store_path, self.seed = num_pairs, store, seed
         self.bn_images, self.eval_images, self.batch_size = bn_images, eval_images, batch_size
+        self.write_every = write_every
+        self.collection: dict[str, Any] = {}  # this run's throughput, for the summary
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        store = PairStore(self.store_path or Path(trainer.default_root_dir) / DEFAULT_STORE)
+        zero = trainer.is_global_zero
+        store = PairStore(self.store_path or Path(trainer.default_root_dir) / DEFAULT_STORE) if zero else None
         datamodule = trainer.datamodule
         bn_batches, eval_batches = split_holdout(datamodule, self.bn_images, self.eval_images, self.batch_size)
         supernet = pl_module.supernet
-        checkpoint = state_hash(supernet)
+        # Rank 0's hash names the pairs on every rank (the weights are the same under DDP).
+        checkpoint = trainer.strategy.broadcast(state_hash(supernet) if zero else None, src=0)
         saved = {k: v.clone() for k, v in supernet.state_dict().items()}
-        done = store.done_keys(plan_key(checkpoint, self.kind, self.seed, 0).rsplit(":", 1)[0] + ":")
-        todo = [i for i in range(self.num_pairs) if i % trainer.world_size == trainer.global_rank
-                and plan_key(checkpoint, self.kind, self.seed, i) not in done]
+        prefix = plan_key(checkpoint, self.kind, self.seed, 0).rsplit(":", 1)[0] + ":"
+        done = trainer.strategy.broadcast(store.done_keys(prefix) if store is not None else None, src=0)
+        missing = [i for i in range(self.num_pairs) if plan_key(checkpoint, self.kind, self.seed, i) not in done]
+        mine = missing[trainer.global_rank::trainer.world_size]
+        # The same number of gather rounds on every rank (shares differ by at most one pair).
+        rounds = math.ceil(math.ceil(len(missing) / trainer.world_size) / self.write_every)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         columns = [TextColumn(f"{self.kind} pairs"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]:.1f} pairs/min"), TimeRemainingColumn()]
         started = time.perf_counter()
-        with Progress(*columns, disable=not trainer.is_global_zero) as progress:
-            bar = progress.add_task("pairs", total=len(todo), rate=0.0)
-            for n, index in enumerate(todo, start=1):
-                pair_started = time.perf_counter()
-                rng = random.Random(f"pairs-{self.seed}-{index}")
-                pair = self.measure(pl_module, datamodule, rng, bn_batches, eval_batches)
-                store.add(Pair(**pair, checkpoint_hash=checkpoint, seed=self.seed, kind=self.kind,
-                               seconds=time.perf_counter() - pair_started,
-                               pair_key=plan_key(checkpoint, self.kind, self.seed, index)))
-                progress.update(bar, advance=1, rate=60 * n / (time.perf_counter() - started))
+        written = 0
+        with Progress(*columns, disable=not zero) as progress:
+            bar = progress.add_task("pairs", total=len(missing), rate=0.0)
+            for round_index in range(rounds):
+                batch = []
+                for index in mine[round_index * self.write_every:(round_index + 1) * self.write_every]:
+                    pair_started = time.perf_counter()
+                    rng = random.Random(f"pairs-{self.seed}-{index}")
+                    pair = self.measure(pl_module, datamodule, rng, bn_batches, eval_batches)
+                    batch.append(Pair(**pair, checkpoint_hash=checkpoint, seed=self.seed, kind=self.kind,
+                                      seconds=time.perf_counter() - pair_started,
+                                      pair_key=plan_key(checkpoint, self.kind, self.seed, index)))
+                gathered = gather_to_zero(trainer, batch)
+                if store is not None:
+                    store.add_many(gathered)
+                    written += len(gathered)
+                    progress.update(bar, advance=len(gathered),
+                                    rate=60 * written / (time.perf_counter() - started))
+        self.collection = {"world_size": trainer.world_size, "collected": written,
+                           "collection_seconds": time.perf_counter() - started}
         supernet.load_state_dict(saved)
-        if trainer.is_global_zero:
+        if store is not None:
             self.report(trainer, store, checkpoint)
 
     def report(self, trainer: pl.Trainer, store: PairStore, checkpoint: str) -> dict[str, Any]:
@@ -117,7 +156,9 @@ class AccuracyPairCollector(pl.Callback):
                    "seconds_per_pair_mean": statistics.fmean(seconds),
                    "seconds_per_pair_median": statistics.median(seconds),
                    "top1_mean": statistics.fmean(top1), "top1_min": min(top1), "top1_max": max(top1),
-                   "threads": torch.get_num_threads()}
+                   "threads": torch.get_num_threads(), **self.collection}
+        if summary.get("collected") and summary["collection_seconds"] > 0:
+            summary["pairs_per_minute"] = 60 * summary["collected"] / summary["collection_seconds"]
         path = Path(trainer.default_root_dir) / f"pairs_{self.kind}_summary.json"
         path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         for logger in trainer.loggers:
@@ -153,8 +194,9 @@ class QuantizedPairCollector(AccuracyPairCollector):
 
     def __init__(self, num_pairs: int = 200, store: str | None = None, seed: int = 0, bn_images: int = 2000,
                  eval_images: int = 2000, batch_size: int = 200, finetune_steps: int = 50, lr: float = 1e-3,
-                 momentum: float = 0.9, policy_bits: list[int] = [4, 6, 8]) -> None:  # noqa: B006
-        super().__init__(num_pairs, store, seed, bn_images, eval_images, batch_size)
+                 momentum: float = 0.9, policy_bits: list[int] = [4, 6, 8],  # noqa: B006
+                 write_every: int = 4) -> None:
+        super().__init__(num_pairs, store, seed, bn_images, eval_images, batch_size, write_every)
         self.finetune_steps, self.lr, self.momentum, self.policy_bits = finetune_steps, lr, momentum, policy_bits
         self._finetune_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 

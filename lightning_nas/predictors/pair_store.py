@@ -1,9 +1,10 @@
 """The store of <architecture, (policy,) accuracy> pairs: one SQLite file, safe to kill and share.
 
-Every pair is written in its own transaction, so a collector killed with SIGKILL loses at most the
-pair it was measuring. Each planned measurement has a key (supernet checkpoint hash, kind, plan
+Pairs are written in transactions (one pair, or one batch gathered from every rank), so a collector
+killed with SIGKILL loses at most the batch it was measuring. Under DDP only global rank 0 opens
+the store (SQLite over a network filesystem is unsafe, and nodes share no disk). Each planned measurement has a key (supernet checkpoint hash, kind, plan
 seed and index); the key is UNIQUE, so a rerun skips what is done and two collectors on one file
-(two DDP ranks, two processes) never write a pair twice. WAL journaling lets readers and one
+(two processes) never write a pair twice. WAL journaling lets readers and one
 writer work at the same time; writers wait for each other (``timeout``).
 """
 
@@ -92,23 +93,26 @@ class PairStore:
 
     def add(self, pair: Pair) -> bool:
         """Write one pair in its own transaction; False when its key is already stored."""
-        row = (
-            pair.pair_key or plan_key(pair.checkpoint_hash, pair.kind, pair.seed, int(time.time_ns())),
-            pair.kind,
-            canonical_json(pair.arch),
-            canonical_json(pair.policy),
-            int(pair.resolution),
-            float(pair.top1),
-            None if pair.loss is None else float(pair.loss),
-            pair.checkpoint_hash,
-            int(pair.seed),
-            float(pair.seconds),
-            pair.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        )
+        return self.add_many([pair]) == 1
+
+    def add_many(self, pairs: Iterable[Pair]) -> int:
+        """Write pairs in one transaction (a kill keeps all of them or none); returns how many were new."""
+        rows = [_pair_to_row(pair) for pair in pairs]
+        if not rows:
+            return 0
         with self._connect() as connection:
-            cursor = connection.execute(
-                f"INSERT OR IGNORE INTO pairs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", row)
-            return cursor.rowcount == 1
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                before = connection.total_changes
+                connection.executemany(
+                    f"INSERT OR IGNORE INTO pairs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                    rows)
+                added = connection.total_changes - before
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+            return added
 
     def done_keys(self, prefix: str = "") -> set[str]:
         with self._connect() as connection:
@@ -129,6 +133,22 @@ class PairStore:
     def __len__(self) -> int:
         with self._connect() as connection:
             return connection.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
+
+
+def _pair_to_row(pair: Pair) -> tuple[Any, ...]:
+    return (
+        pair.pair_key or plan_key(pair.checkpoint_hash, pair.kind, pair.seed, int(time.time_ns())),
+        pair.kind,
+        canonical_json(pair.arch),
+        canonical_json(pair.policy),
+        int(pair.resolution),
+        float(pair.top1),
+        None if pair.loss is None else float(pair.loss),
+        pair.checkpoint_hash,
+        int(pair.seed),
+        float(pair.seconds),
+        pair.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def _row_to_pair(row: Iterable[Any]) -> Pair:

@@ -18,15 +18,25 @@ CONFIG_FILE = "config.yaml"
 
 
 def is_global_zero() -> bool:
+    """Before a Trainer exists: the launcher's variables. A stage with a Trainer asks it instead
+    (``trainer.is_global_zero`` knows every cluster environment Lightning does)."""
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
-def prepare_run_dir(recipe: LoadedRecipe) -> Path:
-    """Create ``run_dir`` and write the resolved recipe into it (once, by the first rank)."""
+def write_config(recipe: LoadedRecipe, run_dir: Path) -> None:
+    """The resolved recipe as ``run_dir/config.yaml`` (temporary name, then rename)."""
+    partial = run_dir / f".{CONFIG_FILE}.partial"
+    OmegaConf.save(OmegaConf.create(recipe.config), partial)
+    partial.replace(run_dir / CONFIG_FILE)
+
+
+def prepare_run_dir(recipe: LoadedRecipe, config: bool = True) -> Path:
+    """Create ``run_dir`` and, unless ``config`` is False (the caller writes it once it knows its
+    global rank), write the resolved recipe into it by the first rank."""
     run_dir = Path(recipe.config["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    if is_global_zero():
-        OmegaConf.save(OmegaConf.create(recipe.config), run_dir / CONFIG_FILE)
+    if config and is_global_zero():
+        write_config(recipe, run_dir)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # DDP ranks started from this process reuse it
     return run_dir
 

@@ -1,4 +1,4 @@
-"""Pair collection: SIGKILL in the middle, then resume: every planned pair exactly once."""
+"""Pair collection: SIGKILL in the middle, then resume; two nodes, one store: every planned pair exactly once."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
+from conftest import REPO
 
 from lightning_nas.predictors.pair_store import PairStore
 
@@ -72,3 +75,42 @@ def test_quantized_collector_draws_its_finetuning_batches_once() -> None:
     assert len(first) == 5 and data.loaders == 2  # the loader ran out once and was restarted
     assert [float(x[0, 0, 0, 0]) for x, _ in first] == [10, 11, 12, 20, 21]
     assert collector.finetune_batches(data) is first and data.loaders == 2  # the next pairs reuse them
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow  # two processes importing torch and Lightning, then 12 pairs: about a minute on 2 shared cores
+def test_two_nodes_gather_their_pairs_into_node_zeros_store(tmp_path: Path) -> None:
+    port, planned = free_port(), 12
+    nodes = []
+    for rank in (0, 1):
+        work = tmp_path / f"node{rank}"  # nothing shared on disk: own working and run directory
+        work.mkdir()
+        command = [*collect_command(work / "run", planned), "trainer.num_nodes=2", "trainer.devices=1",
+                   "trainer.strategy=ddp", "callbacks.pairs.init_args.write_every=2"]
+        command[4] = str(REPO / RECIPE)
+        env = {**os.environ, "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        env.pop("LOCAL_RANK", None)
+        nodes.append(subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True))
+    errors = [node.communicate(timeout=600)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(e[-3000:] for e in errors)
+
+    pairs = PairStore(tmp_path / "node0" / "run" / "pairs.sqlite").pairs()
+    keys = [p.pair_key for p in pairs]
+    assert len(keys) == len(set(keys)) == planned
+    assert {int(k.rsplit(":", 1)[1]) for k in keys} == set(range(planned))
+    node1 = tmp_path / "node1"
+    assert not list(node1.rglob("*.sqlite*")) and not list(node1.rglob("pairs_*_summary.json"))
+    assert not list(node1.rglob("config.yaml"))
+    import json
+
+    summary = json.loads((tmp_path / "node0" / "run" / "pairs_fp32_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["collected"] == planned and summary["pairs_per_minute"] > 0

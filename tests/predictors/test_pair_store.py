@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,16 @@ def test_file_hash_changes_with_content(tmp_path: Path) -> None:
     a.write_bytes(b"one")
     b.write_bytes(b"two")
     assert file_hash(a) == file_hash(a) != file_hash(b)
+
+
+def test_a_batch_is_one_transaction_that_skips_stored_keys(tmp_path: Path) -> None:
+    store = PairStore(tmp_path / "pairs.sqlite")
+    assert store.add_many([make_pair(i) for i in range(3)]) == 3
+    assert store.add_many([make_pair(2), make_pair(3), make_pair(3)]) == 1
+    assert store.add_many([]) == 0
+    # a batch that fails part-way (SQLite cannot store its second row) leaves nothing of itself behind
+    broken = Pair(arch=ARCH, policy=None, resolution=24, top1=1.0, loss=None, checkpoint_hash=object(),  # type: ignore[arg-type]
+                  seed=7, seconds=0.1, pair_key=plan_key("abc", "fp32", 7, 99))
+    with pytest.raises(sqlite3.Error):
+        store.add_many([make_pair(10), broken])
+    assert sorted(int(k.rsplit(":", 1)[1]) for k in store.done_keys()) == [0, 1, 2, 3]

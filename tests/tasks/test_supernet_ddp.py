@@ -40,3 +40,34 @@ def test_ddp_ranks_sample_the_same_subnets(tmp_path: Path) -> None:
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 6
     assert (run_dir / "subnets.csv").is_file() and (run_dir / "phases.csv").is_file()
+
+
+@pytest.mark.slow  # two processes importing torch and Lightning: about a minute on 2 shared cores
+def test_on_two_nodes_only_global_rank_zero_writes_the_fit_outputs(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    phases = "[{name: full, epochs: 1, lr: 0.1}, {name: kernel, epochs: 1, lr: 0.05, kernel: [3, 5, 7]}]"
+    nodes = []
+    for rank in (0, 1):
+        work = tmp_path / f"node{rank}"  # nothing shared on disk
+        work.mkdir()
+        command = [sys.executable, "-m", "lightning_nas.cli", "fit", str(REPO / "recipes" / "ofa_supernet.yaml"),
+                   "--smoke", f"run_dir={work / 'run'}", "trainer.strategy=ddp", "trainer.num_nodes=2",
+                   "trainer.devices=1", "trainer.limit_train_batches=1", "logger=csv",
+                   f"callbacks.progressive_shrinking.init_args.phases={phases}"]
+        env = {**os.environ, "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
+        env.pop("LOCAL_RANK", None)
+        nodes.append(subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True))
+    errors = [node.communicate(timeout=900)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(e[-3000:] for e in errors)
+    zero, one = tmp_path / "node0" / "run", tmp_path / "node1" / "run"
+    state = torch.load(zero / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2
+    for name in ("subnets.csv", "phases.csv", "config.yaml"):
+        assert (zero / name).is_file() and not (one / name).exists(), name
+    assert not list(one.rglob("*.ckpt")) and not list(one.rglob("metrics.csv"))
