@@ -33,7 +33,7 @@ STAGE_VERBS = {
 #: Top-level sections that make a recipe belong to a verb other than ``fit``.
 VERB_SECTIONS = ("search", "export", "profile", "rank", "pipeline")
 #: Bare keys a verb accepts as shorthand for keys of its section (`rank archs=x.csv`).
-SECTION_SHORTHANDS = {"rank": ("archs", "out", "ranker", "limit")}
+SECTION_SHORTHANDS = {"rank": ("archs", "out", "ranker", "limit"), "pipeline": ("data",)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,10 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, (_, help_text) in STAGE_VERBS.items():
         _recipe_arguments(verbs.add_parser(verb, help=help_text, description=help_text))
-    sweep = verbs.add_parser("sweep", help="write a W&B sweep definition from the recipe's `sweep:` section")
+    sweep = verbs.add_parser("sweep", help="a W&B sweep of the recipe's `sweep:` section: write its definition, "
+                             "run it here (--local N) or on a W&B server (--start)")
     _recipe_arguments(sweep)
-    sweep.add_argument("--out", help="where to write the sweep YAML (default: RUN_DIR/sweep.yaml)")
-    sweep.add_argument("--start", action="store_true", help="register the sweep with W&B and start an agent")
+    sweep.add_argument("--out", help="where to write the sweep YAML (default: RUN_DIR/sweep.yaml; with --local, "
+                       "the sweep's directory)")
+    runs = sweep.add_mutually_exclusive_group()
+    runs.add_argument("--local", type=int, metavar="N",
+                      help="run N trials here with W&B's sweep engine (offline without credentials); resumable")
+    runs.add_argument("--start", action="store_true", help="register the sweep with W&B and start an agent")
     sweep.add_argument("--count", type=int, help="runs for the agent started by --start")
     config = verbs.add_parser("config", help="print the resolved recipe")
     _recipe_arguments(config)
@@ -86,9 +91,10 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{name:<{width}}  {verb:<7}  {description}")
         return 0
 
-    from .recipe.loader import load_recipe
+    from .stages.pipeline import load_with_stage_overrides
 
-    recipe = load_recipe(args.recipe, args.overrides, smoke=args.smoke)
+    # STAGE/key=value overrides a pipeline stage's key (`lightning-nas pipeline quickstart.yaml ofa_supernet/task.lr=0.2`)
+    recipe = load_with_stage_overrides(args.recipe, args.overrides, smoke=args.smoke)
     if args.verb == "config":
         from omegaconf import OmegaConf
 
@@ -97,7 +103,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "sweep":
         from .stages import sweep
 
-        sweep.run(recipe, args.overrides, out=args.out, start=args.start, count=args.count)
+        sweep.run(recipe, args.overrides, out=args.out, start=args.start, count=args.count, local=args.local,
+                  smoke=args.smoke)
         return 0
     module, _ = STAGE_VERBS[args.verb]
     import importlib

@@ -48,6 +48,9 @@ class SweepSettings:
     name: str | None = None
     early_terminate: dict[str, Any] | None = None
     run_cap: int | None = None
+    #: ``--local``: the sweep's directory (trials, table, figures); default ``runs/sweeps/<name>``,
+    #: the name defaulting to ``<recipe name>-sweep`` (also the W&B group of its runs).
+    run_dir: str | None = None
 
 
 @dataclass
@@ -90,7 +93,11 @@ class PipelineStage:
 
     #: Path of the stage's recipe, relative to the pipeline recipe's folder (or the working directory).
     recipe: str
+    #: Edits of the stage's recipe, applied before its own smoke block.
     overrides: list[str] = field(default_factory=list)
+    #: Applied after the stage's smoke block, like a command line's: what ``STAGE/key=value`` on the
+    #: pipeline's command line (or in a sweep of it) sets.
+    final_overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -103,6 +110,12 @@ class PipelineSettings:
     """
 
     stages: list[PipelineStage]
+    #: The image data of every stage that reads images (not the predictors' pair stores): an
+    #: ``.npz`` file (x uint8 N x H x W x C, y int), an image folder with ``train/`` and ``val/``
+    #: class folders, a YAML file holding a data section, or the section itself. The stages keep
+    #: their batch sizes and held-out split; their spaces and tasks get its number of classes and
+    #: its image size as their resolutions (``resolutions: [...]`` here chooses others).
+    data: str | dict[str, Any] | None = None
     #: Run every stage with its own ``--smoke`` overrides.
     smoke: bool = False
     #: False reruns every stage even when a finished run of the same recipe is there.

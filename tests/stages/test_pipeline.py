@@ -67,3 +67,17 @@ def test_missing_stage_recipe_names_the_key(tmp_path: Path, capsys: pytest.Captu
     assert main(["pipeline", str(recipe), f"run_dir={tmp_path / 'r'}"]) == 2
     err = capsys.readouterr().err
     assert "pipeline.stages.0.recipe" in err and "nowhere.yaml" in err
+
+
+def test_a_stage_key_on_the_command_line_overrides_that_stage_after_its_smoke_block(tmp_path: Path) -> None:
+    import yaml
+
+    assert main(["pipeline", str(pipeline(tmp_path))]) == 0
+    # the stage's smoke block sets limit_train_batches=1: the command line wins over it
+    assert main(["pipeline", str(pipeline(tmp_path)), "second/task.lr=0.02", "1/trainer.limit_train_batches=2"]) == 0
+    assert statuses(tmp_path) == ["reused", "ran"]
+    second = yaml.safe_load((tmp_path / "runs" / "second" / "config.yaml").read_text())
+    assert second["task"]["lr"] == 0.02 and second["trainer"]["limit_train_batches"] == 2
+    assert yaml.safe_load((tmp_path / "runs" / "first" / "config.yaml").read_text())["task"]["lr"] != 0.02
+    recorded = yaml.safe_load((tmp_path / "runs" / "config.yaml").read_text())["pipeline"]["stages"][1]
+    assert recorded["final_overrides"] == ["task.lr=0.02", "trainer.limit_train_batches=2"]
