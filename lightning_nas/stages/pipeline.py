@@ -115,7 +115,7 @@ def data_section(given: str | Mapping[str, Any]) -> dict[str, Any]:
     if path.suffix == ".npz":
         if not path.is_file():
             raise RecipeError("file not found", key="pipeline.data", given=given, allowed=DATA_ALLOWED)
-        return {"name": "npz", "train_path": str(path)}
+        return {"name": "npz", "train_path": str(path.resolve())}  # resolved: a resume may start elsewhere
     if path.suffix in (".yaml", ".yml") and path.is_file():
         content = yaml.safe_load(path.read_text(encoding="utf-8"))
         section = content.get("data", content) if isinstance(content, dict) else None
@@ -126,7 +126,7 @@ def data_section(given: str | Mapping[str, Any]) -> dict[str, Any]:
     if path.is_dir():
         val = next((path / n for n in ("val", "test") if (path / n).is_dir()), None)
         if (path / "train").is_dir() and val is not None:
-            return {"name": "image_folder", "train_dir": str(path / "train"), "val_dir": str(val)}
+            return {"name": "image_folder", "train_dir": str((path / "train").resolve()), "val_dir": str(val.resolve())}
         raise RecipeError("an image folder needs train/<class>/ and val/<class>/ (or test/<class>/) subfolders",
                           key="pipeline.data", given=given, allowed=DATA_ALLOWED)
     raise RecipeError("file not found" if path.suffix in (".yaml", ".yml") else "not a data file or folder",

@@ -132,9 +132,9 @@ def test_the_metric_comes_from_the_newest_file_that_has_it(tmp_path: Path) -> No
     (logs / "metrics.csv").write_text("epoch,val/acc,train/loss\n0,,2.0\n0,0.5,\n1,0.75,\n1,,1.0\n")
     search = tmp_path / "stage_b" / "search"
     search.mkdir(parents=True)
-    (search / "topk.json").write_text(json.dumps({"top": [{"accuracy": 91.5}, {"accuracy": 90.0}], "val/acc": 0.25}))
+    (search / "topk.json").write_text(json.dumps({"topk": [{"accuracy": 91.5}, {"accuracy": 90.0}], "val/acc": 0.25}))
     os.utime(logs / "metrics.csv", (1_000_000, 1_000_000))  # older than topk.json
-    assert metric_from_files(tmp_path, "top.0.accuracy") == pytest.approx(91.5)
+    assert metric_from_files(tmp_path, "topk.0.accuracy") == pytest.approx(91.5)
     assert metric_from_files(tmp_path, "val/acc") == pytest.approx(0.25)
     assert metric_from_files(tmp_path, "stage_a/val/acc") == pytest.approx(0.75)
     assert metric_from_files(tmp_path, "nothing") is None
