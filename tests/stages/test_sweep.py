@@ -138,3 +138,35 @@ def test_the_metric_comes_from_the_newest_file_that_has_it(tmp_path: Path) -> No
     assert metric_from_files(tmp_path, "val/acc") == pytest.approx(0.25)
     assert metric_from_files(tmp_path, "stage_a/val/acc") == pytest.approx(0.75)
     assert metric_from_files(tmp_path, "nothing") is None
+
+
+def test_a_local_sweep_of_a_pipeline_sets_its_stages_keys(tmp_path: Path) -> None:
+    from conftest import write_recipe
+    from test_pipeline import STAGE
+
+    write_recipe(tmp_path, STAGE, "first.yaml")
+    write_recipe(tmp_path, STAGE, "second.yaml")
+    pipe = write_recipe(tmp_path, f"""
+description: two stages
+run_dir: {tmp_path / 'runs'}
+pipeline:
+  smoke: true
+  stages: [{{recipe: first.yaml}}, {{recipe: second.yaml}}]
+sweep:
+  method: random
+  metric: {{name: second/val/acc, goal: maximize}}
+  parameters:
+    second/task.lr: {{min: 0.01, max: 0.1}}
+    0/data.batch_size: {{values: [16, 32]}}
+""", "pipe.yaml")
+    sweep_dir = tmp_path / "sweep"
+    assert main(["sweep", str(pipe), "--local", "1", "--out", str(sweep_dir)]) == 0
+    (row,) = csv.DictReader((sweep_dir / "trials.csv").open(newline=""))
+    assert row["status"] == "finished" and 0.0 <= float(row["second/val/acc"]) <= 1.0
+    first = yaml.safe_load((sweep_dir / "trial-000" / "first" / "config.yaml").read_text())
+    second = yaml.safe_load((sweep_dir / "trial-000" / "second" / "config.yaml").read_text())
+    assert second["task"]["lr"] == pytest.approx(float(row["second/task.lr"])) != first["task"]["lr"]
+    assert first["data"]["batch_size"] == int(row["0/data.batch_size"]) and second["data"]["batch_size"] == 64  # its own
+    logged = [r for r in csv.DictReader((sweep_dir / "trial-000" / "second" / "logs" / "metrics.csv").open())
+              if r["val/acc"]]
+    assert float(row["second/val/acc"]) == pytest.approx(float(logged[-1]["val/acc"]))
