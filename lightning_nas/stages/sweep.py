@@ -132,7 +132,11 @@ def suggest(definition: Mapping[str, Any], trials: Sequence[Mapping[str, Any]], 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sweeps 0.3 uses pydantic-1 config names
-        import sweeps
+        try:
+            import sweeps
+        except ModuleNotFoundError as error:
+            raise ModuleNotFoundError("--local runs W&B's sweep engine: pip install -e '.[sweep]' && "
+                                      "pip install --no-deps sweeps==0.3.0") from error
 
     metric = (definition.get("metric") or {}).get("name")
     runs = []
