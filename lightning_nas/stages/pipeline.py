@@ -230,7 +230,10 @@ def plan(recipe: LoadedRecipe) -> tuple[PipelineSettings, Path, list[PlannedStag
     given = recipe.config["pipeline"]
     settings = PipelineSettings(**{**given, "stages": [PipelineStage(**stage) for stage in given["stages"]]})
     run_dir = Path(recipe.config["run_dir"])
-    data = pipeline_data(settings.data)
+    try:
+        data = pipeline_data(settings.data)
+    except RecipeError as error:
+        raise error.with_source(str(recipe.path), recipe.source_of("pipeline.data")) from None
     stages: list[PlannedStage] = []
     for index, stage in enumerate(settings.stages):
         path = stage_recipe_path(recipe.path, stage.recipe, index)

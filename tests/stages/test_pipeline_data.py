@@ -85,6 +85,9 @@ def test_pair_data_is_refused_as_pipeline_data(tmp_path: Path, capsys: pytest.Ca
     assert code == 2
     err = capsys.readouterr().err
     assert "pipeline.data.name" in err and "not image data" in err and "npz" in err
+    assert main(["pipeline", "recipes/quickstart.yaml", f"run_dir={tmp_path}", "data=missing.npz"]) == 2
+    err = capsys.readouterr().err
+    assert "recipes/quickstart.yaml: pipeline.data: file not found (from the command line)" in err
 
 
 @pytest.mark.slow  # the quickstart's six stages at smoke size: about 1.5 min on 2 shared cores
