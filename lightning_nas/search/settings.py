@@ -9,7 +9,7 @@ from lightning_nas.recipe.markers import CostModelSpec, ExistingFile, SpaceSpec
 
 __all__ = ["SEARCH_STRATEGIES", "SearchSettings"]
 
-#: ``apq_evolution`` is this project's batched APQ evolution; the others are NNI 3.0 strategies.
+#: All NNI strategies: ``apq_evolution`` is APQ's evolution on NNI's Strategy interface, the others NNI 3.0's own.
 SEARCH_STRATEGIES = ("apq_evolution", "regularized_evolution", "random", "tpe", "grid", "policy_rl")
 
 
@@ -61,6 +61,11 @@ class SearchSettings:
     pareto_metric: str | None = None
     #: Candidates per predictor forward.
     batch_size: int = 4096
+    #: Models the strategy keeps in flight; the engine scores them as one batch (``apq_evolution``
+    #: waits for each generation, so its result does not depend on it; ``regularized_evolution``
+    #: uses at most ``population``; ``random`` and ``grid`` do not read results; ``tpe`` gives the
+    #: models in flight its constant-liar value). 1 reproduces NNI's one-trial-at-a-time order.
+    concurrency: int = 100
     progress: bool = True
     #: Default: the recipe's ``seed``.
     seed: int | None = None
