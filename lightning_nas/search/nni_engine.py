@@ -46,8 +46,9 @@ with warnings.catch_warnings():
     from nni.nas.execution import ExecutionEngine
     from nni.nas.execution.event import FinalMetricEvent, TrainingEndEvent
     from nni.nas.space import ExecutableModelSpace, ModelStatus
+    from nni.nas.strategy.utils import DeduplicationHelper, DuplicationError
 
-__all__ = ["BatchedExecutionEngine", "JointModelSpace"]
+__all__ = ["BatchedExecutionEngine", "JointDeduplication", "JointModelSpace", "use_joint_deduplication"]
 
 _logger = logging.getLogger(__name__)
 
@@ -74,12 +75,15 @@ class JointModelSpace(ExecutableModelSpace):
         self._labels = labels
         self._values = [joint.choices()[label] for label in labels]
         self._index = [dict(zip(values, range(len(values)))) for values in self._values]
-        # RandomState.choice(n, p=[1/n] * n): cdf = p.cumsum(); cdf /= cdf[-1]; searchsorted(u, "right")
-        self._cdfs = []
-        for label in labels:
+        # RandomState.choice(n, p=weights) draws u = random_sample() and returns
+        # cdf.searchsorted(u, "right") with cdf = weights.cumsum() / weights.sum(): the number of
+        # cdf entries <= u. One row of cdf per label (padded with inf) does every label at once.
+        width = max(len(values) for values in self._values)
+        self._cdf = np.full((len(labels), width), np.inf)
+        for row, label in enumerate(labels):
             weights = np.asarray(self._simplified[label].weights, dtype=np.float64)
             cdf = weights.cumsum()
-            self._cdfs.append(cdf / cdf[-1])
+            self._cdf[row, : len(cdf)] = cdf / cdf[-1]
         self._sample: dict[str, Any] | None = None
         self._candidate: Candidate | None = None
         self._vector: list[int] | None = None
@@ -122,8 +126,8 @@ class JointModelSpace(ExecutableModelSpace):
         if sample:  # labels fixed by the caller are not redrawn: NNI's generic path handles that
             return super().random(sample, random_state)
         draws = random_state.random_sample(len(self._labels))
-        for label, values, cdf, u in zip(self._labels, self._values, self._cdfs, draws):
-            sample[label] = values[int(cdf.searchsorted(u, side="right"))]
+        picks = (self._cdf <= draws[:, None]).sum(axis=1).tolist()
+        sample.update(zip(self._labels, [values[i] for values, i in zip(self._values, picks)]))
         return self.freeze(sample)
 
     def freeze(self, sample: Mapping[str, Any]) -> JointModelSpace:
@@ -171,7 +175,7 @@ class JointModelSpace(ExecutableModelSpace):
         if self._candidate is None:
             if self._sample is None:
                 raise RuntimeError("the model space is not frozen")
-            self._candidate = self.joint.from_sample(self._sample)
+            self._candidate = self.joint.from_checked_sample(self._sample)
         return self._candidate
 
     @property
@@ -283,3 +287,48 @@ class BatchedExecutionEngine(ExecutionEngine):
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict.get("model_count", 0) > 0:
             _logger.warning("The batched engine does not recover the models of a previous run.")
+
+
+class JointDeduplication(DeduplicationHelper):
+    """NNI's ``DeduplicationHelper`` keyed by the tuple of a sample's values in label order.
+
+    NNI's helper turns every sample into a ``frozenset`` of (label, value) pairs through a
+    recursive generator, about 0.2 ms per sample of this space; samples of the joint space are
+    flat dicts over fixed labels, so the tuple of their values identifies them as well. Samples
+    with other keys fall back to NNI's key.
+    """
+
+    def __init__(self, labels: Sequence[str], raise_on_dup: bool = False) -> None:
+        super().__init__(raise_on_dup=raise_on_dup)
+        self._labels = list(labels)
+
+    def _key(self, sample: Any) -> Any:
+        from nni.nas.strategy.utils import _to_hashable
+
+        if isinstance(sample, dict) and len(sample) == len(self._labels):
+            try:
+                return tuple([sample[label] for label in self._labels])
+            except KeyError:
+                pass
+        return _to_hashable(sample)
+
+    def dedup(self, sample: Any) -> bool:
+        key = self._key(sample)
+        if key in self._history:
+            if self._raise_on_dup:
+                raise DuplicationError(sample)
+            return False
+        self._history.add(key)
+        return True
+
+    def remove(self, sample: Any) -> None:
+        self._history.remove(self._key(sample))
+
+
+def use_joint_deduplication(strategy: Any, labels: Sequence[str]) -> None:
+    """Give NNI's ``Random`` / ``RegularizedEvolution`` (``_dedup_helper``) and ``GridSearch``
+    (``_dedup``) the :class:`JointDeduplication`, with the same raise-or-skip behaviour."""
+    for attribute in ("_dedup_helper", "_dedup"):
+        helper = getattr(strategy, attribute, None)
+        if isinstance(helper, DeduplicationHelper) and not isinstance(helper, JointDeduplication):
+            setattr(strategy, attribute, JointDeduplication(labels, raise_on_dup=helper._raise_on_dup))
