@@ -9,7 +9,9 @@ work directly on the joint space's choice table:
 * ``random(memo, random_state)`` draws all labels with one ``random_sample`` call and the same
   inverse-CDF lookup ``RandomState.choice(n, p=weights)`` performs, so it returns the very
   sample NNI's ``MutableDict.random`` returns for the same random state (tested);
-* ``simplify()`` is computed once (``RegularizedEvolution`` calls it for every child);
+* ``simplify()`` is computed once (``RegularizedEvolution`` calls it for every child), and its
+  ``Categorical``\ s draw a value with one ``random_sample`` call instead of
+  ``RandomState.choice`` (the same value: ``choice`` consumes exactly that one double);
 * ``freeze(sample)`` checks the sample with dictionary look-ups (NNI's error when it fails),
   keeps a copy of it (``Mutable.grid`` reuses one dict for every grid point) and builds the
   :class:`~lightning_nas.search.joint_space.Candidate` only when the model is scored;
@@ -42,7 +44,7 @@ from .joint_space import Candidate, JointSpace
 with warnings.catch_warnings():
     # NNI's PyTorch layer registry warns about every torch class it does not know; noise only
     warnings.simplefilter("ignore")
-    from nni.mutable import LabeledMutable, Mutable, MutableDict, SampleValidationError
+    from nni.mutable import Categorical, LabeledMutable, Mutable, MutableDict, SampleValidationError
     from nni.nas.execution import ExecutionEngine
     from nni.nas.execution.event import FinalMetricEvent, TrainingEndEvent
     from nni.nas.space import ExecutableModelSpace, ModelStatus
@@ -54,6 +56,24 @@ _logger = logging.getLogger(__name__)
 
 #: ``score(models) -> metrics``: the metric of every model of a batch, in order.
 BatchScorer = Callable[[Sequence["JointModelSpace"]], Sequence[float]]
+
+
+class _Categorical(Categorical):
+    """NNI's ``Categorical`` whose ``random`` skips ``RandomState.choice``'s argument checks
+    (about 15 us a call): the same inverse-CDF draw, hence the same value for the same state."""
+
+    def __init__(self, values: Sequence[Any], *, label: str) -> None:
+        super().__init__(values, label=label)
+        cdf = np.asarray(self.weights, dtype=np.float64).cumsum()
+        self._cdf = cdf / cdf[-1]
+
+    def random(self, memo: dict[str, Any] | None = None, random_state: np.random.RandomState | None = None) -> Any:
+        memo = {} if memo is None else memo
+        if self.label not in memo:
+            if random_state is None:
+                random_state = np.random.RandomState()
+            memo[self.label] = self.values[int(self._cdf.searchsorted(random_state.random_sample(), side="right"))]
+        return self.freeze(memo)
 
 
 class JointModelSpace(ExecutableModelSpace):
@@ -69,11 +89,13 @@ class JointModelSpace(ExecutableModelSpace):
         super().__init__()
         self.joint = joint
         self.evaluator = evaluator
-        self.mutables: MutableDict = joint.mutable()
+        choices = joint.choices()
+        self.mutables: MutableDict = MutableDict({label: _Categorical(values, label=label)
+                                                  for label, values in choices.items()})
         self._simplified: dict[str, LabeledMutable] = dict(self.mutables.simplify())
         labels = joint.labels
         self._labels = labels
-        self._values = [joint.choices()[label] for label in labels]
+        self._values = [choices[label] for label in labels]
         self._index = [dict(zip(values, range(len(values)))) for values in self._values]
         # RandomState.choice(n, p=weights) draws u = random_sample() and returns
         # cdf.searchsorted(u, "right") with cdf = weights.cumsum() / weights.sum(): the number of
