@@ -95,14 +95,22 @@ _TPE_CLASS: type | None = None
 
 
 def _tpe_class() -> type:
-    """NNI's TPE strategy without the one-second sleep per trial (see the module docstring)."""
+    """NNI's TPE strategy without the one-second sleep per trial, on :class:`SharedOrderTpeTuner`
+    (see the module docstring)."""
     global _TPE_CLASS
     if _TPE_CLASS is not None:
         return _TPE_CLASS
     import nni
     from nni.nas.strategy import TPE
+    from nni.nas.strategy.hpo import HPOTunerStrategy
+
+    from .nni_tpe import SharedOrderTpeTuner
 
     class NoSleepTPE(TPE):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # TPE.__init__ builds NNI's TpeTuner; this one suggests the same, sorting once
+            HPOTunerStrategy.__init__(self, SharedOrderTpeTuner(*args, **kwargs))
+
         def _run(self) -> None:
             # the loop of nni.nas.strategy.hpo.HPOTunerStrategy._run minus `time.sleep(1.)`: both
             # engines here finish (or batch) a model inside submit_models, so a worker is always
