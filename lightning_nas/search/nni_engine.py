@@ -1,4 +1,4 @@
-"""NNI 3.0 plumbing for the joint search: a light executable model space and a batched engine.
+r"""NNI 3.0 plumbing for the joint search: a light executable model space and a batched engine.
 
 :class:`JointModelSpace` is the joint space as an NNI ``ExecutableModelSpace``. NNI's generic
 ``RawFormatModelSpace`` validates every sample through 126 ``Categorical.check_contains`` calls
