@@ -1,28 +1,48 @@
-"""NNI 3.0 multi-trial strategies over the joint space, scored by the project's own scorer.
+r"""Every search strategy is an NNI 3.0 multi-trial strategy, scored by the project's own scorer.
 
 How the pieces fit (checked against the installed NNI 3.0):
 
-* the joint space is an NNI model space without any deep-learning framework: a
-  ``BaseModelSpace`` whose mutables are :meth:`JointSpace.mutable` and whose ``freeze(sample)``
-  is a :class:`~lightning_nas.search.joint_space.Candidate`; NNI wraps it in a
-  ``RawFormatModelSpace`` (``NasExperiment`` itself only accepts PyTorch ``ModelSpace``s, which
-  is what :class:`_RunDirExperiment` changes);
-* each trial runs in-process (``SequentialEngineConfig``) through a ``FunctionalEvaluator`` that
-  scores the candidate with the :class:`~lightning_nas.search.scoring.Scorer` and reports the
-  predicted accuracy; a candidate violating a constraint reports ``-1000 * (1 + violation)``, below
-  every feasible one, so strategies move towards the feasible region, and it is never returned;
-* before NNI starts, :func:`~lightning_nas.search.scoring.probe_feasible` checks (in one cost
-  batch) that the constraints can be met at all, so an unreachable constraint fails at once;
-* the experiment directory (checkpoint, ``experiment.log``, and the experiment manifest NNI would
-  otherwise write to ``~/nni-experiments``) is ``experiment_dir``, inside the run directory.
+* the joint space is an NNI executable model space without any deep-learning framework,
+  :class:`~lightning_nas.search.nni_engine.JointModelSpace`, whose frozen models carry a
+  :class:`~lightning_nas.search.joint_space.Candidate` (``NasExperiment`` itself only accepts
+  PyTorch ``ModelSpace``\ s, which is what the ``RunDirExperiment`` of ``_experiment_class`` changes);
+* models are scored in-process by :class:`~lightning_nas.search.nni_engine.BatchedExecutionEngine`
+  (default; up to ``concurrency`` models in flight, scored as one batch by
+  :meth:`NNISearch.score_models`) or by NNI's ``SequentialExecutionEngine`` (``engine=
+  "sequential"``: one trial at a time through a ``FunctionalEvaluator`` and
+  ``nni.report_final_result``). The metric is the predicted accuracy; a candidate violating a
+  constraint reports ``-1000 * (1 + violation)``, below every feasible one, so strategies move
+  towards the feasible region, and it is never returned;
+* before NNI's own strategies start, :func:`~lightning_nas.search.scoring.probe_feasible` checks
+  (in one cost batch) that the constraints can be met at all, so an unreachable constraint fails
+  at once; the APQ evolution checks its capped initial draws and the smallest candidate itself;
+* the experiment directory (``config.json``, ``experiment.log``, and the experiment manifest NNI
+  would otherwise write to ``~/nni-experiments``) is ``experiment_dir``, inside the run directory.
 
-Strategies (``STRATEGIES``): ``random``, ``regularized_evolution``, ``tpe``, ``grid`` and
-``policy_rl``. NNI's ``TPE`` wrapper sleeps one second after every trial (it was written for
-trials running elsewhere); with in-process trials that sleep is the whole run time, so
-``tpe`` runs the same loop without it. ``policy_rl`` needs the ``tianshou`` package; without it
-the search stops at once with an error saying so. ``grid`` enumerates the space in NNI's grid
-order (shuffled in blocks of 100) and stops at the budget: on a space of ~1e80 points it only
-covers a corner of it.
+Strategies (``STRATEGIES``):
+
+* ``apq_evolution``: APQ's evolution on NNI's ``Strategy`` interface
+  (:class:`~lightning_nas.search.nni_evolution.APQEvolutionStrategy`); it waits for each
+  generation, so its result does not depend on the engine or the concurrency;
+* ``random`` and ``grid`` (NNI's ``Random`` and ``GridSearch``) never read results: any
+  concurrency gives the sequential engine's search. ``grid`` enumerates the space in NNI's grid
+  order (shuffled in blocks of 100) and stops at the budget: on a space of ~1e80 points it only
+  covers a corner of it;
+* ``regularized_evolution`` (NNI's ``RegularizedEvolution``) breeds each child from the
+  population scored so far: with K models in flight a child misses the K - 1 newest results, and
+  K is capped at ``population_size`` (its mutation step needs a scored population);
+* ``tpe``: NNI's TPE strategy without its one-second sleep per trial (written for trials running
+  elsewhere; in-process that sleep is the whole run time), on
+  :class:`~lightning_nas.search.nni_tpe.SharedOrderTpeTuner` (NNI's suggestions, one sort per
+  suggestion instead of one per parameter). Models in flight get the tuner's constant-liar
+  value (``best`` by default), so it works with K > 1, but its cost is the suggestion, not the
+  scoring: batching saves little;
+* ``policy_rl`` (NNI's ``PolicyBasedRL``) needs the ``tianshou`` package; without it the search
+  stops at once with an error saying so.
+
+NNI's ``Random``, ``RegularizedEvolution`` and ``GridSearch`` get the tuple-keyed
+:class:`~lightning_nas.search.nni_engine.JointDeduplication` (same decisions), and the experiment
+saves ``config.json`` only: NNI's checkpoint pickles the strategy's whole deduplication history.
 """
 
 from __future__ import annotations

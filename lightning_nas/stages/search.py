@@ -110,7 +110,6 @@ def run_search(settings: Any, scorer: Any, run_dir: Path, seed: int) -> tuple[An
 
     bar = _progress_bar(settings.evaluations, settings.progress, settings.strategy)
     summary: dict[str, Any] = {"strategy": settings.strategy, "seed": seed}
-    started = time.perf_counter()
     options = _strategy_options(settings)
     if settings.concurrency < 1:
         raise RecipeError("must be at least 1", key="search.concurrency", given=settings.concurrency)
@@ -120,6 +119,7 @@ def run_search(settings: Any, scorer: Any, run_dir: Path, seed: int) -> tuple[An
         search = build(key, lambda: NNISearch(
             scorer.joint, scorer, settings.strategy, settings.evaluations, run_dir / SEARCH_DIR / NNI_DIR,
             seed=seed, options=options, progress=bar.update, concurrency=settings.concurrency))
+        started = time.perf_counter()  # after NNI's import (seconds), which is not the search's speed
         history = search.run()
     except InfeasibleConstraintsError as error:
         raise RecipeError(str(error), key="search.constraints", given=dict(settings.constraints)) from None
