@@ -39,7 +39,8 @@ class SearchSettings:
     #: Bits of the layers outside the policy (stem, first block, head, classifier, squeeze-excite).
     fixed_bits: int = 8
     strategy: Literal["apq_evolution", "regularized_evolution", "random", "tpe", "grid", "policy_rl"] = "apq_evolution"
-    #: Extra keyword arguments of the NNI strategy (e.g. ``{sample_size: 10, crossover: true}``).
+    #: Extra keyword arguments of the strategy: of NNI's strategy class (e.g. ``{sample_size: 10,
+    #: crossover: true}`` for ``regularized_evolution``), or of ``APQEvolution`` for ``apq_evolution``.
     strategy_options: dict[str, Any] = field(default_factory=dict)
     #: Candidates scored in total (APQ: 500 generations x 100 = 50,000).
     evaluations: int = 50000
