@@ -1,5 +1,11 @@
 """APQ / once-for-all evolution over the joint space, scored a whole generation at a time.
 
+The search stage runs this algorithm as an NNI strategy
+(:class:`~lightning_nas.search.nni_evolution.APQEvolutionStrategy`, strategy ``apq_evolution``),
+which reuses this class's settings, operators, rejection and selection; :meth:`APQEvolution.run`
+is the same search as a direct loop without NNI, kept as the reference the NNI strategy is tested
+against (equal results for the same seed) and measured beside (``benchmarks/search_speed.py``).
+
 One generation, as in the once-for-all ``EvolutionFinder`` that APQ reuses:
 
 1. the ``parents`` best distinct candidates of the previous pool are kept (elitism);

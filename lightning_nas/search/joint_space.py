@@ -128,16 +128,21 @@ class JointSpace:
                 raise ValueError(f"sample is missing '{label}' (choose from {values})")
             if sample[label] not in self._index[label]:
                 raise ValueError(f"sample['{label}'] = {sample[label]!r} is not one of {values}")
-        config = {
-            "ks": [int(sample[f"ks_{b}"]) for b in range(self.num_blocks)],
-            "e": [int(sample[f"e_{b}"]) for b in range(self.num_blocks)],
-            "d": [int(sample[f"d_{s}"]) for s in range(self.num_stages)],
-            "r": int(sample["r"]),
-        }
-        policy = None
-        if self.policy_space is not None:
-            policy = {key: [int(sample[f"{key}_{b}"]) for b in range(self.num_blocks)] for key in POLICY_KEYS}
-        return self.canonical(Candidate(config, policy))
+        return self.from_checked_sample(sample)
+
+    def from_checked_sample(self, sample: Mapping[str, Any]) -> Candidate:
+        """:meth:`from_sample` for a sample whose labels and values are known to be valid (an NNI
+        model space checked it when it froze the model): the canonical candidate, unchecked."""
+        values = [int(sample[label]) for label in self.labels]
+        s, b = self.num_stages, self.num_blocks
+        config = {"ks": values[1 + s : 1 + s + b], "e": values[1 + s + b : 1 + s + 2 * b],
+                  "d": values[1 : 1 + s], "r": values[0]}
+        config = self.space.canonical(config)
+        if self.policy_space is None:
+            return Candidate(config, None)
+        start = 1 + s + 2 * b
+        policy = {key: values[start + i * b : start + (i + 1) * b] for i, key in enumerate(POLICY_KEYS)}
+        return Candidate(config, self._canonical_policy(config, policy, validate=False))
 
     def to_sample(self, candidate: Candidate) -> dict[str, int]:
         """The flat NNI sample of ``candidate`` (inverse of :meth:`from_sample` on canonical ones)."""

@@ -318,9 +318,9 @@ class SearchHistory:
         self._cache: tuple | None = None
 
     def add(self, candidates: Sequence[Candidate], scores: Scores, origin: str | Sequence[str],
-            generation: int = -1, vectors: Sequence[Sequence[int]] | None = None) -> None:
-        """Append a scored batch; ``vectors`` (the candidates' :meth:`JointSpace.to_vector`) when
-        the caller already has them."""
+            generation: int | Sequence[int] = -1, vectors: Sequence[Sequence[int]] | None = None) -> None:
+        """Append a scored batch; ``generation`` one for the batch or one per candidate;
+        ``vectors`` (the candidates' :meth:`JointSpace.to_vector`) when the caller already has them."""
         if len(candidates) != len(scores):
             raise ValueError(f"{len(candidates)} candidates but {len(scores)} scores")
         if not len(candidates):
@@ -330,7 +330,13 @@ class SearchHistory:
             vectors = [self.joint.to_vector(c) for c in candidates]
         self._vectors.append(np.asarray(vectors, dtype=np.uint8))
         self._scores.append(scores)
-        self._generation.append(np.full(len(candidates), generation, dtype=np.int32))
+        if isinstance(generation, (int, np.integer)):
+            self._generation.append(np.full(len(candidates), generation, dtype=np.int32))
+        else:
+            generations = np.asarray(generation, dtype=np.int32)
+            if generations.shape != (len(candidates),):
+                raise ValueError(f"{len(candidates)} candidates but {generations.size} generations")
+            self._generation.append(generations)
         self._origin.append(np.asarray([ORIGINS.index(o) for o in origins], dtype=np.int8))
         self._cache = None
 

@@ -9,7 +9,7 @@ from lightning_nas.recipe.markers import CostModelSpec, ExistingFile, SpaceSpec
 
 __all__ = ["SEARCH_STRATEGIES", "SearchSettings"]
 
-#: ``apq_evolution`` is this project's batched APQ evolution; the others are NNI 3.0 strategies.
+#: All NNI strategies: ``apq_evolution`` is APQ's evolution on NNI's Strategy interface, the others NNI 3.0's own.
 SEARCH_STRATEGIES = ("apq_evolution", "regularized_evolution", "random", "tpe", "grid", "policy_rl")
 
 
@@ -39,7 +39,8 @@ class SearchSettings:
     #: Bits of the layers outside the policy (stem, first block, head, classifier, squeeze-excite).
     fixed_bits: int = 8
     strategy: Literal["apq_evolution", "regularized_evolution", "random", "tpe", "grid", "policy_rl"] = "apq_evolution"
-    #: Extra keyword arguments of the NNI strategy (e.g. ``{sample_size: 10, crossover: true}``).
+    #: Extra keyword arguments of the strategy: of NNI's strategy class (e.g. ``{sample_size: 10,
+    #: crossover: true}`` for ``regularized_evolution``), or of ``APQEvolution`` for ``apq_evolution``.
     strategy_options: dict[str, Any] = field(default_factory=dict)
     #: Candidates scored in total (APQ: 500 generations x 100 = 50,000).
     evaluations: int = 50000
@@ -61,6 +62,11 @@ class SearchSettings:
     pareto_metric: str | None = None
     #: Candidates per predictor forward.
     batch_size: int = 4096
+    #: Models the strategy keeps in flight; the engine scores them as one batch (``apq_evolution``
+    #: waits for each generation, so its result does not depend on it; ``regularized_evolution``
+    #: uses at most ``population``; ``random`` and ``grid`` do not read results; ``tpe`` gives the
+    #: models in flight its constant-liar value). 1 reproduces NNI's one-trial-at-a-time order.
+    concurrency: int = 100
     progress: bool = True
     #: Default: the recipe's ``seed``.
     seed: int | None = None

@@ -10,11 +10,15 @@ writes into ``<run_dir>/search/``:
   on the front, config and policy as JSON), the front being the feasible candidates that no other
   feasible one beats on both accuracy and ``pareto_metric``. The APQ evolution rejects infeasible
   draws before scoring them (``rejected`` in ``topk.json`` counts them), so its rows are all
-  feasible; NNI strategies score every trial, infeasible ones included;
+  feasible; NNI's own strategies score every trial, infeasible ones included;
 * ``pareto.png``: accuracy against ``pareto_metric``, the front highlighted;
-* ``nni/``: NNI's experiment directory, for the NNI strategies;
+* ``nni/``: NNI's experiment directory (config, checkpoint, ``experiment.log``);
 
 and, with the ``wandb`` logger, a top-k table, a front table with a scatter plot and the image.
+
+Every strategy, ``apq_evolution`` included, is an NNI strategy run by
+:class:`~lightning_nas.search.nni_engine.BatchedExecutionEngine`, which scores up to
+``concurrency`` models in flight as one batch.
 """
 
 from __future__ import annotations
@@ -99,38 +103,36 @@ def build_scorer(settings: Any) -> Any:
 
 
 def run_search(settings: Any, scorer: Any, run_dir: Path, seed: int) -> tuple[Any, dict[str, Any]]:
-    """Run the chosen strategy; returns the history and a summary of the run."""
-    from ..search.evolution import APQEvolution
+    """Run the chosen strategy (every one is an NNI strategy, run through the batched engine);
+    returns the history and a summary of the run."""
     from ..search.nni_strategies import NNISearch
     from ..search.scoring import InfeasibleConstraintsError
 
     bar = _progress_bar(settings.evaluations, settings.progress, settings.strategy)
     summary: dict[str, Any] = {"strategy": settings.strategy, "seed": seed}
-    started = time.perf_counter()
+    options = _strategy_options(settings)
+    if settings.concurrency < 1:
+        raise RecipeError("must be at least 1", key="search.concurrency", given=settings.concurrency)
+    # the APQ evolution's options are the recipe's own settings (population, parents, ...)
+    key = "search" if settings.strategy == "apq_evolution" else "search.strategy_options"
     try:
-        if settings.strategy == "apq_evolution":
-            search = build("search", lambda: APQEvolution(
-                scorer.joint, scorer, population_size=settings.population, parents=settings.parents,
-                mutations=settings.mutations, mutation_prob=settings.mutation_prob,
-                resolution_prob=settings.resolution_prob, policy_prob=settings.policy_mutation_prob,
-                evaluations=settings.evaluations, max_tries=settings.max_tries, seed=seed, progress=bar.update))
-            history = search.run()
-            summary.update(generations=search.stats["generations"], rejected=search.stats["rejected"],
-                           empty_slots=search.stats["empty_slots"],
-                           selected_parents_by_origin=_total_origins(search.stats["selected"]))
-        else:
-            options = _nni_options(settings)
-            search = build("search.strategy_options", lambda: NNISearch(
-                scorer.joint, scorer, settings.strategy, settings.evaluations, run_dir / SEARCH_DIR / NNI_DIR,
-                seed=seed, options=options, progress=bar.update))
-            history = search.run()
-            summary.update(nni_experiment_dir=str(run_dir / SEARCH_DIR / NNI_DIR / str(search.experiment_id)),
-                           strategy_options=options)
+        search = build(key, lambda: NNISearch(
+            scorer.joint, scorer, settings.strategy, settings.evaluations, run_dir / SEARCH_DIR / NNI_DIR,
+            seed=seed, options=options, progress=bar.update, concurrency=settings.concurrency))
+        started = time.perf_counter()  # after NNI's import (seconds), which is not the search's speed
+        history = search.run()
     except InfeasibleConstraintsError as error:
         raise RecipeError(str(error), key="search.constraints", given=dict(settings.constraints)) from None
     finally:
         bar.close()
     seconds = time.perf_counter() - started
+    summary.update(nni_experiment_dir=str(run_dir / SEARCH_DIR / NNI_DIR / str(search.experiment_id)),
+                   strategy_options=options, engine="batched", concurrency=search.concurrency)
+    if search.evolution is not None:
+        stats = search.evolution.stats
+        summary.update(generations=stats["generations"], rejected=stats["rejected"],
+                       empty_slots=stats["empty_slots"],
+                       selected_parents_by_origin=_total_origins(stats["selected"]))
     summary.update(evaluations=len(history), seconds=round(seconds, 3),
                    candidates_per_second=round(len(history) / max(seconds, 1e-9), 1),
                    cost_evaluations=scorer.cost_evaluations,
@@ -138,11 +140,16 @@ def run_search(settings: Any, scorer: Any, run_dir: Path, seed: int) -> tuple[An
     return history, summary
 
 
-def _nni_options(settings: Any) -> dict[str, Any]:
-    """NNI strategy arguments: the recipe's evolution settings where NNI has them, then the
+def _strategy_options(settings: Any) -> dict[str, Any]:
+    """Strategy arguments: the recipe's evolution settings where the strategy has them, then the
     recipe's ``strategy_options``."""
     defaults: dict[str, Any] = {}
-    if settings.strategy == "regularized_evolution":
+    if settings.strategy == "apq_evolution":
+        defaults = {"population_size": settings.population, "parents": settings.parents,
+                    "mutations": settings.mutations, "mutation_prob": settings.mutation_prob,
+                    "resolution_prob": settings.resolution_prob, "policy_prob": settings.policy_mutation_prob,
+                    "max_tries": settings.max_tries}
+    elif settings.strategy == "regularized_evolution":
         defaults = {"population_size": settings.population, "sample_size": settings.parents,
                     "mutation_prob": settings.mutation_prob}
     return {**defaults, **dict(settings.strategy_options)}

@@ -204,13 +204,28 @@ def test_infeasible_constraint_is_a_recipe_error_with_the_smallest_value(tmp_pat
     assert caught.value.key == "search.constraints"
 
 
-def test_nni_strategy_through_the_stage(tmp_path: Path, predictors) -> None:
-    run_dir = run_stage(tmp_path, predictors["quant"], strategy="random", evaluations=25,
+@pytest.mark.parametrize("strategy", ["apq_evolution", "random", "regularized_evolution", "grid", "tpe"])
+def test_every_strategy_runs_through_nni_with_the_same_outputs(tmp_path: Path, predictors, strategy: str) -> None:
+    run_dir = run_stage(tmp_path, predictors["quant"], strategy=strategy, evaluations=60,
                         constraints="{latency_ms: 0.5, bitops: 8.0e8}")
     topk = json.loads((run_dir / "search" / "topk.json").read_text())
-    assert topk["evaluations"] == 25 and topk["nni_experiment_dir"].startswith(str(run_dir / "search" / "nni"))
-    assert Path(topk["nni_experiment_dir"], "checkpoint").is_dir()
-    assert len(read_csv(run_dir / "search" / "pareto.csv")) == 25
+    assert topk["evaluations"] == 60 and topk["nni_experiment_dir"].startswith(str(run_dir / "search" / "nni"))
+    assert topk["engine"] == "batched" and topk["concurrency"] == (40 if strategy == "regularized_evolution" else 100)
+    assert Path(topk["nni_experiment_dir"], "checkpoint", "config.json").is_file()
+    assert ("generations" in topk) == (strategy == "apq_evolution")
+    rows = read_csv(run_dir / "search" / "pareto.csv")
+    assert len(rows) == 60 and (run_dir / "search" / "pareto.png").is_file()
+    assert topk["topk"] and all(t["costs"]["latency_ms"] <= 0.5 and t["costs"]["bitops"] <= 8.0e8 for t in topk["topk"])
+    assert sum(r["feasible"] == "1" for r in rows) == topk["feasible"]
+
+
+def test_concurrency_must_be_positive(tmp_path: Path, predictors) -> None:
+    path = write_recipe(tmp_path, RECIPE.format(run_dir=tmp_path / "run", predictor=predictors["quant"],
+                                                strategy="random", evaluations=10, constraints="{}",
+                                                bits="[4, 6, 8]", logger="csv") + "  concurrency: 0\n")
+    with pytest.raises(RecipeError, match="must be at least 1") as caught:
+        stage.run(load_recipe(path, validate=False))
+    assert caught.value.key == "search.concurrency"
 
 
 def test_full_precision_search(tmp_path: Path, predictors) -> None:
