@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..nn.bn_recalibration import recalibrate_batchnorm
 from ..predictors.pair_store import Pair, PairStore, plan_key
+from ..recipe.errors import RecipeError
 
 DEFAULT_STORE = "pairs.sqlite"
 
@@ -52,8 +53,8 @@ def split_holdout(datamodule: Any, bn_images: int, eval_images: int, batch_size:
     needed = bn_images + eval_images
     available = len(datamodule.holdout_set)
     if available < needed:
-        raise ValueError(f"pair collection needs {needed} held-out images (bn_images + eval_images), the data "
-                         f"module holds out {available}: raise data.holdout_size or lower them")
+        raise RecipeError(f"pair collection needs {needed} held-out images (bn_images + eval_images), the data "
+                         f"module holds out {available}: raise data.holdout_size or lower them", key="data.holdout_size")
     images, labels = [], []
     for x, y in datamodule.holdout_dataloader(batch_size=batch_size):
         images.append(x)

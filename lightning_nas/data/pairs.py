@@ -13,15 +13,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..predictors.encoding import encode_pairs
 from ..predictors.pair_store import Pair, PairStore
 from ..recipe.errors import RecipeError
-from ..recipe.markers import ExistingFile, SpaceSpec
+from ..recipe.markers import ExistingFile, Fraction, PositiveInt, SpaceSpec
 
 
 class PairsDataModule(pl.LightningDataModule):
     """Pairs of one kind (``fp32`` or ``quant``) of a store; a seeded validation split."""
 
     def __init__(self, path: ExistingFile, space: SpaceSpec, kind: Literal["fp32", "quant"] = "fp32",
-                 val_fraction: float = 0.2, seed: int = 0, max_train_pairs: int | None = None,
-                 batch_size: int = 256, policy_bits: list[int] = [4, 6, 8]) -> None:  # noqa: B006
+                 val_fraction: Fraction = 0.2, seed: int = 0, max_train_pairs: PositiveInt | None = None,
+                 batch_size: PositiveInt = 256, policy_bits: list[int] = [4, 6, 8]) -> None:  # noqa: B006
         super().__init__()
         from ..registry import SPACES
 
@@ -43,7 +43,8 @@ class PairsDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        pairs = PairStore(self.path).pairs(kind=self.kind)
+        pairs = PairStore(self.path, key="data.path").pairs(kind=self.kind)
+        self._check_pairs(pairs)
         if len(pairs) < 4:
             raise RecipeError(f"the store has {len(pairs)} pairs of kind '{self.kind}'; a predictor needs more",
                               key="data.path", given=str(self.path))
@@ -54,6 +55,22 @@ class PairsDataModule(pl.LightningDataModule):
             train_idx = train_idx[: self.max_train_pairs]
         self.train_set = self._dataset([pairs[i] for i in train_idx])
         self.val_set = self._dataset([pairs[i] for i in val_idx])
+
+    def _check_pairs(self, pairs: Sequence[Pair]) -> None:
+        """Every pair must be a subnet (and policy) of this space: a store of another supernet's
+        pairs would otherwise train a predictor on encodings that mean something else."""
+        for index, pair in enumerate(pairs):
+            try:
+                self.space.validate(pair.arch)
+                if self.policy_space is not None:
+                    if pair.policy is None:
+                        raise ValueError("it has no policy")
+                    self.policy_space.validate(pair.policy, self.space.num_blocks)
+            except (ValueError, KeyError, TypeError) as error:  # the space's check of stored data
+                raise RecipeError(f"pair {index} of kind '{self.kind}' does not fit data.space ({error}): the store "
+                                  "holds pairs of another space or supernet", key="data.path", given=str(self.path),
+                                  allowed=f"a store of pairs measured on a supernet of {type(self.space).__name__} "
+                                  f"{self.space.hparams() if hasattr(self.space, 'hparams') else ''}") from None
 
     def _dataset(self, pairs: Sequence[Pair]) -> TensorDataset:
         archs, policies, targets = encode_pairs(self.space, self.policy_space, pairs)

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..recipe.errors import RecipeError
 from .joint_space import Candidate, JointSpace
 from .scoring import Scorer, SearchHistory, probe_feasible
 
@@ -57,7 +58,7 @@ def make_strategy(name: str, seed: int = 0, options: Mapping[str, Any] | None = 
     try:
         return _make_strategy(name, seed, options)
     except TypeError as error:  # an option the strategy's constructor does not take
-        raise ValueError(f"invalid options {options} for NNI strategy '{name}': {error}") from None
+        raise RecipeError(f"invalid options {options} for NNI strategy '{name}': {error}", key="search.strategy_options") from None
 
 
 def _make_strategy(name: str, seed: int, options: dict[str, Any]) -> Any:
@@ -75,9 +76,9 @@ def _make_strategy(name: str, seed: int, options: dict[str, Any]) -> Any:
         try:
             return strategy.PolicyBasedRL(**options)
         except ImportError as error:
-            raise ValueError(
+            raise RecipeError(
                 f"strategy 'policy_rl' (NNI's PolicyBasedRL) needs the tianshou package, which is not installed "
-                f"({error}); install tianshou or choose one of {[s for s in STRATEGIES if s != 'policy_rl']}"
+                f"({error}); install tianshou or choose one of {[s for s in STRATEGIES if s != 'policy_rl']}", key="search.strategy"
             ) from None
     raise ValueError(f"unknown NNI strategy '{name}'; choose one of {list(STRATEGIES)}")
 

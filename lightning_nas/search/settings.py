@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from lightning_nas.recipe.markers import CostModelSpec, ExistingFile, SpaceSpec
 
+from ..recipe.markers import Fraction, NonNegativeInt, PositiveInt
+
 __all__ = ["SEARCH_STRATEGIES", "SearchSettings"]
 
 #: ``apq_evolution`` is this project's batched APQ evolution; the others are NNI 3.0 strategies.
@@ -42,25 +44,25 @@ class SearchSettings:
     #: Extra keyword arguments of the NNI strategy (e.g. ``{sample_size: 10, crossover: true}``).
     strategy_options: dict[str, Any] = field(default_factory=dict)
     #: Candidates scored in total (APQ: 500 generations x 100 = 50,000).
-    evaluations: int = 50000
+    evaluations: PositiveInt = 50000
     #: Children per generation and initial population (``apq_evolution``, ``regularized_evolution``).
-    population: int = 100
+    population: PositiveInt = 100
     #: Parents kept by each selection (``regularized_evolution``: the tournament size).
-    parents: int = 25
+    parents: PositiveInt = 25
     #: Mutants per generation; the rest of ``population`` comes from crossover (``apq_evolution``).
-    mutations: int = 50
+    mutations: NonNegativeInt = 50
     #: Per-gene mutation probability (kernel, expand ratio, depth, policy entries).
-    mutation_prob: float = 0.1
-    resolution_prob: float = 0.5
+    mutation_prob: Fraction = 0.1
+    resolution_prob: Fraction = 0.5
     #: Per-entry mutation probability of the policy; default ``mutation_prob``.
-    policy_mutation_prob: float | None = None
+    policy_mutation_prob: Fraction | None = None
     #: Rejection sampling: draws per child before its slot is given up (``apq_evolution``).
-    max_tries: int = 100
-    top_k: int = 10
+    max_tries: PositiveInt = 100
+    top_k: PositiveInt = 10
     #: Cost axis of the Pareto front; default: the first constrained metric, else the first metric.
     pareto_metric: str | None = None
     #: Candidates per predictor forward.
-    batch_size: int = 4096
+    batch_size: PositiveInt = 4096
     progress: bool = True
     #: Default: the recipe's ``seed``.
     seed: int | None = None

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from ..nn.safe_load import pickle_allowed
+from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
-from .common import build, build_trainer, prepare_run_dir, resume_checkpoint, seed_everything
+from .common import build_trainer, prepare_run_dir, resume_checkpoint, seed_everything
 
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
 
@@ -19,6 +23,33 @@ def ddp_strategy_for(task: object, trainer_args: dict) -> dict:
     return {}
 
 
+def check_resume_checkpoint(path: str, space: Mapping[str, Any] | None) -> None:
+    """A checkpoint to resume from: readable without pickle, a Lightning checkpoint, same space."""
+    from ..nn.safe_load import load_torch_file, require_mapping
+
+    what = "a checkpoint written by `lightning-nas fit` of this recipe"
+    checkpoint = require_mapping(load_torch_file(path, key="ckpt_path", what=what),
+                                 ("state_dict", "hyper_parameters", "epoch", "global_step"),
+                                 path=path, key="ckpt_path", what=what)
+    theirs = checkpoint["hyper_parameters"].get("space") if isinstance(checkpoint["hyper_parameters"], Mapping) \
+        else None
+    ours = space
+    if isinstance(theirs, Mapping) and isinstance(ours, Mapping) and dict(theirs) != dict(ours):
+        raise RecipeError("the checkpoint was trained on another space", key="ckpt_path", given=path,
+                          allowed=f"a checkpoint of task.space = {dict(ours)} (this one's: {dict(theirs)})")
+
+
+def check_num_classes(datamodule: Any, task: Any) -> None:
+    """The data's classes against the classifier of the task's space (when both are known)."""
+    space = getattr(task, "space", None)
+    expected = getattr(space, "num_classes", None)
+    found = getattr(datamodule, "num_classes", None)
+    if isinstance(expected, int) and isinstance(found, int) and expected != found:
+        raise RecipeError(f"the data has {found} classes but the space's classifier has {expected}",
+                          key="task.space.num_classes", given=expected,
+                          allowed=f"{found} (the classes of data.name={type(datamodule).__name__}), or other data")
+
+
 def run(recipe: LoadedRecipe) -> Path:
     config = recipe.config
     require_sections(config, ("task", "data"), "fit")
@@ -26,9 +57,13 @@ def run(recipe: LoadedRecipe) -> Path:
     seed_everything(config["seed"])
     from ..registry import DATA, TASKS
 
-    datamodule = build("data", lambda: DATA.build(config["data"]))
-    task = build("task", lambda: TASKS.build(config["task"]))
+    ckpt_path = resume_checkpoint(config, run_dir)
+    if ckpt_path is not None:  # before any set-up: a refused file fails at once
+        check_resume_checkpoint(ckpt_path, config["task"].get("space"))
+    datamodule = DATA.build(config["data"])
+    task = TASKS.build(config["task"])
+    check_num_classes(datamodule, task)
     trainer = build_trainer(config, run_dir, **ddp_strategy_for(task, config.get("trainer", {})))
-    # A supernet checkpoint carries its distillation teacher as a module, so it is not weights-only.
-    trainer.fit(task, datamodule=datamodule, ckpt_path=resume_checkpoint(config, run_dir), weights_only=False)
+    # Read without pickle unless the recipe trusts its files (checked above, so refusals are clear).
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not pickle_allowed())
     return run_dir

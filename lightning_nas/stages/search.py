@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import pickle
 import sys
 import time
 from collections.abc import Mapping
@@ -34,7 +33,7 @@ import numpy as np
 from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
-from .common import build, build_loggers, prepare_run_dir
+from .common import build_loggers, prepare_run_dir
 
 SEARCH_DIR = "search"
 TOPK_FILE = "topk.json"
@@ -48,13 +47,19 @@ def load_settings(config: Mapping[str, Any]) -> Any:
 
     require_sections(config, ("search",), "search")
     try:
-        return SearchSettings(**config["search"])
+        settings = SearchSettings(**config["search"])
     except TypeError as error:
         raise RecipeError(f"invalid search settings ({error})", key="search") from None
+    for name in ("parents", "mutations"):
+        if getattr(settings, name) > settings.population:
+            raise RecipeError(f"{name} cannot exceed the population", key=f"search.{name}",
+                              given=getattr(settings, name), allowed=f"at most search.population = {settings.population}")
+    return settings
 
 
 def build_cost_models(specs: list[Mapping[str, Any]]) -> dict[str, Any]:
     """``{name: model}`` from recipe specs; a second model of one kind is named ``<kind>_2``."""
+    from ..hardware.latency_table import LatencyTableError
     from ..registry import COST_MODELS
 
     models: dict[str, Any] = {}
@@ -63,7 +68,10 @@ def build_cost_models(specs: list[Mapping[str, Any]]) -> dict[str, Any]:
         name, n = base, 2
         while name in models:
             name, n = f"{base}_{n}", n + 1
-        models[name] = build(f"search.cost_models.{i}", lambda s=spec: COST_MODELS.build(s))
+        try:
+            models[name] = COST_MODELS.build(spec)
+        except LatencyTableError as error:
+            raise RecipeError(str(error), key=f"search.cost_models.{i}.table", given=spec.get("table")) from None
     return models
 
 
@@ -75,27 +83,17 @@ def build_scorer(settings: Any) -> Any:
     from ..search.scoring import Scorer
     from ..spaces.quant_policy import QuantPolicySpace
 
-    space = build("search.space", lambda: SPACES.build(settings.space))
+    space = SPACES.build(settings.space)  # validated with the recipe
     policy_space = None
     if settings.policy_bits is not None:
-        policy_space = build("search.policy_bits", lambda: QuantPolicySpace(bit_choices=list(settings.policy_bits),
-                                                                            fixed_bits=settings.fixed_bits))
+        try:
+            policy_space = QuantPolicySpace(bit_choices=list(settings.policy_bits), fixed_bits=settings.fixed_bits)
+        except ValueError as error:  # the policy space's check of exactly these two settings
+            raise RecipeError(str(error), key="search.policy_bits", given=list(settings.policy_bits)) from None
     joint = JointSpace(space, policy_space)
-    try:
-        predictor = load_predictor(settings.predictor)
-    except FileNotFoundError:
-        raise RecipeError("predictor file not found (train one with a predictor recipe first)",
-                          key="search.predictor", given=settings.predictor) from None
-    except (KeyError, TypeError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        raise RecipeError(f"not a predictor file written by `lightning-nas fit` of a predictor recipe ({error})",
-                          key="search.predictor", given=settings.predictor) from None
+    predictor = load_predictor(settings.predictor, key="search.predictor")
     models = build_cost_models(list(settings.cost_models))
-    try:
-        return Scorer(joint, predictor, models, settings.constraints, batch_size=settings.batch_size)
-    except ValueError as error:
-        key = "search.constraints" if "constraint" in str(error) else "search.predictor" \
-            if "predictor" in str(error) else "search.cost_models"
-        raise RecipeError(str(error), key=key) from None
+    return Scorer(joint, predictor, models, settings.constraints, batch_size=settings.batch_size)
 
 
 def run_search(settings: Any, scorer: Any, run_dir: Path, seed: int) -> tuple[Any, dict[str, Any]]:
@@ -109,20 +107,20 @@ def run_search(settings: Any, scorer: Any, run_dir: Path, seed: int) -> tuple[An
     started = time.perf_counter()
     try:
         if settings.strategy == "apq_evolution":
-            search = build("search", lambda: APQEvolution(
+            search = APQEvolution(
                 scorer.joint, scorer, population_size=settings.population, parents=settings.parents,
                 mutations=settings.mutations, mutation_prob=settings.mutation_prob,
                 resolution_prob=settings.resolution_prob, policy_prob=settings.policy_mutation_prob,
-                evaluations=settings.evaluations, max_tries=settings.max_tries, seed=seed, progress=bar.update))
+                evaluations=settings.evaluations, max_tries=settings.max_tries, seed=seed, progress=bar.update)
             history = search.run()
             summary.update(generations=search.stats["generations"], rejected=search.stats["rejected"],
                            empty_slots=search.stats["empty_slots"],
                            selected_parents_by_origin=_total_origins(search.stats["selected"]))
         else:
             options = _nni_options(settings)
-            search = build("search.strategy_options", lambda: NNISearch(
+            search = NNISearch(
                 scorer.joint, scorer, settings.strategy, settings.evaluations, run_dir / SEARCH_DIR / NNI_DIR,
-                seed=seed, options=options, progress=bar.update))
+                seed=seed, options=options, progress=bar.update)
             history = search.run()
             summary.update(nni_experiment_dir=str(run_dir / SEARCH_DIR / NNI_DIR / str(search.experiment_id)),
                            strategy_options=options)

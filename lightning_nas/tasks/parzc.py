@@ -9,6 +9,8 @@ from torchmetrics.regression import KendallRankCorrCoef, SpearmanCorrCoef
 from lightning_nas.predictors.losses import LOSSES, RankingLoss
 from lightning_nas.predictors.parzc import ParZC
 
+from ..recipe.markers import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
 
 class ParZCTask(pl.LightningModule):
     """Ranks architectures from ``[L, K]`` node-wise statistics; higher score = predicted better.
@@ -26,11 +28,11 @@ class ParZCTask(pl.LightningModule):
         num_stats: int | None = None,
         proxies: list[str] | None = None,
         stats_seed: int | None = None,
-        embed_dim: int = 32,
-        depth: int = 2,
+        embed_dim: PositiveInt = 32,
+        depth: PositiveInt = 2,
         token_hidden: int = 64,
         channel_hidden: int = 64,
-        dropout: float = 0.1,
+        dropout: Fraction = 0.1,
         bayesian: bool = True,
         prior_sigma: float = 0.1,
         kl_weight: float = 1e-4,
@@ -38,9 +40,9 @@ class ParZCTask(pl.LightningModule):
         alpha: float = 50.0,
         pairwise_kind: str = "logistic",
         margin: float = 0.1,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-3,
-        warmup_epochs: int = 10,
+        lr: PositiveFloat = 1e-3,
+        weight_decay: NonNegativeFloat = 1e-3,
+        warmup_epochs: NonNegativeInt = 10,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:

@@ -16,6 +16,7 @@ from lightning_nas.predictors import zc_cache
 from lightning_nas.predictors.losses import kendall_tau
 from lightning_nas.predictors.parzc import BayesLinear, ParZC
 from lightning_nas.predictors.ranking import score_architectures
+from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.spaces.nb201 import all_archs, weight_slot_names
 from lightning_nas.tasks.parzc import ParZCTask
 
@@ -179,7 +180,7 @@ def test_datamodule_task_checkpoint_and_ranking(tmp_path: Path, batch) -> None:
     assert scores == pytest.approx(expected, rel=1e-5)
     by_proxy = score_architectures(ARCHS[:2], "params", images=images, labels=labels)
     assert by_proxy == pytest.approx(zc_cache.load_statistics(cache, ARCHS[:2]).scores[:, 2].tolist())
-    with pytest.raises(ValueError, match="neither a proxy"):
+    with pytest.raises(RecipeError, match="neither a proxy"):
         score_architectures(ARCHS[:1], "no_such_thing")
     json.loads(cache.read_text().splitlines()[0])  # the header stays plain JSON
 
