@@ -620,8 +620,10 @@ def load_derived_model(path: str | Path, key: str | None = None) -> nn.Module:
     from ..registry import SPACES
 
     what = "a derived_model.pt of a ProxylessNAS search (ops, space, state_dict)"
-    saved = require_mapping(load_torch_file(path, key=key, what=what), ("ops", "space", "state_dict"), path=path,
-                            key=key, what=what)
+    saved = load_torch_file(path, key=key, what=what)
+    if isinstance(saved, dict) and isinstance(saved.get("model"), nn.Module) and "state_dict" not in saved:
+        return saved["model"].eval()  # an older file, read with allow_pickle: the module itself
+    require_mapping(saved, ("ops", "space", "state_dict"), path=path, key=key, what=what)
     net = SPACES.build(saved["space"]).build_net(saved["ops"])
     net.load_state_dict(saved["state_dict"])
     return net.eval()

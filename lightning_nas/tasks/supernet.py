@@ -312,8 +312,13 @@ class SupernetTask(pl.LightningModule):
             checkpoint[TEACHER_KEY] = network_record(self._teacher[0], **self._teacher_record)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if TEACHER_KEY in checkpoint:
-            self.set_teacher(*rebuild_network(checkpoint[TEACHER_KEY], path="the checkpoint", key="ckpt_path"))
+        teacher = checkpoint.get(TEACHER_KEY)
+        if isinstance(teacher, nn.Module):  # an older checkpoint, read with allow_pickle: the module itself
+            space = getattr(teacher, "space", None)
+            self.set_teacher(teacher, {"name": space.name, **space.hparams()} if space is not None else {},
+                             getattr(teacher, "config", {}))
+        elif teacher is not None:
+            self.set_teacher(*rebuild_network(teacher, path="the checkpoint", key="ckpt_path"))
 
 
 def read_supernet_checkpoint(path: str, key: str) -> dict[str, Any]:
