@@ -172,7 +172,7 @@ def test_datamodule_task_checkpoint_and_ranking(tmp_path: Path, batch) -> None:
     trainer.fit(task, datamodule=dm)
     ckpt = tmp_path / "parzc.ckpt"
     trainer.save_checkpoint(ckpt)
-    hparams = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
     assert hparams["num_nodes"] == 98 and hparams["proxies"] == PROXIES and hparams["stats_seed"] == 0
     expected = task.score(torch.as_tensor(zc_cache.load_statistics(cache, ARCHS).nodes)).tolist()
     # Same proxies, seed and batch as the cache: it is reused (recomputation is tested above).

@@ -29,7 +29,7 @@ def test_resume_from_last_checkpoint_continues_training(tmp_path: Path) -> None:
     assert main(["fit", RECIPE, "--smoke", f"run_dir={run_dir}", "ckpt_path=last", "trainer.max_epochs=2"]) == 0
     import torch
 
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["epoch"] == 1 and state["global_step"] == 8
 
 
