@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..nn.bn_recalibration import recalibrate_batchnorm
 from ..predictors.pair_store import Pair, PairStore, plan_key
 from ..recipe.errors import RecipeError
+from ..recipe.markers import BitChoices
 
 DEFAULT_STORE = "pairs.sqlite"
 
@@ -154,7 +155,7 @@ class QuantizedPairCollector(AccuracyPairCollector):
 
     def __init__(self, num_pairs: int = 200, store: str | None = None, seed: int = 0, bn_images: int = 2000,
                  eval_images: int = 2000, batch_size: int = 200, finetune_steps: int = 50, lr: float = 1e-3,
-                 momentum: float = 0.9, policy_bits: list[int] = [4, 6, 8]) -> None:  # noqa: B006
+                 momentum: float = 0.9, policy_bits: BitChoices = [4, 6, 8]) -> None:  # noqa: B006
         super().__init__(num_pairs, store, seed, bn_images, eval_images, batch_size)
         self.finetune_steps, self.lr, self.momentum, self.policy_bits = finetune_steps, lr, momentum, policy_bits
         self._finetune_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..predictors.encoding import encode_pairs
 from ..predictors.pair_store import Pair, PairStore
 from ..recipe.errors import RecipeError
-from ..recipe.markers import ExistingFile, Fraction, PositiveInt, SpaceSpec
+from ..recipe.markers import BitChoices, ExistingFile, Fraction, PositiveInt, SpaceSpec
 
 
 class PairsDataModule(pl.LightningDataModule):
@@ -21,7 +21,7 @@ class PairsDataModule(pl.LightningDataModule):
 
     def __init__(self, path: ExistingFile, space: SpaceSpec, kind: Literal["fp32", "quant"] = "fp32",
                  val_fraction: Fraction = 0.2, seed: int = 0, max_train_pairs: PositiveInt | None = None,
-                 batch_size: PositiveInt = 256, policy_bits: list[int] = [4, 6, 8]) -> None:  # noqa: B006
+                 batch_size: PositiveInt = 256, policy_bits: BitChoices = [4, 6, 8]) -> None:  # noqa: B006
         super().__init__()
         from ..registry import SPACES
 

@@ -82,9 +82,13 @@ def load_torch_file(path: str | os.PathLike[str], *, key: str | None, what: str)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # whatever the bytes make torch raise: the file decides, not the code
         if not (isinstance(error, pickle.UnpicklingError) and needs_pickle(path)):
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise RecipeError(f"cannot read it as a torch file ({type(error).__name__}: {first_line[:120]})",
-                              key=key, given=str(path), allowed=what) from None
+            if zipfile.is_zipfile(path):
+                first_line = (str(error).strip().splitlines() or [""])[0]
+                reason = f"a damaged torch archive: {type(error).__name__}: {first_line[:120]}"
+            else:
+                reason = "not written by torch.save"
+            raise RecipeError(f"cannot read it as a torch file ({reason})", key=key, given=str(path),
+                              allowed=what) from None
     if not _allow_pickle:
         raise RecipeError(
             "this file holds Python objects, and loading it would run code from it (pickle); "

@@ -42,6 +42,15 @@ NonNegativeFloat = float
 #: A share or a probability: a number in [0, 1].
 Fraction = float
 
+#: Bit widths of a quantization policy space, and the bits of the layers it keeps fixed; checked
+#: in the validation pass by the (torch-free) functions named in ``VALUE_CHECKS``.
+BitChoices = list[int]
+FixedBits = int
+VALUE_CHECKS = {
+    "BitChoices": ("list", "lightning_nas.spaces.quant_policy:check_bit_choices", "a list of distinct bit widths"),
+    "FixedBits": ("int", "lightning_nas.spaces.quant_policy:check_fixed_bits", "a bit width or 32"),
+}
+
 #: Marker -> (base type, lowest value, whether the lowest is allowed, highest value or None, text).
 RANGE_MARKERS: dict[str, tuple[str, float, bool, float | None, str]] = {
     "PositiveInt": ("int", 1, True, None, "int >= 1"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lightning_nas.recipe.markers import CostModelSpec, ExistingFile, SpaceSpec
+from lightning_nas.recipe.markers import BitChoices, CostModelSpec, ExistingFile, FixedBits, SpaceSpec
 
 from ..recipe.markers import Fraction, NonNegativeInt, PositiveInt
 
@@ -37,9 +37,9 @@ class SearchSettings:
     #: ``energy_mj`` (or their qualified names).
     constraints: dict[str, float] = field(default_factory=dict)
     #: Bit widths of the quantization policy (APQ: 4, 6, 8); null searches full precision only.
-    policy_bits: list[int] | None = field(default_factory=lambda: [4, 6, 8])
+    policy_bits: BitChoices | None = field(default_factory=lambda: [4, 6, 8])
     #: Bits of the layers outside the policy (stem, first block, head, classifier, squeeze-excite).
-    fixed_bits: int = 8
+    fixed_bits: FixedBits = 8
     strategy: Literal["apq_evolution", "regularized_evolution", "random", "tpe", "grid", "policy_rl"] = "apq_evolution"
     #: Extra keyword arguments of the NNI strategy (e.g. ``{sample_size: 10, crossover: true}``).
     strategy_options: dict[str, Any] = field(default_factory=dict)

@@ -57,7 +57,9 @@ from ..nn.safe_load import load_torch_file, require_mapping
 from ..nn.shrinking import soft_cross_entropy
 from ..recipe.errors import RecipeError
 from ..recipe.markers import (
+    BitChoices,
     ExistingFile,
+    FixedBits,
     Fraction,
     NonNegativeFloat,
     NonNegativeInt,
@@ -253,8 +255,8 @@ class QATTask(pl.LightningModule):
         candidate_index: NonNegativeInt = 0,
         policy: int | dict[str, Any] | Literal["random", "candidate"] = 8,
         policy_seed: int = 0,
-        bit_choices: list[int] = [4, 6, 8],  # noqa: B006 - copied by QuantPolicySpace
-        fixed_bits: int = 8,
+        bit_choices: BitChoices = [4, 6, 8],  # noqa: B006 - copied by QuantPolicySpace
+        fixed_bits: FixedBits = 8,
         lr: PositiveFloat = 1e-3,
         optimizer: Literal["sgd", "adam", "adamw"] = "sgd",
         momentum: NonNegativeFloat = 0.9,

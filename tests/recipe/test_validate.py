@@ -118,6 +118,11 @@ def test_search_and_profile_ranges(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="float in \\[0, 1\\]") as info:
         load_recipe("recipes/apq_int8.yaml", [f"search.predictor={predictor}", "search.mutation_prob=2"])
     assert info.value.key == "search.mutation_prob"
+    with pytest.raises(RecipeError, match=r"bit_choices \[9\] not supported; allowed bit widths: \[2, 3"):
+        load_recipe("recipes/apq_int8.yaml", [f"search.predictor={predictor}", "search.policy_bits=[4, 9]"])
+    with pytest.raises(RecipeError, match="bit_choices has duplicates") as info:
+        load_recipe("recipes/qat_finetune.yaml", [f"task.supernet_checkpoint={predictor}", "task.bit_choices=[4, 4]"])
+    assert info.value.key == "task.bit_choices"
     with pytest.raises(RecipeError, match="resolution 7 is not one the profiled space takes"):
         load_recipe("recipes/latency_lut_cpu.yaml", ["profile.resolutions=[7]"])
 
