@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
 
@@ -17,16 +18,21 @@ from ..recipe.markers import BitChoices, ExistingFile, Fraction, PositiveInt, Sp
 
 
 class PairsDataModule(pl.LightningDataModule):
-    """Pairs of one kind (``fp32`` or ``quant``) of a store; a seeded validation split."""
+    """Pairs of one kind (``fp32`` or ``quant``) of a store; a seeded validation split.
+
+    A store holding pairs measured on several supernets (their weights' hashes differ) is refused
+    unless ``checkpoint_hash`` names the one to train on: a predictor of a mixture fits none.
+    """
 
     def __init__(self, path: ExistingFile, space: SpaceSpec, kind: Literal["fp32", "quant"] = "fp32",
                  val_fraction: Fraction = 0.2, seed: int = 0, max_train_pairs: PositiveInt | None = None,
-                 batch_size: PositiveInt = 256, policy_bits: BitChoices = [4, 6, 8]) -> None:  # noqa: B006
+                 batch_size: PositiveInt = 256, policy_bits: BitChoices = [4, 6, 8],  # noqa: B006
+                 checkpoint_hash: str | None = None) -> None:
         super().__init__()
         from ..registry import SPACES
 
         self.path, self.kind, self.val_fraction, self.seed = path, kind, val_fraction, seed
-        self.max_train_pairs, self.batch_size = max_train_pairs, batch_size
+        self.max_train_pairs, self.batch_size, self.checkpoint_hash = max_train_pairs, batch_size, checkpoint_hash
         self.space = SPACES.build(space)
         self.policy_space = None
         if kind == "quant":
@@ -44,6 +50,7 @@ class PairsDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         pairs = PairStore(self.path, key="data.path").pairs(kind=self.kind)
+        pairs = self._one_supernet(pairs)
         self._check_pairs(pairs)
         if len(pairs) < 4:
             raise RecipeError(f"the store has {len(pairs)} pairs of kind '{self.kind}'; a predictor needs more",
@@ -55,6 +62,21 @@ class PairsDataModule(pl.LightningDataModule):
             train_idx = train_idx[: self.max_train_pairs]
         self.train_set = self._dataset([pairs[i] for i in train_idx])
         self.val_set = self._dataset([pairs[i] for i in val_idx])
+
+    def _one_supernet(self, pairs: Sequence[Pair]) -> list[Pair]:
+        counts = Counter(p.checkpoint_hash for p in pairs)
+        found = ", ".join(f"{h} ({n} pairs)" for h, n in counts.most_common())
+        if self.checkpoint_hash is not None:
+            if self.checkpoint_hash not in counts:
+                raise RecipeError(f"the store has no pairs of kind '{self.kind}' measured on this supernet",
+                                  key="data.checkpoint_hash", given=self.checkpoint_hash,
+                                  allowed=f"a hash of {self.path}: {found or 'none'}")
+            return [p for p in pairs if p.checkpoint_hash == self.checkpoint_hash]
+        if len(counts) > 1:
+            raise RecipeError(f"the store holds pairs of {len(counts)} supernets: {found}", key="data.path",
+                              given=str(self.path), allowed="pairs of one supernet, or data.checkpoint_hash=<hash> "
+                              "to choose one")
+        return list(pairs)
 
     def _check_pairs(self, pairs: Sequence[Pair]) -> None:
         """Every pair must be a subnet (and policy) of this space: a store of another supernet's

@@ -113,3 +113,25 @@ def test_the_cli_answers_a_bad_store_with_exit_2(tmp_path: Path, capsys) -> None
     code = main(["fit", "recipes/predictor_fp32.yaml", "--smoke", f"data.path={path}", f"run_dir={tmp_path / 'r'}"])
     err = capsys.readouterr().err
     assert code == 2 and "data.path" in err and str(path) in err and "not a pair store" in err
+
+
+def test_pairs_of_two_supernets_need_a_choice(tmp_path: Path) -> None:
+    from conftest import fill_store
+
+    path = tmp_path / "pairs.sqlite"
+    fill_store(path, 20, "fp32")
+    store = PairStore(path)
+    first = store.pairs()[0]
+    for i in range(5):  # the same architectures measured on another supernet's weights
+        store.add(Pair(first.arch, None, first.resolution, 40.0 + i, None, "0123456789abcdef", 0, 1.0,
+                       pair_key=f"0123456789abcdef:fp32:0:{i}"))
+    with pytest.raises(RecipeError, match="the store holds pairs of 2 supernets: synthetic \\(20 pairs\\), "
+                                          "0123456789abcdef \\(5 pairs\\)") as caught:
+        PairsDataModule(str(path), SPACE).setup("fit")
+    assert caught.value.key == "data.path"
+    chosen = PairsDataModule(str(path), SPACE, checkpoint_hash="synthetic", val_fraction=0.25)
+    chosen.setup("fit")
+    assert len(chosen.train_set) + len(chosen.val_set) == 20
+    with pytest.raises(RecipeError, match="no pairs of kind 'fp32' measured on this supernet") as caught:
+        PairsDataModule(str(path), SPACE, checkpoint_hash="feedface").setup("fit")
+    assert caught.value.key == "data.checkpoint_hash"
