@@ -31,12 +31,11 @@ def check_resume_checkpoint(path: str, space: Mapping[str, Any] | None) -> None:
     checkpoint = require_mapping(load_torch_file(path, key="ckpt_path", what=what),
                                  ("state_dict", "hyper_parameters", "epoch", "global_step"),
                                  path=path, key="ckpt_path", what=what)
-    theirs = checkpoint["hyper_parameters"].get("space") if isinstance(checkpoint["hyper_parameters"], Mapping) \
-        else None
-    ours = space
-    if isinstance(theirs, Mapping) and isinstance(ours, Mapping) and dict(theirs) != dict(ours):
+    hparams = checkpoint["hyper_parameters"]
+    theirs = hparams.get("space") if isinstance(hparams, Mapping) else None
+    if isinstance(theirs, Mapping) and isinstance(space, Mapping) and dict(theirs) != dict(space):
         raise RecipeError("the checkpoint was trained on another space", key="ckpt_path", given=path,
-                          allowed=f"a checkpoint of task.space = {dict(ours)} (this one's: {dict(theirs)})")
+                          allowed=f"a checkpoint of task.space = {dict(space)} (this one's: {dict(theirs)})")
 
 
 def check_num_classes(datamodule: Any, task: Any) -> None:
