@@ -9,6 +9,7 @@ from torchmetrics.regression import KendallRankCorrCoef, SpearmanCorrCoef
 from lightning_nas.predictors.losses import LOSSES, RankingLoss
 from lightning_nas.predictors.parzc import ParZC
 
+from ..recipe.errors import RecipeError
 from ..recipe.markers import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 
@@ -46,7 +47,7 @@ class ParZCTask(pl.LightningModule):
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}")
+            raise RecipeError("unknown ranking loss", key="task.loss", given=loss, allowed=", ".join(LOSSES))
         self.save_hyperparameters()
         self.criterion = RankingLoss(loss, alpha=alpha, pairwise_kind=pairwise_kind, margin=margin)
         self.model: ParZC | None = None

@@ -151,8 +151,9 @@ class SupernetTask(pl.LightningModule):
         for key, values in choices.items():
             unknown = sorted(set(values) - set(getattr(space, key)))
             if unknown:
-                raise ValueError(f"phase '{phase.name}': {key.split('_')[0]} choices {unknown} are not in the "
-                                 f"space (allowed: {getattr(space, key)})")
+                raise RecipeError(f"phase '{phase.name}': {key.split('_')[0]} choices {unknown} are not in the "
+                                  "space", key=f"callbacks.progressive_shrinking.init_args.phases[{index}]",
+                                  given=values, allowed=f"values of the space's {key}: {getattr(space, key)}")
         sampler = type(space)(**{**space.hparams(), **choices})
         self.active = ActivePhase(index, phase, start_epoch, sampler)
         if phase.elastic and self.kd_ratio > 0 and not self._teacher:

@@ -106,7 +106,7 @@ def test_task_signature_is_explicit() -> None:
         init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
         assert init.args.kwarg is None and init.args.vararg is None
         assert all(a.annotation is not None for a in init.args.args[1:])
-    with pytest.raises(ValueError, match="diffkendall"):
+    with pytest.raises(RecipeError, match="task.loss: unknown ranking loss(.|\n)*diffkendall"):
         ParZCTask(loss="hinge")
 
 

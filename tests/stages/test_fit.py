@@ -46,3 +46,10 @@ def test_wandb_logger_writes_an_offline_run_in_the_run_directory(tmp_path: Path,
     runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
     assert (run_dir / "logs" / "metrics.csv").is_file()
+
+
+def test_a_phase_choice_the_space_lacks_exits_2(tmp_path: Path, capsys) -> None:
+    phases = "callbacks.progressive_shrinking.init_args.phases=[{name: kernel, epochs: 1, lr: 0.1, kernel: [3, 9]}]"
+    assert main(["fit", "recipes/ofa_supernet.yaml", "--smoke", phases, f"run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "callbacks.progressive_shrinking.init_args.phases[0]" in err and "[9] are not in the space" in err
