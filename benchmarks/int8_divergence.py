@@ -48,13 +48,15 @@ def main(argv: list[str] | None = None) -> dict:
     from lightning_nas.registry import DATA
     from lightning_nas.tasks.qat import load_qat_subnet
 
-    resolution = torch.load(args.qat_subnet, map_location="cpu", weights_only=False)["config"]["r"]
+    resolution = torch.load(args.qat_subnet, map_location="cpu", weights_only=True)["config"]["r"]
     fake = load_qat_subnet(args.qat_subnet)
     spec = {"name": args.data, "batch_size": 200, "num_workers": 0, "holdout_size": args.calibration_images}
     if args.data == "cifar10":
         spec["root"] = args.data_root
     data = DATA.build(spec)
     data.setup("fit")
+    # The test split is kept in stratified order (lightning_nas.data.subsets): its first N images
+    # are a seeded sample over every class, not the front of the file.
     images = torch.cat([x for x, _ in data.test_dataloader()])[: args.images]
     x = data.normalize(images, resolution)
     calibration = [data.normalize(b[0], resolution) for b in data.holdout_dataloader(batch_size=100)]

@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     args, extra = _parse(argv)
     records = {cost: search(args, cost, extra) for cost in COSTS}
-    models = {cost: torch.load(args.out / cost / "derived_model.pt", map_location="cpu", weights_only=False)["model"]
-              for cost in COSTS}
+    from lightning_nas.tasks.proxyless import load_derived_model
+
+    models = {cost: load_derived_model(args.out / cost / "derived_model.pt") for cost in COSTS}
     resolution = int(records["latency"]["space"].get("resolution", 32))
     example = torch.randn(1, 3, resolution, resolution)
     medians: dict[str, list[float]] = {cost: [] for cost in COSTS}

@@ -61,7 +61,7 @@ def add_qat_arguments(parser: argparse.ArgumentParser, checkpoint_required: bool
     parser.add_argument("--bn-images", type=int, default=2000)
     parser.add_argument("--agreement-images", type=int, default=1000)
     parser.add_argument("--test-images", type=int, default=None,
-                        help="evaluate top-1 on the first N test images (default: all)")
+                        help="evaluate top-1 on N test images, a seeded sample stratified by class (default: all)")
     parser.add_argument("--latency-repeats", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation")
     parser.add_argument("--accelerator", default="auto")
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from lightning_nas.tasks.supernet import SupernetTask
 
-    supernet = SupernetTask.load_from_checkpoint(args.checkpoint, map_location="cpu", weights_only=False)
+    supernet = SupernetTask.from_checkpoint_file(args.checkpoint, "--checkpoint")
     space = supernet.space
     chosen_subnets, chosen_policies = args.subnets.split(","), args.policies.split(",")
     for given, allowed, flag in ((chosen_subnets, SUBNETS, "--subnets"), (chosen_policies, POLICIES, "--policies")):

@@ -142,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except RecipeError as error:
+        if getattr(args, "recipe", None):
+            error.with_source(args.recipe)  # errors raised while a stage runs name the recipe too
         print(f"error: {error.render()}", file=sys.stderr)
         return USAGE_EXIT_CODE
     except KeyboardInterrupt:

@@ -70,3 +70,26 @@ def fill_store(path: Path, count: int, kind: str, seed: int = 0) -> None:
         policy = policies.sample(rng, space.num_blocks) if kind == "quant" else None
         store.add(Pair(config, policy, config["r"], true_accuracy(space, config, policy), None, "synthetic",
                        seed, 0.0, kind=kind, pair_key=plan_key("synthetic", kind, seed, i)))
+
+
+class CreatesFileWhenUnpickled:
+    """Unpickling this calls ``open(target, "w")``: a stand-in for a checkpoint that runs code."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.fixture
+def code_payload():
+    """``write(path, target)``: a checkpoint-shaped torch file whose unpickling creates ``target``."""
+    import torch
+
+    def write(path: Path, target: Path) -> Path:
+        torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {}, "epoch": 0, "global_step": 0,
+                    "payload": CreatesFileWhenUnpickled(target)}, path)
+        return path
+
+    return write

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from ..nn.bn_recalibration import recalibrate_batchnorm
 from ..predictors.pair_store import Pair, PairStore, plan_key
+from ..recipe.errors import RecipeError
+from ..recipe.markers import BitChoices
 
 DEFAULT_STORE = "pairs.sqlite"
 
@@ -54,8 +56,8 @@ def split_holdout(datamodule: Any, bn_images: int, eval_images: int, batch_size:
     needed = bn_images + eval_images
     available = len(datamodule.holdout_set)
     if available < needed:
-        raise ValueError(f"pair collection needs {needed} held-out images (bn_images + eval_images), the data "
-                         f"module holds out {available}: raise data.holdout_size or lower them")
+        raise RecipeError(f"pair collection needs {needed} held-out images (bn_images + eval_images), the data "
+                         f"module holds out {available}: raise data.holdout_size or lower them", key="data.holdout_size")
     images, labels = [], []
     for x, y in datamodule.holdout_dataloader(batch_size=batch_size):
         images.append(x)
@@ -194,7 +196,7 @@ class QuantizedPairCollector(AccuracyPairCollector):
 
     def __init__(self, num_pairs: int = 200, store: str | None = None, seed: int = 0, bn_images: int = 2000,
                  eval_images: int = 2000, batch_size: int = 200, finetune_steps: int = 50, lr: float = 1e-3,
-                 momentum: float = 0.9, policy_bits: list[int] = [4, 6, 8],  # noqa: B006
+                 momentum: float = 0.9, policy_bits: BitChoices = [4, 6, 8],  # noqa: B006
                  write_every: int = 4) -> None:
         super().__init__(num_pairs, store, seed, bn_images, eval_images, batch_size, write_every)
         self.finetune_steps, self.lr, self.momentum, self.policy_bits = finetune_steps, lr, momentum, policy_bits

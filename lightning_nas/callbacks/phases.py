@@ -6,6 +6,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..recipe.errors import RecipeError
+from ..recipe.markers import NonNegativeFloat, PositiveFloat, PositiveInt
+
 
 @dataclass(frozen=True)
 class ShrinkingPhase:
@@ -18,16 +21,16 @@ class ShrinkingPhase:
     """
 
     name: str
-    epochs: int
-    lr: float
+    epochs: PositiveInt
+    lr: PositiveFloat
     kernel: list[int] | None = None
     expand: list[int] | None = None
     depth: list[int] | None = None
-    subnets_per_step: int = 1
+    subnets_per_step: PositiveInt = 1
     #: Weight of the distillation loss; None uses the task's ``kd_ratio`` (0 in a phase without elasticity).
-    kd_ratio: float | None = None
+    kd_ratio: NonNegativeFloat | None = None
     reorder_channels: bool = False
-    warmup_epochs: float = 0.0
+    warmup_epochs: NonNegativeFloat = 0.0
 
     @property
     def elastic(self) -> bool:
@@ -37,7 +40,7 @@ class ShrinkingPhase:
 def parse_phases(phases: Sequence[Mapping[str, Any] | ShrinkingPhase]) -> list[ShrinkingPhase]:
     parsed = [p if isinstance(p, ShrinkingPhase) else ShrinkingPhase(**p) for p in phases]
     if not parsed:
-        raise ValueError("progressive shrinking needs at least one phase")
+        raise RecipeError("progressive shrinking needs at least one phase", key="callbacks.progressive_shrinking.init_args.phases")
     for index, phase in enumerate(parsed):
         if phase.epochs < 1:
             raise ValueError(f"phases[{index}] ({phase.name}): epochs must be at least 1, got {phase.epochs}")

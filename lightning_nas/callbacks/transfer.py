@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..recipe.errors import RecipeError
 from ..recipe.markers import ExistingFile, SpaceSpec
 
 
@@ -44,8 +45,8 @@ class PredictorTransfer(pl.Callback):
         store = Path(self.store) if self.store else run_dir / DEFAULT_STORE
         count = len(PairStore(store).pairs(kind="quant")) if store.is_file() else 0
         if count < self.min_pairs:
-            raise ValueError(f"PredictorTransfer: {store} has {count} quantized pairs, fewer than min_pairs="
-                             f"{self.min_pairs}; put the QuantizedPairCollector before it in the recipe")
+            raise RecipeError(f"PredictorTransfer: {store} has {count} quantized pairs, fewer than min_pairs="
+                             f"{self.min_pairs}; put the QuantizedPairCollector before it in the recipe", key="callbacks")
         out_dir = Path(self.out_dir) if self.out_dir else run_dir / "predictor_quant"
         rank_zero_info(f"predictor transfer: {count} quantized pairs, fp32 weights from {self.fp32_predictor}")
         pl.seed_everything(self.seed, verbose=False)

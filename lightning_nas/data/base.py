@@ -22,6 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from ..recipe.errors import RecipeError
+from ..recipe.markers import NonNegativeInt, PositiveInt
+from .subsets import dataset_labels, evaluation_subset
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -106,7 +110,8 @@ class SeededTrainingSubset(Dataset):
 def holdout_split(num_train: int, holdout_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(training indices, held-out indices): a seeded permutation, held-out slice first."""
     if not 0 <= holdout_size < num_train:
-        raise ValueError(f"holdout_size must be in [0, {num_train}), got {holdout_size}")
+        raise RecipeError(f"the held-out slice must leave training images: the training set has {num_train}",
+                          key="data.holdout_size", given=holdout_size, allowed=f"0 to {num_train - 1}")
     order = np.random.default_rng(seed).permutation(num_train)
     return np.sort(order[holdout_size:]), np.sort(order[:holdout_size])
 
@@ -126,16 +131,16 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     def __init__(
         self,
         *,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        holdout_size: int = 2000,
+        batch_size: PositiveInt = 64,
+        eval_batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt = 2,
+        holdout_size: NonNegativeInt = 2000,
         seed: int = 0,
-        resolutions: list[int] | None = None,
-        eval_resolution: int | None = None,
+        resolutions: list[PositiveInt] | None = None,
+        eval_resolution: PositiveInt | None = None,
         augment: bool = True,
-        train_subset: int | None = None,
-        val_subset: int | None = None,
+        train_subset: PositiveInt | None = None,
+        val_subset: PositiveInt | None = None,
         mean: list[float] | None = None,
         std: list[float] | None = None,
     ) -> None:
@@ -192,15 +197,30 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         full_train = self.load_train(None)
+        self.check_resolutions()
         train_idx, holdout_idx = holdout_split(len(full_train), self.holdout_size, self.seed)
         if self.train_subset is not None:
-            train_idx = train_idx[: self.train_subset]
+            labels = dataset_labels(full_train)
+            chosen = evaluation_subset(None if labels is None else labels[train_idx], self.train_subset, self.seed,
+                                       len(train_idx))
+            train_idx = np.sort(train_idx[chosen])
         self.train_set = SeededTrainingSubset(full_train, train_idx.tolist(), self.train_transform(), self.seed)
         self.holdout_set = Subset(self.load_train(self.eval_transform()), holdout_idx.tolist())
         val = self.load_test(self.eval_transform())
-        if self.val_subset is not None:
-            val = Subset(val, list(range(min(self.val_subset, len(val)))))
-        self.val_set = val
+        # Kept in stratified order: val_subset, and anything reading only the first batches (smoke
+        # runs' limit_val_batches, QAT's test_images), sees every class in its share.
+        order = evaluation_subset(dataset_labels(val), self.val_subset, self.seed, len(val))
+        self.val_set = Subset(val, order.tolist())
+
+    def check_resolutions(self) -> None:
+        """Training and evaluation resolutions against the stored images' size."""
+        size = self.image_size
+        for key, values in (("data.resolutions", self.resolutions),
+                            ("data.eval_resolution", [self.eval_resolution] if self.eval_resolution else [])):
+            too_large = [r for r in values if r > size]
+            if too_large:
+                raise RecipeError(f"the images are {size} x {size} pixels: resolutions above that would only "
+                                  "upsample them", key=key, given=values, allowed=f"resolutions up to {size}")
 
     def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int) -> DataLoader:
         if dataset is None:

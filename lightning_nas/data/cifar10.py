@@ -63,7 +63,8 @@ class CIFAR10DataModule(ImageClassificationDataModule):
                 self.prepare_data()
                 layout = self._layout()
             if layout == "arrays":
-                self._arrays[train] = load_npz(self.root / ("train.npz" if train else "test.npz"), "data.root")
+                self._arrays[train] = load_npz(self.root / ("train.npz" if train else "test.npz"), "data.root",
+                                              self.num_classes)
             else:
                 from torchvision.datasets import CIFAR10
 

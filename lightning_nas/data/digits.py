@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..recipe.markers import Fraction, PositiveInt
 from .base import ArrayImageDataset, ImageClassificationDataModule
 
 
@@ -30,7 +31,7 @@ class DigitsDataModule(ImageClassificationDataModule):
     default_mean = (0.5, 0.5, 0.5)
     default_std = (0.5, 0.5, 0.5)
 
-    def __init__(self, image_size: int = 32, test_fraction: float = 0.2, **kwargs) -> None:
+    def __init__(self, image_size: PositiveInt = 32, test_fraction: Fraction = 0.2, **kwargs) -> None:
         kwargs.setdefault("holdout_size", 200)
         super().__init__(**kwargs)
         self._image_size = image_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
 
@@ -13,20 +14,25 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..predictors.encoding import encode_pairs
 from ..predictors.pair_store import Pair, PairStore
 from ..recipe.errors import RecipeError
-from ..recipe.markers import ExistingFile, SpaceSpec
+from ..recipe.markers import BitChoices, ExistingFile, Fraction, PositiveInt, SpaceSpec
 
 
 class PairsDataModule(pl.LightningDataModule):
-    """Pairs of one kind (``fp32`` or ``quant``) of a store; a seeded validation split."""
+    """Pairs of one kind (``fp32`` or ``quant``) of a store; a seeded validation split.
+
+    A store holding pairs measured on several supernets (their weights' hashes differ) is refused
+    unless ``checkpoint_hash`` names the one to train on: a predictor of a mixture fits none.
+    """
 
     def __init__(self, path: ExistingFile, space: SpaceSpec, kind: Literal["fp32", "quant"] = "fp32",
-                 val_fraction: float = 0.2, seed: int = 0, max_train_pairs: int | None = None,
-                 batch_size: int = 256, policy_bits: list[int] = [4, 6, 8]) -> None:  # noqa: B006
+                 val_fraction: Fraction = 0.2, seed: int = 0, max_train_pairs: PositiveInt | None = None,
+                 batch_size: PositiveInt = 256, policy_bits: BitChoices = [4, 6, 8],  # noqa: B006
+                 checkpoint_hash: str | None = None) -> None:
         super().__init__()
         from ..registry import SPACES
 
         self.path, self.kind, self.val_fraction, self.seed = path, kind, val_fraction, seed
-        self.max_train_pairs, self.batch_size = max_train_pairs, batch_size
+        self.max_train_pairs, self.batch_size, self.checkpoint_hash = max_train_pairs, batch_size, checkpoint_hash
         self.space = SPACES.build(space)
         self.policy_space = None
         if kind == "quant":
@@ -43,7 +49,9 @@ class PairsDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        pairs = PairStore(self.path).pairs(kind=self.kind)
+        pairs = PairStore(self.path, key="data.path").pairs(kind=self.kind)
+        pairs = self._one_supernet(pairs)
+        self._check_pairs(pairs)
         if len(pairs) < 4:
             raise RecipeError(f"the store has {len(pairs)} pairs of kind '{self.kind}'; a predictor needs more",
                               key="data.path", given=str(self.path))
@@ -54,6 +62,37 @@ class PairsDataModule(pl.LightningDataModule):
             train_idx = train_idx[: self.max_train_pairs]
         self.train_set = self._dataset([pairs[i] for i in train_idx])
         self.val_set = self._dataset([pairs[i] for i in val_idx])
+
+    def _one_supernet(self, pairs: Sequence[Pair]) -> list[Pair]:
+        counts = Counter(p.checkpoint_hash for p in pairs)
+        found = ", ".join(f"{h} ({n} pairs)" for h, n in counts.most_common())
+        if self.checkpoint_hash is not None:
+            if self.checkpoint_hash not in counts:
+                raise RecipeError(f"the store has no pairs of kind '{self.kind}' measured on this supernet",
+                                  key="data.checkpoint_hash", given=self.checkpoint_hash,
+                                  allowed=f"a hash of {self.path}: {found or 'none'}")
+            return [p for p in pairs if p.checkpoint_hash == self.checkpoint_hash]
+        if len(counts) > 1:
+            raise RecipeError(f"the store holds pairs of {len(counts)} supernets: {found}", key="data.path",
+                              given=str(self.path), allowed="pairs of one supernet, or data.checkpoint_hash=<hash> "
+                              "to choose one")
+        return list(pairs)
+
+    def _check_pairs(self, pairs: Sequence[Pair]) -> None:
+        """Every pair must be a subnet (and policy) of this space: a store of another supernet's
+        pairs would otherwise train a predictor on encodings that mean something else."""
+        for index, pair in enumerate(pairs):
+            try:
+                self.space.validate(pair.arch)
+                if self.policy_space is not None:
+                    if pair.policy is None:
+                        raise ValueError("it has no policy")
+                    self.policy_space.validate(pair.policy, self.space.num_blocks)
+            except (ValueError, KeyError, TypeError) as error:  # the space's check of stored data
+                raise RecipeError(f"pair {index} of kind '{self.kind}' does not fit data.space ({error}): the store "
+                                  "holds pairs of another space or supernet", key="data.path", given=str(self.path),
+                                  allowed=f"a store of pairs measured on a supernet of {type(self.space).__name__} "
+                                  f"{self.space.hparams() if hasattr(self.space, 'hparams') else ''}") from None
 
     def _dataset(self, pairs: Sequence[Pair]) -> TensorDataset:
         archs, policies, targets = encode_pairs(self.space, self.policy_space, pairs)

@@ -24,12 +24,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nas.spaces.nb201 import format_arch, parse_arch
 
+from ..recipe.errors import RecipeError
+
 
 def read_accuracies(csv_path: str | Path, target_column: str) -> dict[str, float]:
     with Path(csv_path).open() as f:
         rows = list(csv.DictReader(f))
     if rows and target_column not in rows[0]:
-        raise ValueError(f"column {target_column!r} not in {csv_path}; columns: {', '.join(rows[0])}")
+        raise RecipeError(f"column {target_column!r} not in {csv_path}; columns: {', '.join(rows[0])}", key="data.target_column")
     return {format_arch(parse_arch(r["ArchitectureString"])): float(r[target_column]) for r in rows}
 
 
@@ -97,7 +99,7 @@ class ZCStatsDataModule(pl.LightningDataModule):
         wanted = len(labelled) if self.num_val is None else min(self.num_train + self.num_val, len(labelled))
         chosen = [labelled[i] for i in np.random.default_rng(self.seed).permutation(len(labelled))[:wanted]]
         self.proxies = list(self.proxies or PARZC_PROXIES)
-        images, labels = load_cifar10_batch(self.images_path, seed=self.stats_seed)
+        images, labels = load_cifar10_batch(self.images_path, seed=self.stats_seed, key="data.images_path")
         compute_statistics(chosen, self.proxies, images, labels, seed=self.stats_seed, cache_path=self.stats_path)
         return set(chosen)
 
@@ -113,12 +115,12 @@ class ZCStatsDataModule(pl.LightningDataModule):
         # have all the requested ones.
         stats = load_statistics(self.stats_path, proxies=self.proxies)
         if not stats.archs:
-            raise ValueError(f"no architecture in {self.stats_path} has all of {self.proxies}")
+            raise RecipeError(f"no architecture in {self.stats_path} has all of {self.proxies}", key="data.proxies")
         self.proxies = list(stats.proxies)
         # Sorting first makes the split depend only on the seed and the set, not on cache order.
         archs = sorted(a for a in stats.archs if a in accuracies and (chosen is None or a in chosen))
         if self.num_train >= len(archs):
-            raise ValueError(f"num_train={self.num_train} leaves no validation data ({len(archs)} labelled archs)")
+            raise RecipeError(f"num_train={self.num_train} leaves no validation data ({len(archs)} labelled archs)", key="data.num_train")
         perm = np.random.default_rng(self.seed).permutation(len(archs))
         train = perm[: self.num_train]
         val = perm[self.num_train:] if self.num_val is None else perm[self.num_train: self.num_train + self.num_val]

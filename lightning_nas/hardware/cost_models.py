@@ -36,7 +36,7 @@ from lightning_nas.hardware.latency_table import (
     TableLatencyModel,
     UnitDecomposition,
 )
-from lightning_nas.recipe.markers import ExistingFile, SpaceSpec
+from lightning_nas.recipe.markers import BitChoices, ExistingFile, FixedBits, SpaceSpec
 from lightning_nas.spaces.quant_policy import FULL_PRECISION_BITS, QuantPolicySpace
 
 __all__ = [
@@ -100,8 +100,8 @@ class CountsCostModel(CostModel):
     def __init__(
         self,
         space: SpaceSpec,
-        bit_choices: list[int] = [4, 6, 8],  # noqa: B006 - copied by QuantPolicySpace
-        fixed_bits: int = 8,
+        bit_choices: BitChoices = [4, 6, 8],  # noqa: B006 - copied by QuantPolicySpace
+        fixed_bits: FixedBits = 8,
     ) -> None:
         self.space = build_space(space)
         self.policy_space = QuantPolicySpace(bit_choices=bit_choices, fixed_bits=fixed_bits)
@@ -175,8 +175,8 @@ class BitFusionCostModel(CostModel):
     def __init__(
         self,
         space: SpaceSpec,
-        bit_choices: list[int] = [4, 6, 8],  # noqa: B006 - copied by QuantPolicySpace
-        fixed_bits: int = 8,
+        bit_choices: BitChoices = [4, 6, 8],  # noqa: B006 - copied by QuantPolicySpace
+        fixed_bits: FixedBits = 8,
         rows: int = 32,
         cols: int = 16,
         bricks_per_unit: int = 16,

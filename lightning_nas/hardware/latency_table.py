@@ -107,6 +107,11 @@ OVERHEAD_KEY = "Overhead"
 _RESUME_META = ("device", "machine", "threads", "batch_size", "torch", "int8_backend", "context", "realtime")
 
 
+class LatencyTableError(ValueError):
+    """A latency table file that cannot be used as it is (the message names the file): the
+    stages turn it into a recipe error naming the key that gave the file."""
+
+
 def _shape(*dims: int) -> str:
     return "x".join(str(int(d)) for d in dims)
 
@@ -280,12 +285,12 @@ class LatencyTable:
             return cls.from_ofa_yaml([path], precision=precision)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not a JSON latency table ({error})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise LatencyTableError(f"{path}: not a JSON latency table ({error})") from None
         if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
-            raise ValueError(f"{path}: not a latency table (expected \"format\": \"{TABLE_FORMAT}\")")
+            raise LatencyTableError(f"{path}: not a latency table (expected \"format\": \"{TABLE_FORMAT}\")")
         if data.get("version") != TABLE_VERSION:
-            raise ValueError(f"{path}: latency table version {data.get('version')!r}, this version reads {TABLE_VERSION}")
+            raise LatencyTableError(f"{path}: latency table version {data.get('version')!r}, this version reads {TABLE_VERSION}")
         return cls(data.get("meta") or {}, data.get("entries") or {})
 
     @classmethod
@@ -300,15 +305,15 @@ class LatencyTable:
             path = Path(path)
             try:
                 data = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except yaml.YAMLError as error:
-                raise ValueError(f"{path}: cannot parse YAML ({error})") from None
+            except (yaml.YAMLError, UnicodeDecodeError) as error:
+                raise LatencyTableError(f"{path}: cannot parse YAML ({error})") from None
             if not isinstance(data, dict):
-                raise ValueError(f"{path}: an OFA latency table maps keys to {{count, mean, std}}")
+                raise LatencyTableError(f"{path}: an OFA latency table maps keys to {{count, mean, std}}")
             for key, value in data.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     value = {"mean": value}
                 if not isinstance(value, dict) or "mean" not in value:
-                    raise ValueError(f"{path}: entry '{key}' has no 'mean' (got {value!r})")
+                    raise LatencyTableError(f"{path}: entry '{key}' has no 'mean' (got {value!r})")
                 entry = {"mean": float(value["mean"])}
                 for field in ("median", "std"):
                     if value.get(field) is not None:
@@ -673,7 +678,7 @@ def _open_table(output: Path, meta: Mapping[str, Any]) -> LatencyTable:
     differing = {k: (table.meta.get(k), meta.get(k)) for k in _RESUME_META if table.meta.get(k) != meta.get(k)}
     if differing:
         details = ", ".join(f"{k}: table {old!r} vs now {new!r}" for k, (old, new) in differing.items())
-        raise ValueError(f"{output} was measured with other settings ({details}); choose another output path "
+        raise LatencyTableError(f"{output} was measured with other settings ({details}); choose another output path "
                          "or delete the file to start over")
     table.meta["resolutions"] = sorted(set(table.meta.get("resolutions", [])) | set(meta["resolutions"]))
     return table

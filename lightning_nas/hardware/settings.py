@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lightning_nas.recipe.markers import SpaceSpec
+from lightning_nas.recipe.markers import NonNegativeInt, PositiveInt, SpaceSpec
 
 __all__ = ["ProfileSettings"]
 
@@ -25,9 +25,9 @@ class ProfileSettings:
     output: str | None = None
     #: Input resolutions to cover; default: every resolution of the space.
     resolutions: list[int] | None = None
-    batch_size: int = 1
+    batch_size: PositiveInt = 1
     #: Intra-op threads of the measurement (recorded in the table).
-    threads: int = 1
+    threads: PositiveInt = 1
     precisions: list[Literal["fp32", "int8"]] = field(default_factory=lambda: ["fp32", "int8"])
     #: int8 kernels: torch.ao (x86 engine) or onnxruntime on the ONNX QDQ export.
     int8_backend: Literal["torch", "onnxruntime"] = "torch"
@@ -35,13 +35,13 @@ class ProfileSettings:
     context: Literal["network", "isolated"] = "network"
     #: Time under real-time priority (needs root) so that other processes cannot preempt it.
     realtime: bool = False
-    warmup: int = 10
-    repeats: int = 50
+    warmup: NonNegativeInt = 10
+    repeats: PositiveInt = 50
     #: Passes over all profiling networks (network context), pooled: entries then average over the
     #: machine's drift during the run instead of catching one moment; keeps the networks in memory.
-    rounds: int = 1
+    rounds: PositiveInt = 1
     #: Stop after this many profiling networks (network context) or entries (isolated); for smoke runs.
-    limit: int | None = None
+    limit: PositiveInt | None = None
     #: Show a progress bar.
     progress: bool = True
     seed: int = 0

@@ -16,6 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..nn.safe_load import load_torch_file, require_mapping
+from ..recipe.errors import RecipeError
+
 
 class AccuracyPredictor(nn.Module):
     def __init__(self, arch_features: int, hidden: int = 400, layers: int = 3, base_accuracy: float = 0.0) -> None:
@@ -74,9 +77,23 @@ def save_predictor(predictor: AccuracyPredictor, path: str | Path, **extra: Any)
     torch.save({"spec": predictor.spec(), "state_dict": predictor.state_dict(), **extra}, path)
 
 
-def load_predictor(path: str | Path) -> AccuracyPredictor:
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+PREDICTOR_FILE_DESCRIPTION = "a predictor.pt written by `lightning-nas fit` of a predictor recipe (spec, state_dict)"
+
+
+def load_predictor(path: str | Path, key: str | None = None) -> AccuracyPredictor:
+    """A predictor from its spec and state dict (read without pickle); ``key`` names the recipe key
+    that gave ``path`` in the errors."""
+    saved = require_mapping(load_torch_file(path, key=key, what=PREDICTOR_FILE_DESCRIPTION), ("spec", "state_dict"),
+                            path=path, key=key, what=PREDICTOR_FILE_DESCRIPTION)
     spec = saved["spec"]
+    expected = {"arch_features", "hidden", "layers"}
+    if not isinstance(spec, dict) or not expected <= set(spec) or not set(spec) <= expected | {"policy_features"}:
+        raise RecipeError("the predictor spec is not one this version builds", key=key, given=str(path),
+                          allowed=f"a spec with {', '.join(sorted(expected))} (and policy_features)")
     predictor = QuantAccuracyPredictor(**spec) if "policy_features" in spec else AccuracyPredictor(**spec)
-    predictor.load_state_dict(saved["state_dict"])
+    try:
+        predictor.load_state_dict(saved["state_dict"])
+    except RuntimeError as error:
+        raise RecipeError(f"the predictor's weights do not fit its spec ({str(error).splitlines()[0]})", key=key,
+                          given=str(path)) from None
     return predictor

@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..recipe.errors import RecipeError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -77,13 +79,26 @@ class Pair:
 class PairStore:
     """Read and append pairs; opening creates the file and table if needed."""
 
-    def __init__(self, path: str | Path, timeout: float = 60.0) -> None:
+    def __init__(self, path: str | Path, timeout: float = 60.0, key: str | None = None) -> None:
+        """``key``: the recipe key that named the file, for the errors of a file that is no store."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.timeout = timeout
-        with self._connect() as connection:
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.executescript(SCHEMA)
+        allowed = "a pairs.sqlite written by a pair collector, or a path where a new one may be created"
+        try:
+            with self._connect() as connection:
+                connection.execute("PRAGMA journal_mode=WAL")
+                columns = {row[1] for row in connection.execute("PRAGMA table_info(pairs)")}
+                missing = [c for c in COLUMNS if columns and c not in columns]
+                if missing:
+                    raise RecipeError(f"a SQLite database, but its `pairs` table has no column {missing[0]!r}: not "
+                                      "a pair store of this package", key=key, given=str(path), allowed=allowed)
+                connection.executescript(SCHEMA)
+        except sqlite3.DatabaseError as error:
+            if isinstance(error, sqlite3.OperationalError):  # locked, read-only, disk full: not the file's kind
+                raise
+            raise RecipeError(f"not a pair store: SQLite cannot read it ({error})", key=key, given=str(path),
+                              allowed=allowed) from None
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

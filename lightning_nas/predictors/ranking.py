@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
+from lightning_nas.nn.safe_load import load_torch_file, pickle_allowed, require_mapping
 from lightning_nas.predictors.zc_cache import DEFAULT_PROXIES, compute_statistics, load_cifar10_batch
 from lightning_nas.predictors.zero_cost import PROXIES
+from lightning_nas.recipe.errors import RecipeError
 
 DEFAULT_DATA = "../shared/data/cifar10/train.npz"
 
@@ -23,9 +25,14 @@ def available_rankers() -> list[str]:
 def _load_task(checkpoint: str | Path):
     from lightning_nas.tasks.parzc import ParZCTask
 
-    task = ParZCTask.load_from_checkpoint(str(checkpoint), map_location="cpu")
+    what = "a checkpoint of `lightning-nas fit` with a ParZC recipe"
+    # Read and checked without pickle first, so a bad file is refused with a clear error.
+    require_mapping(load_torch_file(checkpoint, key="rank.ranker", what=what), ("state_dict", "hyper_parameters"),
+                    path=checkpoint, key="rank.ranker", what=what)
+    task = ParZCTask.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=not pickle_allowed())
     if task.model is None:
-        raise ValueError(f"{checkpoint} holds no ParZC model (num_nodes / num_stats missing)")
+        raise RecipeError("the checkpoint holds no ParZC model (num_nodes / num_stats missing)", key="rank.ranker",
+                          given=str(checkpoint), allowed=what)
     return task
 
 
@@ -56,9 +63,10 @@ def score_architectures(
         if seed is None:
             seed = int(task.hparams.stats_seed or 0)
     else:
-        raise ValueError(f"ranker {ranker!r} is neither a proxy ({', '.join(PROXIES)}) nor a checkpoint file")
+        raise RecipeError("neither a proxy nor a checkpoint file", key="rank.ranker", given=ranker,
+                          allowed=f"{', '.join(PROXIES)}, or a ParZC checkpoint")
     if images is None or labels is None:
-        images, labels = load_cifar10_batch(data_path, batch_size=batch_size, seed=seed)
+        images, labels = load_cifar10_batch(data_path, batch_size=batch_size, seed=seed, key="rank.data_path")
     stats = compute_statistics(list(arch_strings), proxies, images, labels, seed=seed,
                                cache_path=cache_path, progress=progress)
     if task is None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.spaces.nb201 import NB201Space, format_arch, parse_arch
 
 CACHE_FORMAT = "lightning-nas/zc-stats"
@@ -74,14 +75,19 @@ class _Entry:
 
 
 def load_cifar10_batch(
-    path: str | Path = "../shared/data/cifar10/train.npz", batch_size: int = 64, seed: int = 0
+    path: str | Path = "../shared/data/cifar10/train.npz", batch_size: int = 64, seed: int = 0,
+    key: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed (by seed) normalised batch from an ``.npz`` with ``x`` uint8 NHWC and ``y`` int."""
-    with np.load(path) as data:
-        x_all, y_all = data["x"], data["y"]
-        idx = np.sort(np.random.default_rng(seed).choice(len(y_all), size=batch_size, replace=False))
-        x = torch.from_numpy(np.ascontiguousarray(x_all[idx])).permute(0, 3, 1, 2).float().div(255.0)
-        y = torch.from_numpy(np.asarray(y_all[idx], dtype=np.int64))
+    from ..data.arrays import load_npz
+
+    x_all, y_all = load_npz(path, key)  # ``key``: the recipe key that named the file, for its errors
+    if batch_size > len(y_all):
+        raise RecipeError(f"a batch of {batch_size} images is more than the {len(y_all)} images in the file",
+                          key=key, given=str(path), allowed=f"a batch_size of at most {len(y_all)}")
+    idx = np.sort(np.random.default_rng(seed).choice(len(y_all), size=batch_size, replace=False))
+    x = torch.from_numpy(np.ascontiguousarray(x_all[idx])).permute(0, 3, 1, 2).float().div(255.0)
+    y = torch.from_numpy(np.asarray(y_all[idx], dtype=np.int64))
     mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
     return (x - mean) / std, y

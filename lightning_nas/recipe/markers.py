@@ -33,6 +33,33 @@ LoggerName = str
 
 PATH_MARKERS = ("ExistingFile", "ExistingDir", "DownloadableDir")
 
+#: Numbers whose range recipe validation checks (a negative learning rate fails in the first
+#: second, not after the imports and set-up).
+PositiveInt = int
+NonNegativeInt = int
+PositiveFloat = float
+NonNegativeFloat = float
+#: A share or a probability: a number in [0, 1].
+Fraction = float
+
+#: Bit widths of a quantization policy space, and the bits of the layers it keeps fixed; checked
+#: in the validation pass by the (torch-free) functions named in ``VALUE_CHECKS``.
+BitChoices = list[int]
+FixedBits = int
+VALUE_CHECKS = {
+    "BitChoices": ("list", "lightning_nas.spaces.quant_policy:check_bit_choices", "a list of distinct bit widths"),
+    "FixedBits": ("int", "lightning_nas.spaces.quant_policy:check_fixed_bits", "a bit width or 32"),
+}
+
+#: Marker -> (base type, lowest value, whether the lowest is allowed, highest value or None, text).
+RANGE_MARKERS: dict[str, tuple[str, float, bool, float | None, str]] = {
+    "PositiveInt": ("int", 1, True, None, "int >= 1"),
+    "NonNegativeInt": ("int", 0, True, None, "int >= 0"),
+    "PositiveFloat": ("float", 0, False, None, "float > 0"),
+    "NonNegativeFloat": ("float", 0, True, None, "float >= 0"),
+    "Fraction": ("float", 0, True, 1.0, "float in [0, 1]"),
+}
+
 #: Marker -> how its mapping is validated: ``registry:<kind>``, ``class_path``, ``signature:<target>``.
 MAPPING_MARKERS = {
     "SpaceSpec": "registry:space",

@@ -14,6 +14,7 @@ from .markers import (
     DataSpec,
     ExistingFile,
     LoggerName,
+    PositiveInt,
     SpaceSpec,
     TaskSpec,
     TrainerArgs,
@@ -63,8 +64,8 @@ class ExportSettings:
     subnet: str | dict[str, Any] = "largest"
     #: Recompute batch-norm statistics for the subnet on the recipe's held-out images (needs `data:`).
     recalibrate_bn: bool = True
-    bn_recalibration_images: int = 2000
-    bn_recalibration_batch: int = 200
+    bn_recalibration_images: PositiveInt = 2000
+    bn_recalibration_batch: PositiveInt = 200
     #: Also write an ONNX file.
     onnx: bool = False
 
@@ -81,10 +82,10 @@ class RankSettings:
     out: str | None = None
     #: CIFAR-10 training arrays the proxies take their batch from.
     data_path: ExistingFile = "../shared/data/cifar10/train.npz"
-    batch_size: int = 64
+    batch_size: PositiveInt = 64
     seed: int | None = None
     #: Score only the first rows (smoke runs).
-    limit: int | None = None
+    limit: PositiveInt | None = None
 
 
 @dataclass
@@ -143,6 +144,9 @@ class Recipe:
     wandb: WandbSettings | None = None
     #: A checkpoint to resume from ("last" resumes from run_dir/checkpoints/last.ckpt).
     ckpt_path: ExistingFile | Literal["last"] | None = None
+    #: Load checkpoints, predictors and subnets that need pickle (written by older versions or
+    #: holding Python objects). Pickle runs code from the file: only for files you trust.
+    allow_pickle: bool = False
     #: Overrides (``key=value``, ``~key``) that ``--smoke`` applies for a run of well under a minute.
     smoke: list[str] = field(default_factory=list)
     sweep: SweepSettings | None = None

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import RecipeError
-from .markers import MAPPING_MARKERS, NAME_MARKERS, PATH_MARKERS
+from .markers import MAPPING_MARKERS, NAME_MARKERS, PATH_MARKERS, RANGE_MARKERS, VALUE_CHECKS
 
 _ANY = ast.Name(id="Any")
 _SEQUENCES = {"list", "List", "Sequence", "MutableSequence", "Iterable", "Collection", "tuple", "Tuple", "set"}
@@ -105,6 +106,14 @@ def matches(node: ast.expr, value: Any) -> bool:
             return len(args) != 2 or all(matches(args[1], v) for v in value.values())
         return True
     head = _head(node)
+    if head in VALUE_CHECKS:
+        if VALUE_CHECKS[head][0] == "list":
+            return isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                            for v in value)
+        return isinstance(value, int) and not isinstance(value, bool)
+    if head in RANGE_MARKERS:
+        base = RANGE_MARKERS[head][0]
+        return _is_number(value) if base == "float" else isinstance(value, int) and not isinstance(value, bool)
     if head in PATH_MARKERS:
         return isinstance(value, str)
     if head in MAPPING_MARKERS:
@@ -149,6 +158,10 @@ def describe(node: ast.expr) -> str:
             return "a mapping"
         return ast.unparse(node)
     head = _head(node)
+    if head in VALUE_CHECKS:
+        return VALUE_CHECKS[head][2]
+    if head in RANGE_MARKERS:
+        return RANGE_MARKERS[head][4]
     if head in PATH_MARKERS:
         return {"ExistingFile": "a path to an existing file", "ExistingDir": "a path to an existing directory",
                 "DownloadableDir": "a path to a directory"}[head]
@@ -208,7 +221,17 @@ def _deep_check(node: ast.expr, value: Any, *, key: str, siblings: Mapping[str, 
                 _deep_check(args[1], item, key=f"{key}.{name}", siblings=siblings, validate_nested=validate_nested)
         return
     head = _head(node)
-    if head in MAPPING_MARKERS:
+    if head in VALUE_CHECKS:
+        module, _, name = VALUE_CHECKS[head][1].partition(":")
+        try:
+            getattr(importlib.import_module(module), name)(value)
+        except ValueError as error:  # the torch-free check this marker names
+            raise RecipeError(str(error), key=key, given=value) from None
+    elif head in RANGE_MARKERS:
+        _, low, low_allowed, high, text = RANGE_MARKERS[head]
+        if value < low or (value == low and not low_allowed) or (high is not None and value > high):
+            raise RecipeError("out of range", key=key, given=value, allowed=text)
+    elif head in MAPPING_MARKERS:
         validate_nested(MAPPING_MARKERS[head], value, key)
     elif head in NAME_MARKERS:
         validate_nested(f"name:{NAME_MARKERS[head]}", value, key)

@@ -76,6 +76,52 @@ def validate_component(kind: str, spec: Any, key: str) -> None:
                           allowed=registry.names())
     entry = registry.entry(spec["name"], key=_join(key, "name"))
     validate_arguments(signature_of(entry.target), spec, key, skip=("name",))
+    if kind == "space":
+        build_space(spec, key)
+
+
+def build_space(spec: Mapping[str, Any], key: str) -> Any:
+    """A space from its spec; spaces import no torch, so their layout checks run in this pass.
+
+    A space's constructor raises ValueError for a layout it cannot build (its documented check
+    of its arguments), which is the user's spec here.
+    """
+    from ..registry import SPACES
+
+    try:
+        return SPACES.build(spec)
+    except ValueError as error:
+        raise RecipeError(f"the space cannot be built: {error}", key=key, given=dict(spec)) from None
+
+
+def validate_data_against_space(config: Mapping[str, Any]) -> None:
+    """Resolutions and classes of ``data:`` against the task's space (both known from the recipe),
+    and ``profile.resolutions`` against the profiled space."""
+    profile = config.get("profile")
+    if isinstance(profile, Mapping) and isinstance(profile.get("space"), Mapping) and profile.get("resolutions"):
+        allowed = getattr(build_space(profile["space"], "profile.space"), "resolutions", None)
+        unknown = [r for r in profile["resolutions"] if allowed and r not in allowed]
+        if unknown:
+            raise RecipeError(f"resolution {unknown[0]} is not one the profiled space takes",
+                              key="profile.resolutions", given=profile["resolutions"],
+                              allowed=f"values of profile.space.resolutions: {allowed}")
+    task, data = config.get("task"), config.get("data")
+    if not isinstance(task, Mapping) or not isinstance(data, Mapping) or not isinstance(task.get("space"), Mapping):
+        return
+    space = build_space(task["space"], "task.space")
+    allowed = getattr(space, "resolutions", None)
+    if allowed:
+        for name in ("resolutions", "eval_resolution"):
+            given = data.get(name)
+            values = given if isinstance(given, list) else [] if given is None else [given]
+            unknown = [r for r in values if r not in allowed]
+            if unknown:
+                raise RecipeError(f"resolution {unknown[0]} is not one the task's space takes", key=f"data.{name}",
+                                  given=given, allowed=f"values of task.space.resolutions: {allowed}")
+    classes = getattr(space, "num_classes", None)
+    if isinstance(data.get("num_classes"), int) and isinstance(classes, int) and data["num_classes"] != classes:
+        raise RecipeError(f"the data has {data['num_classes']} classes but the space's classifier has {classes}",
+                          key="data.num_classes", given=data["num_classes"], allowed=f"{classes} (task.space.num_classes)")
 
 
 def validate_class_path(spec: Any, key: str) -> None:
@@ -128,6 +174,7 @@ def validate_nested(kind: str, value: Any, key: str) -> None:
 def validate_recipe(config: Mapping[str, Any]) -> None:
     """Validate a whole resolved recipe (top-level keys and everything nested)."""
     validate_arguments(signature_of(RECIPE_SCHEMA), config, "")
+    validate_data_against_space(config)
 
 
 def require_sections(config: Mapping[str, Any], names: tuple[str, ...], verb: str) -> None:

@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from ..recipe.errors import RecipeError
 from .joint_space import JointSpace
 from .scoring import Scorer, Scores, SearchHistory, probe_feasible
 
@@ -84,7 +85,7 @@ def make_strategy(name: str, seed: int = 0, options: Mapping[str, Any] | None = 
     try:
         return _make_strategy(name, seed, options)
     except TypeError as error:  # an option the strategy's constructor does not take
-        raise ValueError(f"invalid options {options} for NNI strategy '{name}': {error}") from None
+        raise RecipeError(f"invalid options {options} for NNI strategy '{name}': {error}", key="search.strategy_options") from None
 
 
 def _make_strategy(name: str, seed: int, options: dict[str, Any]) -> Any:
@@ -102,9 +103,9 @@ def _make_strategy(name: str, seed: int, options: dict[str, Any]) -> Any:
         try:
             return strategy.PolicyBasedRL(**options)
         except ImportError as error:
-            raise ValueError(
+            raise RecipeError(
                 f"strategy 'policy_rl' (NNI's PolicyBasedRL) needs the tianshou package, which is not installed "
-                f"({error}); install tianshou or choose one of {[s for s in STRATEGIES if s != 'policy_rl']}"
+                f"({error}); install tianshou or choose one of {[s for s in STRATEGIES if s != 'policy_rl']}", key="search.strategy"
             ) from None
     if name == "apq_evolution":
         raise ValueError("'apq_evolution' needs the joint space and the scorer: build it through NNISearch")
@@ -260,7 +261,8 @@ class NNISearch:
             try:
                 self.evolution = APQEvolution(joint, scorer, evaluations=evaluations, seed=seed, **self.options)
             except TypeError as error:  # an option APQEvolution does not take
-                raise ValueError(f"invalid options {self.options} for strategy 'apq_evolution': {error}") from None
+                raise RecipeError(f"invalid options {self.options} for strategy 'apq_evolution': {error}",
+                                  key="search.strategy_options") from None
             from .nni_evolution import APQEvolutionStrategy
 
             self.strategy = APQEvolutionStrategy(self.evolution)

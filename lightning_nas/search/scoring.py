@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..recipe.errors import RecipeError
 from .joint_space import Candidate, JointSpace
 
 __all__ = [
@@ -149,11 +150,10 @@ class Scorer:
                 from ..recipe.errors import close_match
 
                 hint = close_match(str(metric), self.metrics)
-                raise ValueError(
+                raise RecipeError(
                     f"constraint on '{metric}', but no cost model reports it; the cost models report "
                     f"{self.metrics or 'nothing'} (counts: macs, params, bitops, size_bytes; latency_table: "
-                    f"latency_ms; bitfusion: latency_ms, energy_mj)" + (f"; did you mean '{hint}'?" if hint else "")
-                )
+                    f"latency_ms; bitfusion: latency_ms, energy_mj)" + (f"; did you mean '{hint}'?" if hint else ""), key="search.constraints")
             self.constraints[metric] = float(limit)
         #: smallest value seen of every metric, over every candidate whose costs were computed
         self.smallest_seen: dict[str, float] = {m: float("inf") for m in self.metrics}
@@ -167,37 +167,37 @@ class Scorer:
         for name, model in self.cost_models.items():
             space = getattr(model, "space", None)
             if space is not None and hasattr(space, "hparams") and space != self.joint.space:
-                raise ValueError(f"cost model '{name}' was built for {space!r}, but the search space is "
-                                 f"{self.joint.space!r}; give both the same space spec")
+                raise RecipeError(f"cost model '{name}' was built for {space!r}, but the search space is "
+                                 f"{self.joint.space!r}; give both the same space spec", key="search.cost_models")
             policy_space = getattr(model, "policy_space", None)
             if policy_space is not None and self.joint.policy_space is not None:
                 theirs = (policy_space.bit_choices, policy_space.fixed_bits)
                 ours = (self.joint.policy_space.bit_choices, self.joint.policy_space.fixed_bits)
                 if theirs != ours:
-                    raise ValueError(f"cost model '{name}' prices bit widths {theirs[0]} (fixed {theirs[1]}), "
+                    raise RecipeError(f"cost model '{name}' prices bit widths {theirs[0]} (fixed {theirs[1]}), "
                                      f"but the search uses {ours[0]} (fixed {ours[1]}); set the same "
-                                     "bit_choices and fixed_bits")
+                                     "bit_choices and fixed_bits", key="search.cost_models")
 
     def _check_predictor(self) -> None:
         if self.predictor is None:
             return
         quant_predictor = hasattr(self.predictor, "policy_features")
         if self.joint.quantized and not quant_predictor:
-            raise ValueError("a quantization search needs the quantization-aware predictor (trained on quantized "
-                             "pairs), but the predictor file holds a full-precision one")
+            raise RecipeError("a quantization search needs the quantization-aware predictor (trained on quantized "
+                             "pairs), but the predictor file holds a full-precision one", key="search.predictor")
         if not self.joint.quantized and quant_predictor:
-            raise ValueError("a full-precision search (no policy bits) needs a full-precision predictor, but the "
-                             "predictor file holds a quantization-aware one")
+            raise RecipeError("a full-precision search (no policy bits) needs a full-precision predictor, but the "
+                             "predictor file holds a quantization-aware one", key="search.predictor")
         expected = self.joint.space.encoding_size
         if getattr(self.predictor, "arch_features", expected) != expected:
-            raise ValueError(f"the predictor reads {self.predictor.arch_features} architecture features but the "
-                             f"search space encodes {expected}: it was trained for another space")
+            raise RecipeError(f"the predictor reads {self.predictor.arch_features} architecture features but the "
+                             f"search space encodes {expected}: it was trained for another space", key="search.predictor")
         if quant_predictor:
             assert self.joint.policy_space is not None
             expected = self.joint.policy_space.encoding_size(self.joint.num_blocks)
             if self.predictor.policy_features != expected:
-                raise ValueError(f"the predictor reads {self.predictor.policy_features} policy features but the "
-                                 f"search's bit choices {self.joint.policy_space.bit_choices} encode {expected}")
+                raise RecipeError(f"the predictor reads {self.predictor.policy_features} policy features but the "
+                                 f"search's bit choices {self.joint.policy_space.bit_choices} encode {expected}", key="search.predictor")
 
     def _metric_columns(self) -> list[tuple[str, str, str]]:
         """(model name, model metric, column name) for every metric of every model."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lightning_nas.recipe.markers import CostModelSpec, ExistingFile, SpaceSpec
+from lightning_nas.recipe.markers import BitChoices, CostModelSpec, ExistingFile, FixedBits, SpaceSpec
+
+from ..recipe.markers import Fraction, NonNegativeInt, PositiveInt
 
 __all__ = ["SEARCH_STRATEGIES", "SearchSettings"]
 
@@ -35,38 +37,38 @@ class SearchSettings:
     #: ``energy_mj`` (or their qualified names).
     constraints: dict[str, float] = field(default_factory=dict)
     #: Bit widths of the quantization policy (APQ: 4, 6, 8); null searches full precision only.
-    policy_bits: list[int] | None = field(default_factory=lambda: [4, 6, 8])
+    policy_bits: BitChoices | None = field(default_factory=lambda: [4, 6, 8])
     #: Bits of the layers outside the policy (stem, first block, head, classifier, squeeze-excite).
-    fixed_bits: int = 8
+    fixed_bits: FixedBits = 8
     strategy: Literal["apq_evolution", "regularized_evolution", "random", "tpe", "grid", "policy_rl"] = "apq_evolution"
     #: Extra keyword arguments of the strategy: of NNI's strategy class (e.g. ``{sample_size: 10,
     #: crossover: true}`` for ``regularized_evolution``), or of ``APQEvolution`` for ``apq_evolution``.
     strategy_options: dict[str, Any] = field(default_factory=dict)
     #: Candidates scored in total (APQ: 500 generations x 100 = 50,000).
-    evaluations: int = 50000
+    evaluations: PositiveInt = 50000
     #: Children per generation and initial population (``apq_evolution``, ``regularized_evolution``).
-    population: int = 100
+    population: PositiveInt = 100
     #: Parents kept by each selection (``regularized_evolution``: the tournament size).
-    parents: int = 25
+    parents: PositiveInt = 25
     #: Mutants per generation; the rest of ``population`` comes from crossover (``apq_evolution``).
-    mutations: int = 50
+    mutations: NonNegativeInt = 50
     #: Per-gene mutation probability (kernel, expand ratio, depth, policy entries).
-    mutation_prob: float = 0.1
-    resolution_prob: float = 0.5
+    mutation_prob: Fraction = 0.1
+    resolution_prob: Fraction = 0.5
     #: Per-entry mutation probability of the policy; default ``mutation_prob``.
-    policy_mutation_prob: float | None = None
+    policy_mutation_prob: Fraction | None = None
     #: Rejection sampling: draws per child before its slot is given up (``apq_evolution``).
-    max_tries: int = 100
-    top_k: int = 10
+    max_tries: PositiveInt = 100
+    top_k: PositiveInt = 10
     #: Cost axis of the Pareto front; default: the first constrained metric, else the first metric.
     pareto_metric: str | None = None
     #: Candidates per predictor forward.
-    batch_size: int = 4096
+    batch_size: PositiveInt = 4096
     #: Models the strategy keeps in flight; the engine scores them as one batch (``apq_evolution``
     #: waits for each generation, so its result does not depend on it; ``regularized_evolution``
     #: uses at most ``population``; ``random`` and ``grid`` do not read results; ``tpe`` gives the
     #: models in flight its constant-liar value). 1 reproduces NNI's one-trial-at-a-time order.
-    concurrency: int = 100
+    concurrency: PositiveInt = 100
     progress: bool = True
     #: Default: the recipe's ``seed``.
     seed: int | None = None

@@ -50,6 +50,26 @@ def _as_rng(rng: random.Random | int | None) -> random.Random:
     return random.Random(rng)
 
 
+
+def check_bit_choices(choices: Sequence[int]) -> None:
+    """ValueError unless ``choices`` are distinct supported bit widths (recipe validation calls it
+    for every ``BitChoices`` value, so a bad width fails before torch is imported)."""
+    choices = list(choices)
+    if not choices:
+        raise ValueError("bit_choices must not be empty")
+    bad = [b for b in choices if isinstance(b, bool) or b not in SUPPORTED_BITS]
+    if bad:
+        raise ValueError(f"bit_choices {bad} not supported; allowed bit widths: {list(SUPPORTED_BITS)}")
+    if len(set(choices)) != len(choices):
+        raise ValueError(f"bit_choices has duplicates: {choices}")
+
+
+def check_fixed_bits(bits: int) -> None:
+    """ValueError unless ``bits`` is a supported width or full precision."""
+    if isinstance(bits, bool) or bits not in (*SUPPORTED_BITS, FULL_PRECISION_BITS):
+        raise ValueError(f"fixed_bits={bits!r} not supported; allowed: {list(SUPPORTED_BITS)} "
+                         f"or {FULL_PRECISION_BITS} (full precision)")
+
 class QuantPolicySpace:
     """The space of per-block mixed-precision policies searched by APQ.
 
@@ -66,18 +86,8 @@ class QuantPolicySpace:
         fixed_bits: int = 8,
     ) -> None:
         choices = list(bit_choices)
-        if not choices:
-            raise ValueError("bit_choices must not be empty")
-        bad = [b for b in choices if isinstance(b, bool) or b not in SUPPORTED_BITS]
-        if bad:
-            raise ValueError(f"bit_choices {bad} not supported; allowed bit widths: {list(SUPPORTED_BITS)}")
-        if len(set(choices)) != len(choices):
-            raise ValueError(f"bit_choices has duplicates: {choices}")
-        if isinstance(fixed_bits, bool) or fixed_bits not in (*SUPPORTED_BITS, FULL_PRECISION_BITS):
-            raise ValueError(
-                f"fixed_bits={fixed_bits!r} not supported; allowed: {list(SUPPORTED_BITS)} "
-                f"or {FULL_PRECISION_BITS} (full precision)"
-            )
+        check_bit_choices(choices)
+        check_fixed_bits(fixed_bits)
         self.bit_choices: list[int] = sorted(choices)
         self.fixed_bits: int = fixed_bits
 

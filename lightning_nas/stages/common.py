@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from ..recipe.errors import RecipeError
 from ..recipe.loader import RUN_DIR_ENV, LoadedRecipe
 
-T = TypeVar("T")
 CONFIG_FILE = "config.yaml"
+
+
+def _third_party_argument_errors() -> tuple[type[Exception], ...]:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return (ValueError, MisconfigurationException)
 
 
 def is_global_zero() -> bool:
@@ -32,23 +37,17 @@ def write_config(recipe: LoadedRecipe, run_dir: Path) -> None:
 
 def prepare_run_dir(recipe: LoadedRecipe, config: bool = True) -> Path:
     """Create ``run_dir`` and, unless ``config`` is False (the caller writes it once it knows its
-    global rank), write the resolved recipe into it by the first rank."""
+    global rank), write the resolved recipe into it by the first rank; also apply the recipe's
+    ``allow_pickle`` to every file the stage loads from here on."""
+    from ..nn.safe_load import set_allow_pickle
+
+    set_allow_pickle(recipe.config.get("allow_pickle", False))
     run_dir = Path(recipe.config["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     if config and is_global_zero():
         write_config(recipe, run_dir)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # DDP ranks started from this process reuse it
     return run_dir
-
-
-def build(key: str, make: Callable[[], T]) -> T:
-    """Build one recipe component; a ValueError from its constructor becomes a recipe error."""
-    try:
-        return make()
-    except RecipeError:
-        raise
-    except ValueError as error:
-        raise RecipeError(str(error), key=key) from None
 
 
 def instantiate(spec: Mapping[str, Any], **extra: Any) -> Any:
@@ -59,8 +58,18 @@ def instantiate(spec: Mapping[str, Any], **extra: Any) -> Any:
 
 
 def build_callbacks(config: Mapping[str, Any]) -> list[Any]:
-    return [build(f"callbacks.{name}", lambda s=spec: instantiate(s))
-            for name, spec in (config.get("callbacks") or {}).items() if spec is not None]
+    callbacks = []
+    for name, spec in (config.get("callbacks") or {}).items():
+        if spec is None:
+            continue
+        if spec["class_path"].startswith("lightning_nas."):
+            callbacks.append(instantiate(spec))  # ours raise RecipeError for what the user can fix
+            continue
+        try:
+            callbacks.append(instantiate(spec))
+        except _third_party_argument_errors() as error:  # another library's check of the recipe's init_args
+            raise RecipeError(str(error), key=f"callbacks.{name}.init_args", given=spec.get("init_args")) from None
+    return callbacks
 
 
 def build_loggers(config: Mapping[str, Any], run_dir: Path) -> list[Any]:
@@ -77,8 +86,11 @@ def build_trainer(config: Mapping[str, Any], run_dir: Path, **overrides: Any):
 
     arguments = {**config.get("trainer", {}), **overrides}
     loggers = build_loggers(config, run_dir)
-    return build("trainer", lambda: pl.Trainer(default_root_dir=str(run_dir), callbacks=build_callbacks(config),
-                                               logger=loggers or False, **arguments))
+    callbacks = build_callbacks(config)
+    try:
+        return pl.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False, **arguments)
+    except _third_party_argument_errors() as error:  # Lightning's check of the recipe's trainer: section
+        raise RecipeError(str(error), key="trainer", given=dict(config.get("trainer", {}))) from None
 
 
 def resume_checkpoint(config: Mapping[str, Any], run_dir: Path) -> str | None:

@@ -1,7 +1,7 @@
 """``lightning-nas export``: extract a subnet of a trained supernet as a plain PyTorch network.
 
-Writes ``subnet.pt`` (the module, its config, the space spec and a state dict, so it loads with or
-without this package's classes), ``subnet.json`` (config, MACs, parameters, the check below) and,
+Writes ``subnet.pt`` (its config, the space spec and a state dict: plain data that loads with
+``weights_only=True``; :func:`~lightning_nas.tasks.supernet.rebuild_network` rebuilds the network), ``subnet.json`` (config, MACs, parameters, the check below) and,
 when asked, ``subnet.onnx``. The extracted network is checked against the supernet running the
 same config: the largest absolute difference of their outputs in eval mode is recorded.
 """
@@ -16,7 +16,7 @@ from typing import Any
 from ..recipe.errors import RecipeError, close_match
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
-from .common import build, prepare_run_dir, seed_everything
+from .common import prepare_run_dir, seed_everything
 
 SUBNET_FILE = "subnet.pt"
 
@@ -38,18 +38,14 @@ def choose_subnet(task: Any, subnet: str | Mapping[str, Any]) -> dict:
 def load_supernet_task(checkpoint: str):
     from ..tasks.supernet import SupernetTask
 
-    try:
-        return SupernetTask.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
-    except (KeyError, TypeError, RuntimeError) as error:
-        raise RecipeError(f"not a supernet checkpoint of this version ({error})", key="export.checkpoint",
-                          given=checkpoint) from None
+    return SupernetTask.from_checkpoint_file(checkpoint, "export.checkpoint")
 
 
 def run(recipe: LoadedRecipe) -> Path:
     import torch
 
     from ..nn.bn_recalibration import recalibrate_batchnorm
-    from ..tasks.supernet import holdout_batches
+    from ..tasks.supernet import holdout_batches, network_record
 
     config = recipe.config
     require_sections(config, ("export",), "export")
@@ -66,7 +62,7 @@ def run(recipe: LoadedRecipe) -> Path:
         require_sections(config, ("data",), "export with recalibrate_bn")
         from ..registry import DATA
 
-        datamodule = build("data", lambda: DATA.build(config["data"]))
+        datamodule = DATA.build(config["data"])
         datamodule.setup("fit")
         batches = holdout_batches(datamodule, settings.bn_recalibration_images, settings.bn_recalibration_batch)
         recalibrate_batchnorm(supernet, (datamodule.normalize(b, subnet_config["r"]) for b in batches))
@@ -75,8 +71,7 @@ def run(recipe: LoadedRecipe) -> Path:
     probe = torch.randn(4, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         max_abs_diff = float((supernet(probe) - subnet(probe)).abs().max())
-    torch.save({"model": subnet, "config": subnet_config, "space": task.hparams.space,
-                "state_dict": subnet.state_dict()}, run_dir / SUBNET_FILE)
+    torch.save(network_record(subnet, task.hparams.space, subnet_config), run_dir / SUBNET_FILE)
     summary = {"config": subnet_config, "space": task.hparams.space, "macs": task.space.macs(subnet_config),
                "params": task.space.params(subnet_config), "max_abs_diff_vs_supernet": max_abs_diff,
                "checkpoint": str(settings.checkpoint)}

@@ -29,7 +29,7 @@ from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe, load_recipe
 from ..recipe.sections import PipelineSettings, PipelineStage
 from ..recipe.validate import validate_recipe
-from .common import build, prepare_run_dir
+from .common import prepare_run_dir
 
 DONE_FILE = "stage_done.json"
 SUMMARY_FILE = "pipeline.csv"
@@ -156,8 +156,8 @@ def pipeline_data(given: str | Mapping[str, Any] | None) -> PipelineData | None:
                           key="pipeline.data.name", given=section.get("name"),
                           allowed=", ".join(n for n in DATA.names() if is_image_data({"name": n})))
     resolutions = section.pop("resolutions", None)
-    module = build("pipeline.data", lambda: DATA.build(section))
-    size = build("pipeline.data", lambda: module.image_size)
+    module = DATA.build(section)  # the data module's own checks raise RecipeError
+    size = module.image_size
     return PipelineData(section, int(module.num_classes), [int(r) for r in resolutions or [size]])
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
-from .common import build, prepare_run_dir
+from .common import prepare_run_dir
 
 TABLE_FILE = "latency_table.json"
 
 
 def run(recipe: LoadedRecipe) -> Path:
-    from ..hardware.latency_table import LatencyTable, profile_space
+    from ..hardware.latency_table import LatencyTable, LatencyTableError, profile_space
     from ..hardware.settings import ProfileSettings
     from ..registry import SPACES
 
@@ -29,15 +29,17 @@ def run(recipe: LoadedRecipe) -> Path:
     except TypeError as error:
         raise RecipeError(f"invalid profile settings ({error})", key="profile") from None
     run_dir = prepare_run_dir(recipe)
-    space = build("profile.space", lambda: SPACES.build(settings.space))
+    space = SPACES.build(settings.space)  # validated with the recipe, resolutions included
     output = Path(settings.output) if settings.output else run_dir / TABLE_FILE
-    result = build("profile", lambda: profile_space(
-        space, output, resolutions=settings.resolutions, batch_size=settings.batch_size, threads=settings.threads,
-        precisions=settings.precisions, int8_backend=settings.int8_backend, warmup=settings.warmup,
-        repeats=settings.repeats, context=settings.context, realtime=settings.realtime, rounds=settings.rounds,
-        limit=settings.limit,
-        progress=settings.progress, seed=settings.seed,
-    ))
+    try:
+        result = profile_space(
+            space, output, resolutions=settings.resolutions, batch_size=settings.batch_size, threads=settings.threads,
+            precisions=settings.precisions, int8_backend=settings.int8_backend, warmup=settings.warmup,
+            repeats=settings.repeats, context=settings.context, realtime=settings.realtime, rounds=settings.rounds,
+            limit=settings.limit, progress=settings.progress, seed=settings.seed,
+        )
+    except LatencyTableError as error:  # the output file exists but is not a table of these settings
+        raise RecipeError(str(error), key="profile.output", given=str(output)) from None
     table = LatencyTable.load(output)
     sizes = ", ".join(f"{len(table.keys(p))} {p}" for p in table.precisions)
     state = "complete" if result.remaining == 0 else f"{result.remaining} entries still missing (run again to resume)"

@@ -36,12 +36,8 @@ def run(recipe: LoadedRecipe) -> Path:
     run_dir = prepare_run_dir(recipe)
     columns, rows = read_architectures(settings.archs, settings.limit)
     started = time.perf_counter()
-    try:
-        scores = score_architectures([r[ARCH_COLUMN] for r in rows], settings.ranker, seed=settings.seed,
-                                     data_path=settings.data_path, batch_size=settings.batch_size,
-                                     progress=True)
-    except ValueError as error:
-        raise RecipeError(str(error), key="rank") from None
+    scores = score_architectures([r[ARCH_COLUMN] for r in rows], settings.ranker, seed=settings.seed,
+                                 data_path=settings.data_path, batch_size=settings.batch_size, progress=True)
     seconds = time.perf_counter() - started
     out = Path(settings.out or run_dir / "ranked.csv")
     out.parent.mkdir(parents=True, exist_ok=True)

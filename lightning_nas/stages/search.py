@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import pickle
 import sys
 import time
 from collections.abc import Mapping
@@ -38,7 +37,7 @@ import numpy as np
 from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
-from .common import build, build_loggers, prepare_run_dir
+from .common import build_loggers, prepare_run_dir
 
 SEARCH_DIR = "search"
 TOPK_FILE = "topk.json"
@@ -52,13 +51,19 @@ def load_settings(config: Mapping[str, Any]) -> Any:
 
     require_sections(config, ("search",), "search")
     try:
-        return SearchSettings(**config["search"])
+        settings = SearchSettings(**config["search"])
     except TypeError as error:
         raise RecipeError(f"invalid search settings ({error})", key="search") from None
+    for name in ("parents", "mutations"):
+        if getattr(settings, name) > settings.population:
+            raise RecipeError(f"{name} cannot exceed the population", key=f"search.{name}",
+                              given=getattr(settings, name), allowed=f"at most search.population = {settings.population}")
+    return settings
 
 
 def build_cost_models(specs: list[Mapping[str, Any]]) -> dict[str, Any]:
     """``{name: model}`` from recipe specs; a second model of one kind is named ``<kind>_2``."""
+    from ..hardware.latency_table import LatencyTableError
     from ..registry import COST_MODELS
 
     models: dict[str, Any] = {}
@@ -67,7 +72,10 @@ def build_cost_models(specs: list[Mapping[str, Any]]) -> dict[str, Any]:
         name, n = base, 2
         while name in models:
             name, n = f"{base}_{n}", n + 1
-        models[name] = build(f"search.cost_models.{i}", lambda s=spec: COST_MODELS.build(s))
+        try:
+            models[name] = COST_MODELS.build(spec)
+        except LatencyTableError as error:
+            raise RecipeError(str(error), key=f"search.cost_models.{i}.table", given=spec.get("table")) from None
     return models
 
 
@@ -79,27 +87,17 @@ def build_scorer(settings: Any) -> Any:
     from ..search.scoring import Scorer
     from ..spaces.quant_policy import QuantPolicySpace
 
-    space = build("search.space", lambda: SPACES.build(settings.space))
+    space = SPACES.build(settings.space)  # validated with the recipe
     policy_space = None
     if settings.policy_bits is not None:
-        policy_space = build("search.policy_bits", lambda: QuantPolicySpace(bit_choices=list(settings.policy_bits),
-                                                                            fixed_bits=settings.fixed_bits))
+        try:
+            policy_space = QuantPolicySpace(bit_choices=list(settings.policy_bits), fixed_bits=settings.fixed_bits)
+        except ValueError as error:  # the policy space's check of exactly these two settings
+            raise RecipeError(str(error), key="search.policy_bits", given=list(settings.policy_bits)) from None
     joint = JointSpace(space, policy_space)
-    try:
-        predictor = load_predictor(settings.predictor)
-    except FileNotFoundError:
-        raise RecipeError("predictor file not found (train one with a predictor recipe first)",
-                          key="search.predictor", given=settings.predictor) from None
-    except (KeyError, TypeError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        raise RecipeError(f"not a predictor file written by `lightning-nas fit` of a predictor recipe ({error})",
-                          key="search.predictor", given=settings.predictor) from None
+    predictor = load_predictor(settings.predictor, key="search.predictor")
     models = build_cost_models(list(settings.cost_models))
-    try:
-        return Scorer(joint, predictor, models, settings.constraints, batch_size=settings.batch_size)
-    except ValueError as error:
-        key = "search.constraints" if "constraint" in str(error) else "search.predictor" \
-            if "predictor" in str(error) else "search.cost_models"
-        raise RecipeError(str(error), key=key) from None
+    return Scorer(joint, predictor, models, settings.constraints, batch_size=settings.batch_size)
 
 
 def run_search(settings: Any, scorer: Any, run_dir: Path, seed: int) -> tuple[Any, dict[str, Any]]:
@@ -113,12 +111,10 @@ def run_search(settings: Any, scorer: Any, run_dir: Path, seed: int) -> tuple[An
     options = _strategy_options(settings)
     if settings.concurrency < 1:
         raise RecipeError("must be at least 1", key="search.concurrency", given=settings.concurrency)
-    # the APQ evolution's options are the recipe's own settings (population, parents, ...)
-    key = "search" if settings.strategy == "apq_evolution" else "search.strategy_options"
     try:
-        search = build(key, lambda: NNISearch(
+        search = NNISearch(
             scorer.joint, scorer, settings.strategy, settings.evaluations, run_dir / SEARCH_DIR / NNI_DIR,
-            seed=seed, options=options, progress=bar.update, concurrency=settings.concurrency))
+            seed=seed, options=options, progress=bar.update, concurrency=settings.concurrency)
         started = time.perf_counter()  # after NNI's import (seconds), which is not the search's speed
         history = search.run()
     except InfeasibleConstraintsError as error:

@@ -9,6 +9,9 @@ from torchmetrics.regression import KendallRankCorrCoef, SpearmanCorrCoef
 from lightning_nas.predictors.losses import LOSSES, RankingLoss
 from lightning_nas.predictors.parzc import ParZC
 
+from ..recipe.errors import RecipeError
+from ..recipe.markers import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
 
 class ParZCTask(pl.LightningModule):
     """Ranks architectures from ``[L, K]`` node-wise statistics; higher score = predicted better.
@@ -26,11 +29,11 @@ class ParZCTask(pl.LightningModule):
         num_stats: int | None = None,
         proxies: list[str] | None = None,
         stats_seed: int | None = None,
-        embed_dim: int = 32,
-        depth: int = 2,
+        embed_dim: PositiveInt = 32,
+        depth: PositiveInt = 2,
         token_hidden: int = 64,
         channel_hidden: int = 64,
-        dropout: float = 0.1,
+        dropout: Fraction = 0.1,
         bayesian: bool = True,
         prior_sigma: float = 0.1,
         kl_weight: float = 1e-4,
@@ -38,13 +41,13 @@ class ParZCTask(pl.LightningModule):
         alpha: float = 50.0,
         pairwise_kind: str = "logistic",
         margin: float = 0.1,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-3,
-        warmup_epochs: int = 10,
+        lr: PositiveFloat = 1e-3,
+        weight_decay: NonNegativeFloat = 1e-3,
+        warmup_epochs: NonNegativeInt = 10,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}")
+            raise RecipeError("unknown ranking loss", key="task.loss", given=loss, allowed=", ".join(LOSSES))
         self.save_hyperparameters()
         self.criterion = RankingLoss(loss, alpha=alpha, pairwise_kind=pairwise_kind, margin=margin)
         self.model: ParZC | None = None

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torchmetrics.functional import kendall_rank_corrcoef, spearman_corrcoef
 
 from ..predictors.accuracy import AccuracyPredictor, QuantAccuracyPredictor, load_predictor, save_predictor
-from ..recipe.markers import ExistingFile
+from ..recipe.errors import RecipeError
+from ..recipe.markers import ExistingFile, NonNegativeFloat, PositiveFloat, PositiveInt
 
 METRICS_FILE = "predictor_metrics.json"
 SCATTER_FILE = "predictor_scatter.png"
@@ -35,7 +36,7 @@ def regression_metrics(predicted: torch.Tensor, measured: torch.Tensor) -> dict[
 class PredictorTask(pl.LightningModule):
     """MLP accuracy predictor; sizes come from the data module's space and policy encodings."""
 
-    def __init__(self, hidden: int = 400, layers: int = 3, lr: float = 1e-3, weight_decay: float = 1e-4,
+    def __init__(self, hidden: PositiveInt = 400, layers: PositiveInt = 3, lr: PositiveFloat = 1e-3, weight_decay: NonNegativeFloat = 1e-4,
                  transfer_from: ExistingFile | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -54,10 +55,18 @@ class PredictorTask(pl.LightningModule):
             self.predictor = QuantAccuracyPredictor(arch_features, data.policy_features, hp.hidden, hp.layers,
                                                     data.train_mean)
             if hp.transfer_from:
-                self.predictor.inherit(load_predictor(hp.transfer_from))
+                source = load_predictor(hp.transfer_from, key="task.transfer_from")
+                theirs = {k: v for k, v in source.spec().items() if k != "policy_features"}
+                ours = {k: v for k, v in self.predictor.spec().items() if k != "policy_features"}
+                if type(source) is not AccuracyPredictor or theirs != ours:
+                    raise RecipeError("cannot transfer from this predictor: a full-precision predictor of the same "
+                                      "encoding and size is needed", key="task.transfer_from", given=hp.transfer_from,
+                                      allowed=f"a full-precision predictor with {ours} (this one: {source.spec()})")
+                self.predictor.inherit(source)
         else:
             if hp.transfer_from:
-                raise ValueError("transfer_from needs quantized pairs (data.kind=quant)")
+                raise RecipeError("transfer_from needs quantized pairs", key="task.transfer_from",
+                                  given=hp.transfer_from, allowed="data.kind=quant, or no transfer_from")
             self.predictor = AccuracyPredictor(arch_features, hp.hidden, hp.layers, data.train_mean)
 
     def forward(self, arch: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:

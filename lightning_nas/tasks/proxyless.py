@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..recipe.markers import SpaceSpec
+from ..recipe.errors import RecipeError
+from ..recipe.markers import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, SpaceSpec
 from ..spaces.proxyless import ZERO, ProxylessSpace, derived_arch_record, parse_op
 from .optim import warmup_cosine
 
@@ -304,32 +305,32 @@ class ProxylessSearchTask(pl.LightningModule):
         self,
         space: SpaceSpec,
         mixed_op: Literal["binary", "all_paths"] = "binary",
-        lr: float = 0.025,
-        warmup_lr: float | None = 0.05,
-        momentum: float = 0.9,
+        lr: PositiveFloat = 0.025,
+        warmup_lr: PositiveFloat | None = 0.05,
+        momentum: NonNegativeFloat = 0.9,
         nesterov: bool = True,
-        weight_decay: float = 4e-5,
-        label_smoothing: float = 0.1,
-        warmup_epochs: int = 40,
-        arch_lr: float = 6e-3,
+        weight_decay: NonNegativeFloat = 4e-5,
+        label_smoothing: Fraction = 0.1,
+        warmup_epochs: NonNegativeInt = 40,
+        arch_lr: PositiveFloat = 6e-3,
         arch_betas: list[float] = [0.0, 0.999],  # noqa: B006 - read only
         arch_eps: float = 1e-8,
         arch_weight_decay: float = 0.0,
-        arch_update_every: int = 5,
-        arch_steps: int = 1,
-        arch_batch_size: int | None = None,
+        arch_update_every: PositiveInt = 5,
+        arch_steps: NonNegativeInt = 1,
+        arch_batch_size: PositiveInt | None = None,
         latency_loss: Literal["multiplicative", "additive", "none"] = "multiplicative",
-        target: float | None = None,
-        target_ratio: float = 0.8,
+        target: PositiveFloat | None = None,
+        target_ratio: PositiveFloat = 0.8,
         beta: float = 0.3,
         latency_lambda: float = 0.1,
         cost: Literal["latency", "flops", "accelerator"] = "latency",
-        cost_scale: float = 1.0,
+        cost_scale: PositiveFloat = 1.0,
         cost_table: str | None = None,
-        latency_batch_size: int = 1,
-        latency_threads: int = 1,
-        latency_warmup: int = 10,
-        latency_repeats: int = 30,
+        latency_batch_size: PositiveInt = 1,
+        latency_threads: PositiveInt = 1,
+        latency_warmup: NonNegativeInt = 10,
+        latency_repeats: PositiveInt = 30,
         latency_context: Literal["network", "isolated"] = "network",
         latency_realtime: bool = False,
         accelerator: dict[str, Any] | None = None,
@@ -341,7 +342,7 @@ class ProxylessSearchTask(pl.LightningModule):
         if arch_update_every < 1 or arch_steps < 0:
             raise ValueError(f"arch_update_every must be >= 1 and arch_steps >= 0, got {arch_update_every}, {arch_steps}")
         if len(arch_betas) != 2:
-            raise ValueError(f"arch_betas needs two values (beta1, beta2), got {arch_betas}")
+            raise RecipeError(f"arch_betas needs two values (beta1, beta2), got {arch_betas}", key="task.arch_betas")
         if latency_loss != "none" and target is not None and target <= 0:
             raise ValueError(f"target must be positive, got {target}")
         if not target_ratio > 0 or not cost_scale > 0:
@@ -350,12 +351,12 @@ class ProxylessSearchTask(pl.LightningModule):
 
         self.space: ProxylessSpace = SPACES.build(space)
         if not isinstance(self.space, ProxylessSpace):
-            raise ValueError(f"the proxyless task needs a ProxylessNAS space, got {type(self.space).__name__}")
+            raise RecipeError(f"the proxyless task needs a ProxylessNAS space, got {type(self.space).__name__}", key="task.space")
         self.supernet = self.space.build_supernet(mixed_op)
         self.automatic_optimization = False
         self.ddp_find_unused_parameters = True  # one path per layer runs
         self.table: CostTable | None = None
-        self.target: float | None = target
+        self.target: PositiveFloat | None = target
         self._costs: list[Tensor] = []
         self._holdout: Iterator | None = None
 
@@ -381,7 +382,7 @@ class ProxylessSearchTask(pl.LightningModule):
     def set_cost_table(self, table: CostTable) -> None:
         """Use ``table`` for the expected cost; fixes the target if none was given."""
         if len(table.costs) != self.space.num_layers:
-            raise ValueError(f"cost table has {len(table.costs)} layers, the space {self.space.num_layers}")
+            raise RecipeError(f"cost table has {len(table.costs)} layers, the space {self.space.num_layers}", key="task.cost_table")
         self.table = table
         self._costs = [torch.tensor(row, dtype=torch.float32) for row in table.costs]
         if self.hparams.target is None:
@@ -389,9 +390,9 @@ class ProxylessSearchTask(pl.LightningModule):
             self.target = self.hparams.target_ratio * (table.fixed + sum(float((p * c).sum())
                                                                        for p, c in zip(uniform, self._costs)))
         if self.hparams.latency_loss == "multiplicative" and self.target <= 1.0:
-            raise ValueError(f"the multiplicative latency loss takes log(cost): the target must exceed 1 in the "
+            raise RecipeError(f"the multiplicative latency loss takes log(cost): the target must exceed 1 in the "
                              f"cost's unit ({table.unit}), got {self.target:.4g}; raise cost_scale or use "
-                             f"latency_loss=additive")
+                             f"latency_loss=additive", key="task.target")
 
     def setup(self, stage: str) -> None:
         if self.table is not None:
@@ -481,7 +482,7 @@ class ProxylessSearchTask(pl.LightningModule):
         datamodule = self.trainer.datamodule
         if self._holdout is None:
             if getattr(datamodule, "holdout_set", None) is None or len(datamodule.holdout_set) == 0:
-                raise ValueError("ProxylessNAS architecture steps need held-out images: set data.holdout_size > 0")
+                raise RecipeError("ProxylessNAS architecture steps need held-out images: set data.holdout_size > 0", key="data.holdout_size")
             self._holdout_loader = datamodule.holdout_dataloader(
                 batch_size=self.hparams.arch_batch_size or datamodule.batch_size)
             self._holdout = iter(self._holdout_loader)
@@ -607,4 +608,22 @@ class ProxylessSearchTask(pl.LightningModule):
         record = self.derived_record()
         (run_dir / DERIVED_ARCH_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
         net = self.supernet.extract(record["ops"]).cpu().eval()
-        torch.save({"model": net, "ops": record["ops"], "space": record["space"]}, run_dir / DERIVED_MODEL_FILE)
+        # Plain data (weights_only=True loads it): load_derived_model rebuilds the network.
+        torch.save({"ops": record["ops"], "space": record["space"],
+                    "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}},
+                   run_dir / DERIVED_MODEL_FILE)
+
+
+def load_derived_model(path: str | Path, key: str | None = None) -> nn.Module:
+    """The network of a ``derived_model.pt`` (ops, space, state dict), read without pickle, in eval mode."""
+    from ..nn.safe_load import load_torch_file, require_mapping
+    from ..registry import SPACES
+
+    what = "a derived_model.pt of a ProxylessNAS search (ops, space, state_dict)"
+    saved = load_torch_file(path, key=key, what=what)
+    if isinstance(saved, dict) and isinstance(saved.get("model"), nn.Module) and "state_dict" not in saved:
+        return saved["model"].eval()  # an older file, read with allow_pickle: the module itself
+    require_mapping(saved, ("ops", "space", "state_dict"), path=path, key=key, what=what)
+    net = SPACES.build(saved["space"]).build_net(saved["ops"])
+    net.load_state_dict(saved["state_dict"])
+    return net.eval()

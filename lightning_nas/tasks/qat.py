@@ -53,8 +53,19 @@ from ..nn.quantize_model import (
     quantized_layers,
     remove_quantizers,
 )
+from ..nn.safe_load import load_torch_file, require_mapping
 from ..nn.shrinking import soft_cross_entropy
-from ..recipe.markers import ExistingFile
+from ..recipe.errors import RecipeError
+from ..recipe.markers import (
+    BitChoices,
+    ExistingFile,
+    FixedBits,
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+)
 from ..spaces.quant_policy import QuantPolicySpace
 from .optim import build_optimizer, parameter_groups, step_scheduler
 from .supernet import holdout_batches
@@ -134,29 +145,35 @@ def resolve_policy(
 ) -> dict[str, list[int]]:
     """A validated APQ policy from a uniform bit width, an explicit policy or ``"random"``."""
     if isinstance(policy, bool):
-        raise ValueError(f"policy must be a bit width, a policy mapping or 'random', got {policy!r}")
+        raise RecipeError(f"policy must be a bit width, a policy mapping or 'random', got {policy!r}", key="task.policy")
     if isinstance(policy, int):
-        return policy_space.uniform(policy, num_blocks)
+        try:
+            return policy_space.uniform(policy, num_blocks)
+        except ValueError as error:  # the policy space's check of the user's bit width
+            raise RecipeError(str(error), key="task.policy", given=policy) from None
     if isinstance(policy, str):
         if policy != "random":
-            raise ValueError(
+            raise RecipeError(
                 f"policy must be a bit width (e.g. 8), a mapping {{pw_w, pw_a, dw_w, dw_a}} or "
-                f"'random', got {policy!r}"
+                f"'random', got {policy!r}", key="task.policy"
             )
         return policy_space.sample(random.Random(seed), num_blocks)
-    return policy_space.validate(policy, num_blocks)
+    try:
+        return policy_space.validate(policy, num_blocks)
+    except ValueError as error:  # the policy space's check of the user's policy mapping
+        raise RecipeError(str(error), key="task.policy", given=dict(policy)) from None
 
 
 def _searched_candidate(path: str, index: int, subnet: object, policy: object) -> tuple[dict, object]:
     """(architecture, policy) of row ``index`` of a search's topk.json; policy stays unless it is 'candidate'."""
     if subnet is not None:
-        raise ValueError("give either subnet or candidate (a search's topk.json), not both")
+        raise RecipeError("give either subnet or candidate (a search's topk.json), not both", key="task.candidate")
     try:
         rows = json.loads(Path(path).read_text(encoding="utf-8"))["topk"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"candidate {path} is not a topk.json of `lightning-nas search`") from None
+        raise RecipeError(f"candidate {path} is not a topk.json of `lightning-nas search`", key="task.candidate") from None
     if not 0 <= index < len(rows):
-        raise ValueError(f"candidate_index {index} is out of range: {path} has {len(rows)} candidates")
+        raise RecipeError(f"candidate_index {index} is out of range: {path} has {len(rows)} candidates", key="task.candidate_index")
     row = rows[index]
     return dict(row["config"]), (dict(row["policy"]) if policy == "candidate" else policy)
 
@@ -166,39 +183,29 @@ def _load_supernet_source(
 ) -> tuple[Any, dict, dict, nn.Module]:
     from .supernet import SupernetTask
 
-    try:
-        task = SupernetTask.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
-    except (KeyError, TypeError, RuntimeError) as error:
-        raise ValueError(
-            f"supernet_checkpoint {checkpoint} is not a supernet checkpoint of this version ({error})"
-        ) from None
+    task = SupernetTask.from_checkpoint_file(checkpoint, "task.supernet_checkpoint")
     if isinstance(subnet, str):
         if subnet not in task.reference_subnets:
-            raise ValueError(
-                f"unknown reference subnet {subnet!r}; the supernet names "
-                f"{sorted(task.reference_subnets)} (or give a config {{ks, e, d, r}})"
-            )
+            raise RecipeError("unknown reference subnet", key="task.subnet", given=subnet,
+                              allowed=f"{', '.join(sorted(task.reference_subnets))} (or a config {{ks, e, d, r}})")
         config = dict(task.reference_subnets[subnet])
     else:
-        config = task.space.canonical(task.space.validate(dict(subnet)))
+        try:
+            config = task.space.canonical(task.space.validate(dict(subnet)))
+        except ValueError as error:  # the space's own check of a user-given config
+            raise RecipeError(str(error), key="task.subnet", given=dict(subnet)) from None
     model = task.supernet.extract(config)
     return task.space, dict(task.hparams.space), config, model
 
 
 def _load_exported_source(path: str) -> tuple[Any, dict, dict, nn.Module]:
+    from .supernet import SUBNET_FILE_DESCRIPTION, rebuild_network
+
+    saved = load_torch_file(path, key="task.exported_subnet", what=SUBNET_FILE_DESCRIPTION)
+    model, space_spec, config = rebuild_network(saved, path=path, key="task.exported_subnet")
     from ..registry import SPACES
 
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(saved, Mapping) or not {"config", "space", "state_dict"} <= set(saved):
-        raise ValueError(
-            f"exported_subnet {path} is not a subnet.pt of `lightning-nas export` "
-            "(expected keys config, space, state_dict)"
-        )
-    space = SPACES.build(saved["space"])
-    config = space.canonical(saved["config"])
-    model = space.build_subnet(config)
-    model.load_state_dict(saved["state_dict"])
-    return space, dict(saved["space"]), config, model
+    return SPACES.build(space_spec), space_spec, config, model
 
 
 # --- the task -------------------------------------------------------------------------------------
@@ -225,7 +232,8 @@ class QATTask(pl.LightningModule):
         bn_recalibration_images, calibration_batch, calibration_percentile: held-out images for
             BN recalibration and activation-range calibration, their batch size and the
             percentile of magnitudes a clipping value starts from.
-        test_images: test images for the top-1 figures (``None``: all).
+        test_images: test images for the top-1 figures, a seeded sample stratified by class
+            (``None``: all).
         deploy: convert to int8 and ONNX and measure agreement and latency when fit ends; needs a
             uniform 8-bit policy (every layer at 8/8 bits, or full precision).
         fake_quantize_outputs: with ``deploy``, also fake-quantize what int8 kernels round
@@ -233,7 +241,7 @@ class QATTask(pl.LightningModule):
         int8_backend: quantized engine of the torch int8 model. ``onednn`` by default: fbgemm's
             depthwise kernels (picked by ``x86``) saturate (see :mod:`lightning_nas.deploy.int8`).
         agreement_images: test images on which int8 / ONNX top-1 is compared with the
-            fake-quantized model.
+            fake-quantized model (a stratified sample like ``test_images``).
         latency_batch_sizes, latency_warmup, latency_repeats, latency_threads: latency protocol
             (median of ``latency_repeats`` calls after ``latency_warmup``, at this many threads).
     """
@@ -244,42 +252,42 @@ class QATTask(pl.LightningModule):
         subnet: str | dict[str, Any] | None = None,
         exported_subnet: ExistingFile | None = None,
         candidate: ExistingFile | None = None,
-        candidate_index: int = 0,
+        candidate_index: NonNegativeInt = 0,
         policy: int | dict[str, Any] | Literal["random", "candidate"] = 8,
         policy_seed: int = 0,
-        bit_choices: list[int] = [4, 6, 8],  # noqa: B006 - copied by QuantPolicySpace
-        fixed_bits: int = 8,
-        lr: float = 1e-3,
+        bit_choices: BitChoices = [4, 6, 8],  # noqa: B006 - copied by QuantPolicySpace
+        fixed_bits: FixedBits = 8,
+        lr: PositiveFloat = 1e-3,
         optimizer: Literal["sgd", "adam", "adamw"] = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float = 1e-5,
-        label_smoothing: float = 0.0,
-        kd_ratio: float = 0.0,
-        freeze_bn_fraction: float = 0.3,
+        momentum: NonNegativeFloat = 0.9,
+        weight_decay: NonNegativeFloat = 1e-5,
+        label_smoothing: Fraction = 0.0,
+        kd_ratio: NonNegativeFloat = 0.0,
+        freeze_bn_fraction: Fraction = 0.3,
         recalibrate_bn: bool = True,
-        bn_recalibration_images: int = 2000,
-        calibration_batch: int = 200,
-        calibration_percentile: float = 99.99,
-        test_images: int | None = None,
+        bn_recalibration_images: PositiveInt = 2000,
+        calibration_batch: PositiveInt = 200,
+        calibration_percentile: PositiveFloat = 99.99,
+        test_images: PositiveInt | None = None,
         deploy: bool = True,
         fake_quantize_outputs: bool = True,
         int8_backend: Literal["onednn", "x86", "fbgemm"] = "onednn",
-        agreement_images: int = 1000,
+        agreement_images: PositiveInt = 1000,
         latency_batch_sizes: list[int] = [1, 32],  # noqa: B006 - read only
-        latency_warmup: int = 10,
-        latency_repeats: int = 50,
-        latency_threads: int = 1,
+        latency_warmup: NonNegativeInt = 10,
+        latency_repeats: PositiveInt = 50,
+        latency_threads: PositiveInt = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if not 0.0 <= freeze_bn_fraction <= 1.0:
-            raise ValueError(f"freeze_bn_fraction must be in [0, 1], got {freeze_bn_fraction}")
+            raise RecipeError(f"freeze_bn_fraction must be in [0, 1], got {freeze_bn_fraction}", key="task.freeze_bn_fraction")
         if agreement_images < 1 or latency_repeats < 1 or bn_recalibration_images < 1:
-            raise ValueError("agreement_images, latency_repeats and bn_recalibration_images must be positive")
+            raise RecipeError("agreement_images, latency_repeats and bn_recalibration_images must be positive", key="task")
         if candidate:
             subnet, policy = _searched_candidate(candidate, candidate_index, subnet, policy)
         elif policy == "candidate":
-            raise ValueError("policy: candidate takes the policy of a search result; set candidate: to its topk.json")
+            raise RecipeError("policy: candidate takes the policy of a search result; set candidate: to its topk.json", key="task.policy")
         sources = [
             name
             for name, value in (
@@ -289,28 +297,31 @@ class QATTask(pl.LightningModule):
             if value
         ]
         if len(sources) != 1:
-            raise ValueError(
+            raise RecipeError(
                 "QAT needs exactly one source: supernet_checkpoint (with subnet) or exported_subnet; "
-                + (f"got both {sources}" if sources else "got neither")
+                + (f"got both {sources}" if sources else "got neither"), key="task"
             )
         if supernet_checkpoint:
             if subnet is None:
-                raise ValueError(
+                raise RecipeError(
                     "supernet_checkpoint needs subnet: a reference subnet name (smallest, largest, "
-                    "random0, ...) or a config {ks, e, d, r}"
+                    "random0, ...) or a config {ks, e, d, r}", key="task.subnet"
                 )
             self.space, self.space_spec, self.config, model = _load_supernet_source(
                 supernet_checkpoint, subnet
             )
         else:
             if subnet is not None:
-                raise ValueError(
-                    "subnet goes with supernet_checkpoint; an exported_subnet already fixes the architecture"
+                raise RecipeError(
+                    "subnet goes with supernet_checkpoint; an exported_subnet already fixes the architecture", key="task.subnet"
                 )
             self.space, self.space_spec, self.config, model = _load_exported_source(exported_subnet)
         self.resolution = int(self.config["r"])
 
-        self.policy_space = QuantPolicySpace(bit_choices, fixed_bits)
+        try:  # the policy space's own checks of exactly the user's settings
+            self.policy_space = QuantPolicySpace(bit_choices, fixed_bits)
+        except ValueError as error:
+            raise RecipeError(str(error), key="task.bit_choices", given=list(bit_choices)) from None
         self.policy = resolve_policy(policy, self.policy_space, self.space.num_blocks, policy_seed)
         self.layer_specs = self.space.layer_specs(self.config)
         self.bits_by_layer = self.policy_space.bits_for_layers(self.layer_specs, self.policy)
@@ -318,10 +329,10 @@ class QATTask(pl.LightningModule):
             not_int8 = {n: b for n, b in self.bits_by_layer.items() if b not in ((8, 8), (32, 32))}
             if not_int8:
                 name, bits = next(iter(not_int8.items()))
-                raise ValueError(
+                raise RecipeError(
                     f"deploy converts to real int8 kernels and needs a uniform 8-bit policy (policy: 8); "
                     f"this policy gives {len(not_int8)} layer(s) other bits, e.g. '{name}' {bits}. "
-                    "Set deploy: false to finetune a mixed-precision policy."
+                    "Set deploy: false to finetune a mixed-precision policy.", key="task.policy"
                 )
         self.model = model
         attach_quantizers(self.model, self.bits_by_layer)
@@ -355,7 +366,9 @@ class QATTask(pl.LightningModule):
     def _test_batches(
         self, limit: int | None, device: torch.device | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Normalised test batches (the data module's test split), at most ``limit`` images."""
+        """Normalised test batches (the data module's test split), at most ``limit`` images: the
+        split is kept in stratified seeded order (:func:`~lightning_nas.data.subsets.evaluation_subset`),
+        so its first ``limit`` images are a sample over every class, not the front of the file."""
         datamodule = self.trainer.datamodule
         device = device or self.device
         seen = 0
@@ -628,7 +641,9 @@ def load_qat_subnet(path: str | Path) -> nn.Module:
     """Rebuild a finetuned subnet with its quantizers from ``qat_subnet.pt`` (eval mode)."""
     from ..registry import SPACES
 
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = require_mapping(load_torch_file(path, key=None, what="a qat_subnet.pt of a QAT run"),
+                            ("space", "config", "bits", "output_points", "fixed_ranges", "state_dict"),
+                            path=path, key=None, what="a qat_subnet.pt of a QAT run")
     space = SPACES.build(saved["space"])
     model = space.build_subnet(saved["config"])
     attach_quantizers(model, {name: tuple(bits) for name, bits in saved["bits"].items()})

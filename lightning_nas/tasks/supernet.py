@@ -8,10 +8,10 @@ gradients accumulate into one optimizer step.
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,11 +23,23 @@ from torch import nn
 
 from ..callbacks.phases import ShrinkingPhase
 from ..nn.bn_recalibration import recalibrate_batchnorm
+from ..nn.safe_load import load_torch_file, require_mapping
 from ..nn.shrinking import shrinking_step
-from ..recipe.markers import ExistingFile, SpaceSpec
+from ..recipe.errors import RecipeError
+from ..recipe.markers import (
+    ExistingFile,
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SpaceSpec,
+)
 from .optim import build_optimizer, warmup_cosine
 
 SUBNETS_CSV = "subnets.csv"
+TEACHER_KEY = "teacher"
+SUBNET_FILE_DESCRIPTION = "a subnet.pt of `lightning-nas export` (space, config, state_dict)"
 
 
 @dataclass
@@ -47,7 +59,8 @@ def holdout_batches(datamodule: Any, num_images: int, batch_size: int) -> list[t
         if seen >= num_images:
             break
     if not batches:
-        raise ValueError("BN recalibration needs held-out images: set data.holdout_size > 0")
+        raise RecipeError("BN recalibration needs held-out images", key="data.holdout_size", given=0,
+                          allowed="a positive number of held-out training images")
     return batches
 
 
@@ -57,20 +70,20 @@ class SupernetTask(pl.LightningModule):
     def __init__(
         self,
         space: SpaceSpec,
-        lr: float = 0.1,
+        lr: PositiveFloat = 0.1,
         optimizer: Literal["sgd", "adam", "adamw"] = "sgd",
-        momentum: float = 0.9,
+        momentum: NonNegativeFloat = 0.9,
         nesterov: bool = True,
-        weight_decay: float = 3e-5,
-        label_smoothing: float = 0.1,
-        kd_ratio: float = 1.0,
+        weight_decay: NonNegativeFloat = 3e-5,
+        label_smoothing: Fraction = 0.1,
+        kd_ratio: NonNegativeFloat = 1.0,
         teacher_path: ExistingFile | None = None,
-        warmup_epochs: float = 0.0,
+        warmup_epochs: NonNegativeFloat = 0.0,
         sample_seed: int = 0,
-        num_reference_random: int = 3,
+        num_reference_random: NonNegativeInt = 3,
         reference_seed: int = 0,
-        bn_recalibration_images: int = 2000,
-        bn_recalibration_batch: int = 200,
+        bn_recalibration_images: PositiveInt = 2000,
+        bn_recalibration_batch: PositiveInt = 200,
         channels_last: bool = False,
         record_subnets: bool = False,
         init_checkpoint: ExistingFile | None = None,
@@ -91,21 +104,37 @@ class SupernetTask(pl.LightningModule):
         self.reference_subnets = self.space.reference_subnets(num_reference_random, reference_seed)
         self.active: ActivePhase | None = None
         self._teacher: list[nn.Module] = []  # a list keeps it out of the state dict and of DDP
+        self._teacher_record: dict[str, Any] = {}
         self._val_correct: torch.Tensor | None = None
         self._val_total = 0
         self._bn_states: dict[str, dict[str, torch.Tensor]] = {}
 
     def load_supernet_weights(self, path: str) -> None:
         """Start from the weights of another supernet run (same space), e.g. to collect pairs."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        theirs = checkpoint.get("hyper_parameters", {}).get("space")
-        if theirs is not None and dict(theirs) != dict(self.hparams.space):
-            raise ValueError(f"init_checkpoint {path} was trained on space {dict(theirs)}, not {dict(self.hparams.space)}")
+        checkpoint = read_supernet_checkpoint(path, "task.init_checkpoint")
+        theirs = checkpoint["hyper_parameters"]["space"]
+        if dict(theirs) != dict(self.hparams.space):
+            raise RecipeError("the checkpoint was trained on another space", key="task.init_checkpoint",
+                              given=path, allowed=f"a supernet checkpoint of the space {dict(self.hparams.space)} "
+                              f"(this one's: {dict(theirs)})")
         weights = {k.removeprefix("supernet."): v for k, v in checkpoint["state_dict"].items()
                    if k.startswith("supernet.")}
         self.supernet.load_state_dict(weights)
-        if "teacher" in checkpoint:
-            self.set_teacher(checkpoint["teacher"])
+        if TEACHER_KEY in checkpoint:
+            self.set_teacher(*rebuild_network(checkpoint[TEACHER_KEY], path=path, key="task.init_checkpoint"))
+
+    @classmethod
+    def from_checkpoint_file(cls, path: str, key: str) -> SupernetTask:
+        """The task saved in a supernet checkpoint (read without pickle, see :mod:`..nn.safe_load`)."""
+        checkpoint = read_supernet_checkpoint(path, key)
+        task = cls(**checkpoint["hyper_parameters"])
+        task.on_load_checkpoint(checkpoint)
+        try:
+            task.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as error:  # the hyperparameters and the weights disagree: a damaged file
+            raise RecipeError(f"the checkpoint's weights do not fit its own space ({str(error).splitlines()[0]})",
+                              key=key, given=path) from None
+        return task.eval()
 
     # --- phases -------------------------------------------------------------------------------
     def full_network_phase(self) -> ShrinkingPhase:
@@ -122,12 +151,17 @@ class SupernetTask(pl.LightningModule):
         for key, values in choices.items():
             unknown = sorted(set(values) - set(getattr(space, key)))
             if unknown:
-                raise ValueError(f"phase '{phase.name}': {key.split('_')[0]} choices {unknown} are not in the "
-                                 f"space (allowed: {getattr(space, key)})")
+                raise RecipeError(f"phase '{phase.name}': {key.split('_')[0]} choices {unknown} are not in the "
+                                  "space", key=f"callbacks.progressive_shrinking.init_args.phases[{index}]",
+                                  given=values, allowed=f"values of the space's {key}: {getattr(space, key)}")
         sampler = type(space)(**{**space.hparams(), **choices})
         self.active = ActivePhase(index, phase, start_epoch, sampler)
         if phase.elastic and self.kd_ratio > 0 and not self._teacher:
-            self.set_teacher(self._load_teacher() if self.hparams.teacher_path else self.supernet.extract(space.largest()))
+            if self.hparams.teacher_path:
+                self.set_teacher(*self._load_teacher())
+            else:
+                largest = space.largest()
+                self.set_teacher(self.supernet.extract(largest), self.hparams.space, largest)
 
     @property
     def kd_ratio(self) -> float:
@@ -136,15 +170,18 @@ class SupernetTask(pl.LightningModule):
             return 0.0
         return self.hparams.kd_ratio if phase.kd_ratio is None else phase.kd_ratio
 
-    def set_teacher(self, teacher: nn.Module) -> None:
+    def set_teacher(self, teacher: nn.Module, space: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+        """The distillation teacher, with the space spec and config that rebuild it from a checkpoint."""
         teacher = teacher.to(self.device).eval()
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
         self._teacher = [teacher]
+        self._teacher_record = {"space": dict(space), "config": dict(config)}
 
-    def _load_teacher(self) -> nn.Module:
-        loaded = torch.load(self.hparams.teacher_path, map_location="cpu", weights_only=False)
-        return loaded["model"] if isinstance(loaded, dict) and "model" in loaded else loaded
+    def _load_teacher(self) -> tuple[nn.Module, dict, dict]:
+        path = self.hparams.teacher_path
+        saved = load_torch_file(path, key="task.teacher_path", what=SUBNET_FILE_DESCRIPTION)
+        return rebuild_network(saved, path=path, key="task.teacher_path")
 
     def sample_subnets(self, resolution: int) -> list[dict]:
         """This step's subnets: seeded by the global step, so every rank draws the same ones."""
@@ -270,10 +307,54 @@ class SupernetTask(pl.LightningModule):
                 writer.writerows(rows)
 
     # --- checkpoints: the teacher and the phase travel with the weights -------------------------
+    # Stored as space, config and state dict, so the checkpoint loads with weights_only=True.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._teacher:
-            checkpoint["teacher"] = copy.deepcopy(self._teacher[0]).cpu()
+            checkpoint[TEACHER_KEY] = network_record(self._teacher[0], **self._teacher_record)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "teacher" in checkpoint:
-            self.set_teacher(checkpoint["teacher"])
+        teacher = checkpoint.get(TEACHER_KEY)
+        if isinstance(teacher, nn.Module):  # an older checkpoint, read with allow_pickle: the module itself
+            space = getattr(teacher, "space", None)
+            self.set_teacher(teacher, {"name": space.name, **space.hparams()} if space is not None else {},
+                             getattr(teacher, "config", {}))
+        elif teacher is not None:
+            self.set_teacher(*rebuild_network(teacher, path="the checkpoint", key="ckpt_path"))
+
+
+def read_supernet_checkpoint(path: str, key: str) -> dict[str, Any]:
+    """A checkpoint of ``lightning-nas fit`` with a supernet recipe, read without pickle and checked."""
+    what = "a checkpoint written by `lightning-nas fit` of a supernet recipe"
+    checkpoint = load_torch_file(path, key=key, what=what)
+    require_mapping(checkpoint, ("state_dict", "hyper_parameters"), path=path, key=key, what=what)
+    hparams = checkpoint["hyper_parameters"]
+    if not isinstance(hparams, Mapping) or not isinstance(hparams.get("space"), Mapping):
+        raise RecipeError("not a supernet checkpoint: its hyperparameters name no space", key=key, given=path,
+                          allowed=what)
+    return checkpoint
+
+
+def network_record(model: nn.Module, space: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """A standalone subnet as plain data: what :func:`rebuild_network` needs."""
+    return {"space": dict(space), "config": dict(config),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def rebuild_network(saved: Any, *, path: str, key: str) -> tuple[nn.Module, dict, dict]:
+    """(network, space spec, config) from a :func:`network_record` (a ``subnet.pt`` of export)."""
+    from ..registry import SPACES
+
+    require_mapping(saved, ("space", "config", "state_dict"), path=path, key=key, what=SUBNET_FILE_DESCRIPTION)
+    try:
+        space = SPACES.build(saved["space"])
+        config = space.canonical(space.validate(saved["config"]))
+    except (ValueError, TypeError, KeyError) as error:  # the file's data, not the code, is wrong
+        raise RecipeError(f"the file's space or config cannot be built ({error})", key=key, given=str(path),
+                          allowed=SUBNET_FILE_DESCRIPTION) from None
+    model = space.build_subnet(config)
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except RuntimeError as error:
+        raise RecipeError(f"the subnet's weights do not fit its config ({str(error).splitlines()[0]})", key=key,
+                          given=str(path)) from None
+    return model, dict(saved["space"]), config

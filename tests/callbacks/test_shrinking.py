@@ -78,8 +78,8 @@ def test_resume_in_the_middle_of_a_phase_continues_identically(uninterrupted: Pa
     fit(resumed, f"ckpt_path={middle}")
 
     assert sampled(resumed) == {s: v for s, v in sampled(uninterrupted).items() if s >= 2 * STEPS_PER_EPOCH}
-    expected = torch.load(uninterrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    actual = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    expected = torch.load(uninterrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    actual = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert actual["global_step"] == expected["global_step"] == 4 * STEPS_PER_EPOCH
     assert actual["state_dict"].keys() == expected["state_dict"].keys()
     for name, value in expected["state_dict"].items():

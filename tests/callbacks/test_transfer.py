@@ -11,6 +11,7 @@ from conftest import fill_store
 
 from lightning_nas.callbacks.transfer import PredictorTransfer
 from lightning_nas.predictors.accuracy import AccuracyPredictor, save_predictor
+from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
 from lightning_nas.tasks.predictor import METRICS_FILE, PREDICTOR_FILE
 
@@ -37,5 +38,5 @@ def test_transfer_trains_the_quant_predictor_from_the_fp32_one(tmp_path: Path) -
 def test_transfer_without_enough_quantized_pairs_says_why(tmp_path: Path) -> None:
     fill_store(tmp_path / "pairs.sqlite", 3, "quant")
     callback = PredictorTransfer(fp32_predictor=str(tmp_path / "fp32.pt"), space=SPACE)
-    with pytest.raises(ValueError, match="has 3 quantized pairs, fewer than min_pairs=10"):
+    with pytest.raises(RecipeError, match="has 3 quantized pairs, fewer than min_pairs=10"):
         callback.on_fit_end(finished_fit(tmp_path), None)

@@ -84,3 +84,62 @@ def test_framework_managed_trainer_keys(tmp_path: Path) -> None:
 def test_valid_recipe_passes(tmp_path: Path) -> None:
     config = load_recipe(write_recipe(tmp_path, BASE), ["logger=[csv, wandb]", "trainer.devices=2"]).config
     assert config["logger"] == ["csv", "wandb"]
+
+
+SUPERNET = "recipes/ofa_supernet.yaml"
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "fragments"),
+    [
+        ("task.lr=-1", "task.lr", ["out of range", "float > 0"]),
+        ("task.lr=0", "task.lr", ["float > 0"]),
+        ("data.holdout_size=-5", "data.holdout_size", ["int >= 0"]),
+        ("data.batch_size=0", "data.batch_size", ["int >= 1"]),
+        ("task.label_smoothing=1.5", "task.label_smoothing", ["float in [0, 1]"]),
+        ("data.resolutions=[7]", "data.resolutions", ["resolution 7", "[24, 28, 32]"]),
+        ("data.resolutions=[24, 30]", "data.resolutions", ["resolution 30"]),
+        ("space.stage_strides=[3,2,2,1,2]", "task.space", ["stage_strides must be 1 or 2"]),
+        ("space.num_classes=0", "task.space", ["num_classes must be positive"]),
+        ("callbacks.progressive_shrinking.init_args.phases=[{name: full, epochs: 0, lr: 0.1}]",
+         "callbacks.progressive_shrinking.init_args.phases[0].epochs", ["int >= 1"]),
+    ],
+)
+def test_value_constraints_fail_in_the_validation_pass(override: str, key: str, fragments: list[str]) -> None:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(SUPERNET, [override])
+    assert info.value.key == key
+    assert all(f in info.value.render() for f in fragments), info.value.render()
+
+
+def test_search_and_profile_ranges(tmp_path: Path) -> None:
+    predictor = tmp_path / "predictor.pt"
+    predictor.touch()  # validation only needs it to exist
+    with pytest.raises(RecipeError, match="float in \\[0, 1\\]") as info:
+        load_recipe("recipes/apq_int8.yaml", [f"search.predictor={predictor}", "search.mutation_prob=2"])
+    assert info.value.key == "search.mutation_prob"
+    with pytest.raises(RecipeError, match=r"bit_choices \[9\] not supported; allowed bit widths: \[2, 3"):
+        load_recipe("recipes/apq_int8.yaml", [f"search.predictor={predictor}", "search.policy_bits=[4, 9]"])
+    with pytest.raises(RecipeError, match="bit_choices has duplicates") as info:
+        load_recipe("recipes/qat_finetune.yaml", [f"task.supernet_checkpoint={predictor}", "task.bit_choices=[4, 4]"])
+    assert info.value.key == "task.bit_choices"
+    with pytest.raises(RecipeError, match="resolution 7 is not one the profiled space takes"):
+        load_recipe("recipes/latency_lut_cpu.yaml", ["profile.resolutions=[7]"])
+
+
+@pytest.mark.parametrize(("override", "key"), [("task.lr=-1", "task.lr"), ("data.resolutions=[7]", "data.resolutions"),
+                                             ("data.holdout_size=-1", "data.holdout_size"),
+                                             ("space.stage_strides=[3,2,2,1,2]", "task.space")])
+def test_the_cli_refuses_them_within_2_s_without_importing_torch(override: str, key: str) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, time; t = time.perf_counter()\n"
+            "from lightning_nas.cli import main\n"
+            f"rc = main(['fit', {SUPERNET!r}, {override!r}])\n"
+            "print(rc, time.perf_counter() - t, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    rc, seconds, torch_imported = result.stdout.split()
+    assert rc == "2" and torch_imported == "False", result.stderr
+    assert float(seconds) < 2.0
+    assert f"{SUPERNET}: {key}:" in result.stderr

@@ -11,6 +11,7 @@ import torch
 
 from lightning_nas.hardware.cost_models import BitFusionCostModel, CountsCostModel
 from lightning_nas.predictors.accuracy import AccuracyPredictor, QuantAccuracyPredictor
+from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.search.evolution import APQEvolution
 from lightning_nas.search.joint_space import Candidate, JointSpace
 from lightning_nas.search.scoring import InfeasibleConstraintsError, Scorer, pareto_mask, probe_feasible
@@ -117,23 +118,23 @@ def test_clashing_metrics_are_qualified_with_the_model_name(joint) -> None:
                               "bitfusion_2_energy_mj"]
     costs = scorer.costs([joint.smallest()])
     assert costs["bitfusion_2_latency_ms"][0] > costs["bitfusion_latency_ms"][0]
-    with pytest.raises(ValueError, match=r"constraint on 'latency_ms', but no cost model reports it"):
+    with pytest.raises(RecipeError, match=r"constraint on 'latency_ms', but no cost model reports it"):
         Scorer(joint, linear_predictor(joint.space, joint.policy_space), [BitFusionCostModel(joint.space), slow],
                {"latency_ms": 1.0})
 
 
 def test_scorer_refuses_mismatched_predictors_and_cost_models(joint, models) -> None:
-    with pytest.raises(ValueError, match="quantization-aware predictor"):
+    with pytest.raises(RecipeError, match="quantization-aware predictor"):
         Scorer(joint, linear_predictor(joint.space), models)
     fp32 = JointSpace(joint.space)
-    with pytest.raises(ValueError, match="full-precision predictor"):
+    with pytest.raises(RecipeError, match="full-precision predictor"):
         Scorer(fp32, linear_predictor(joint.space, joint.policy_space), models)
     other = OFAMobileNetV3CifarSpace(resolutions=[28, 32])
-    with pytest.raises(ValueError, match="trained for another space"):
+    with pytest.raises(RecipeError, match="trained for another space"):
         Scorer(JointSpace(other, joint.policy_space), linear_predictor(joint.space, joint.policy_space), {})
-    with pytest.raises(ValueError, match="give both the same space spec"):
+    with pytest.raises(RecipeError, match="give both the same space spec"):
         Scorer(JointSpace(other, joint.policy_space), linear_predictor(other, joint.policy_space), models)
-    with pytest.raises(ValueError, match=r"prices bit widths \[4, 6, 8\]"):
+    with pytest.raises(RecipeError, match=r"prices bit widths \[4, 6, 8\]"):
         Scorer(JointSpace(joint.space, QuantPolicySpace([2, 4, 8])),
                linear_predictor(joint.space, QuantPolicySpace([2, 4, 8])), models)
 

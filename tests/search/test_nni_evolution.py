@@ -11,6 +11,7 @@ import torch
 from test_evolution import CONSTRAINTS, linear_predictor, truth
 
 from lightning_nas.hardware.cost_models import BitFusionCostModel, CountsCostModel
+from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.search.evolution import APQEvolution
 from lightning_nas.search.joint_space import JointSpace
 from lightning_nas.search.nni_strategies import NNISearch
@@ -148,5 +149,5 @@ def test_bad_options_are_refused(joint, models, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="parents must be in"):
         NNISearch(joint, scorer_for(joint, models), "apq_evolution", 10, tmp_path,
                   options={"population_size": 10, "parents": 20})
-    with pytest.raises(ValueError, match=r"invalid options .* for strategy 'apq_evolution'"):
+    with pytest.raises(RecipeError, match=r"search.strategy_options: invalid options .* for strategy 'apq_evolution'"):
         NNISearch(joint, scorer_for(joint, models), "apq_evolution", 10, tmp_path, options={"sample_size": 3})

@@ -13,6 +13,7 @@ import torch
 
 from lightning_nas.hardware.cost_models import BitFusionCostModel, CountsCostModel
 from lightning_nas.predictors.accuracy import QuantAccuracyPredictor
+from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.search.joint_space import JointSpace
 from lightning_nas.search.nni_strategies import STRATEGIES, NNISearch, make_strategy
 from lightning_nas.search.scoring import InfeasibleConstraintsError, Scorer
@@ -139,7 +140,7 @@ def test_infeasible_constraint_fails_before_the_budget_is_spent(joint, models, s
 
 @pytest.mark.skipif(importlib.util.find_spec("tianshou") is not None, reason="tianshou is installed")
 def test_policy_rl_without_tianshou_says_so() -> None:
-    with pytest.raises(ValueError, match="needs the tianshou package"):
+    with pytest.raises(RecipeError, match="needs the tianshou package"):
         make_strategy("policy_rl")
 
 
@@ -155,5 +156,5 @@ def test_unknown_strategy_and_bad_options_are_refused(joint, models, tmp_path: P
     assert runner.concurrency == 8
     with pytest.raises(ValueError, match="unknown NNI strategy 'bayes'"):
         NNISearch(joint, make_scorer(joint, models, {}), "bayes", 10, tmp_path)
-    with pytest.raises(ValueError, match=r"invalid options \{'gamma': 0.5\} for NNI strategy 'tpe'"):
+    with pytest.raises(RecipeError, match=r"invalid options \{'gamma': 0.5\} for NNI strategy 'tpe'"):
         NNISearch(joint, make_scorer(joint, models, {}), "tpe", 10, tmp_path, options={"gamma": 0.5})

@@ -29,7 +29,7 @@ def test_resume_from_last_checkpoint_continues_training(tmp_path: Path) -> None:
     assert main(["fit", RECIPE, "--smoke", f"run_dir={run_dir}", "ckpt_path=last", "trainer.max_epochs=2"]) == 0
     import torch
 
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["epoch"] == 1 and state["global_step"] == 8
 
 
@@ -46,3 +46,10 @@ def test_wandb_logger_writes_an_offline_run_in_the_run_directory(tmp_path: Path,
     runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
     assert (run_dir / "logs" / "metrics.csv").is_file()
+
+
+def test_a_phase_choice_the_space_lacks_exits_2(tmp_path: Path, capsys) -> None:
+    phases = "callbacks.progressive_shrinking.init_args.phases=[{name: kernel, epochs: 1, lr: 0.1, kernel: [3, 9]}]"
+    assert main(["fit", "recipes/ofa_supernet.yaml", "--smoke", phases, f"run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "callbacks.progressive_shrinking.init_args.phases[0]" in err and "[9] are not in the space" in err

@@ -36,8 +36,8 @@ def test_a_local_sweep_runs_offline_resumes_and_records_a_failed_trial(tmp_path:
     assert [r["status"] for r in rows] == ["finished", "finished", "failed"]
     assert [(float(r["task.lr"]), int(r["data.batch_size"])) for r in rows] == [(0.01, 16), (0.1, 16), (0.01, 0)]
     assert all(0.0 <= float(r["val/acc"]) <= 1.0 for r in rows[:2]) and rows[2]["val/acc"] == ""
-    assert "batch_size must be positive" in rows[2]["error"]
-    assert "batch_size must be positive" in (sweep_dir / "trial-002" / "error.txt").read_text()
+    assert "data.batch_size: out of range" in rows[2]["error"]
+    assert "data.batch_size: out of range" in (sweep_dir / "trial-002" / "error.txt").read_text()
     assert all(Path(r["run_dir"]) == sweep_dir / r["trial"] for r in rows)
     # each trial's metric is the last val/acc its Lightning CSV logger wrote
     for row in rows[:2]:

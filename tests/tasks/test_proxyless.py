@@ -11,12 +11,14 @@ import pytest
 import torch
 from conftest import REPO
 
+from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.spaces.proxyless import ZERO, ProxylessSpace, expected_cost
 from lightning_nas.tasks.proxyless import (
     CostTable,
     ProxylessSearchTask,
     accelerator_table,
     flops_table,
+    load_derived_model,
     measured_latency_table,
 )
 
@@ -164,7 +166,7 @@ def test_latency_losses_follow_their_formulas() -> None:
     assert float(task.arch_loss(ce, expected)) == pytest.approx(1.7 + 0.5 * (12 - 10) / 10)
     task = tiny_task(latency_loss="none", target=10.0)
     assert float(task.arch_loss(ce, expected)) == pytest.approx(1.7)
-    with pytest.raises(ValueError, match="target must exceed 1 in the cost's unit"):
+    with pytest.raises(RecipeError, match="target must exceed 1 in the cost's unit"):
         tiny_task(latency_loss="multiplicative", target=0.5).set_cost_table(random_table(task.space))
 
 
@@ -221,8 +223,7 @@ def test_raising_the_latency_weight_lowers_the_expected_latency_of_the_search_re
     assert record["cost"]["kind"] == "flops" and record["cost"]["unit"] == "MMACs"
     assert [len(p) for p in record["probabilities"]] == [len(c) for c in record["candidates"]]
     assert all(sum(p) == pytest.approx(1.0, abs=1e-4) for p in record["probabilities"])
-    saved = torch.load(tmp_path / "heavy" / "derived_model.pt", weights_only=False)
-    net = saved["model"].eval()
+    net = load_derived_model(tmp_path / "heavy" / "derived_model.pt")
     assert net.ops == record["ops"]
     heavy.supernet.fix()
     heavy.supernet.eval()

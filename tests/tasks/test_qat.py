@@ -26,6 +26,7 @@ from lightning_nas.nn.quantize_model import (
     output_quantizers,
     remove_quantizers,
 )
+from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.tasks.qat import (
     LATENCY_FILE,
     QAT_METRICS_FILE,
@@ -34,7 +35,7 @@ from lightning_nas.tasks.qat import (
     int8_rounding_points,
     load_qat_subnet,
 )
-from lightning_nas.tasks.supernet import SupernetTask
+from lightning_nas.tasks.supernet import SupernetTask, network_record
 
 SPACE = {
     "name": "ofa_mbv3_cifar",
@@ -200,40 +201,35 @@ def test_policy_sets_the_bits_of_each_layer(checkpoint: str) -> None:
     ],
 )
 def test_invalid_policies_fail_clearly(checkpoint: str, policy: object, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(RecipeError, match=message):
         QATTask(supernet_checkpoint=checkpoint, subnet="smallest", policy=policy, deploy=False)
 
 
 def test_deploy_needs_a_uniform_8_bit_policy(checkpoint: str) -> None:
-    with pytest.raises(ValueError, match=r"needs a uniform 8-bit policy .* Set deploy: false"):
+    with pytest.raises(RecipeError, match=r"needs a uniform 8-bit policy .* Set deploy: false"):
         QATTask(supernet_checkpoint=checkpoint, subnet="smallest", policy=6)
 
 
 def test_exactly_one_source(checkpoint: str, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="exactly one source.*got neither"):
+    with pytest.raises(RecipeError, match="exactly one source.*got neither"):
         QATTask(policy=8)
-    with pytest.raises(ValueError, match="exactly one source.*got both"):
+    with pytest.raises(RecipeError, match="exactly one source.*got both"):
         QATTask(supernet_checkpoint=checkpoint, subnet="largest", exported_subnet=checkpoint)
-    with pytest.raises(ValueError, match="supernet_checkpoint needs subnet"):
+    with pytest.raises(RecipeError, match="supernet_checkpoint needs subnet"):
         QATTask(supernet_checkpoint=checkpoint)
-    with pytest.raises(
-        ValueError, match=r"unknown reference subnet 'biggest'; the supernet names \['largest'"
-    ):
+    with pytest.raises(RecipeError, match=r"task.subnet: unknown reference subnet\n  given:   'biggest'\n"
+                       r"  allowed: largest, random0"):
         QATTask(supernet_checkpoint=checkpoint, subnet="biggest")
-    with pytest.raises(ValueError, match="not a subnet.pt"):
-        torch.save({"model": None}, tmp_path / "bad.pt")
+    torch.save({"model": None}, tmp_path / "bad.pt")
+    with pytest.raises(RecipeError, match="expected a subnet.pt of `lightning-nas export`.*no 'space'"):
         QATTask(exported_subnet=str(tmp_path / "bad.pt"))
 
 
 def test_exported_subnet_is_a_source(checkpoint: str, tmp_path: Path) -> None:
-    supernet = SupernetTask.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+    supernet = SupernetTask.from_checkpoint_file(checkpoint, "checkpoint")
     config = supernet.reference_subnets["random0"]
     subnet = supernet.supernet.extract(config)
-    # the layout `lightning-nas export` writes
-    torch.save(
-        {"model": subnet, "config": config, "space": SPACE, "state_dict": subnet.state_dict()},
-        tmp_path / "subnet.pt",
-    )
+    torch.save(network_record(subnet, SPACE, config), tmp_path / "subnet.pt")  # what `lightning-nas export` writes
     task = QATTask(exported_subnet=str(tmp_path / "subnet.pt"), policy=8)
     assert task.config == config
     remove_quantizers(task.model)
@@ -266,7 +262,7 @@ def test_output_quantizers_calibrate_remove_and_fix_ranges() -> None:
 
 
 def test_rounding_points_leave_nothing_to_calibration(checkpoint: str) -> None:
-    supernet = SupernetTask.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+    supernet = SupernetTask.from_checkpoint_file(checkpoint, "checkpoint")
     task = QATTask(supernet_checkpoint=checkpoint, subnet="random0", policy=8, fake_quantize_outputs=False)
     model = task.model.eval()
     points, fixed = int8_rounding_points(model)
@@ -312,10 +308,10 @@ def test_a_search_candidate_gives_the_architecture_and_optionally_its_policy(tmp
     topk.write_text(json.dumps({"topk": [{"rank": 1, "config": config, "policy": policy}]}))
     assert _searched_candidate(str(topk), 0, None, 8) == (config, 8)
     assert _searched_candidate(str(topk), 0, None, "candidate") == (config, policy)
-    with pytest.raises(ValueError, match="out of range: .* has 1 candidates"):
+    with pytest.raises(RecipeError, match="out of range: .* has 1 candidates"):
         _searched_candidate(str(topk), 1, None, 8)
-    with pytest.raises(ValueError, match="either subnet or candidate"):
+    with pytest.raises(RecipeError, match="either subnet or candidate"):
         _searched_candidate(str(topk), 0, "smallest", 8)
     (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(ValueError, match="not a topk.json"):
+    with pytest.raises(RecipeError, match="not a topk.json"):
         _searched_candidate(str(tmp_path / "bad.json"), 0, None, 8)

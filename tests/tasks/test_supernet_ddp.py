@@ -37,7 +37,7 @@ def test_ddp_ranks_sample_the_same_subnets(tmp_path: Path) -> None:
     assert len({json.dumps(s) for s in elastic}) == len(elastic) == 6
     assert len({s["r"] for row in ranks[0] for s in row["subnets"]}) > 1
     # both ranks share rank 0's run directory, and the checkpoint holds the synchronised weights
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 6
     assert (run_dir / "subnets.csv").is_file() and (run_dir / "phases.csv").is_file()
 
