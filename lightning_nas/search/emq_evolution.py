@@ -144,11 +144,14 @@ class ProxyEvolution:
             return "shape", None
         if not np.isfinite(table).all():
             return "nan_inf", None
-        scores = score_configs(table, self.train.bit_index[self.screen_rows])
-        spread = float(scores.max() - scores.min())
-        if not np.isfinite(spread) or spread <= 1e-9 * max(1.0, float(np.abs(scores).max())):
-            return "constant", None
-        signature = np.round((scores - scores.mean()) / scores.std(), 6).tobytes()
+        with np.errstate(all="ignore"):
+            scores = score_configs(table, self.train.bit_index[self.screen_rows])
+            spread, std = float(scores.max() - scores.min()), float(scores.std())
+            if not (np.isfinite(spread) and np.isfinite(std)):
+                return "nan_inf", None  # finite per layer, but too large to sum or square
+            if spread <= 1e-9 * max(1.0, float(np.abs(scores).max())):
+                return "constant", None
+            signature = np.round((scores - scores.mean()) / std, 6).tobytes()
         if signature in self.signatures:
             return "equivalent", None
         self.signatures.add(signature)
@@ -160,7 +163,9 @@ class ProxyEvolution:
             self.rejected[reason or "nan_inf"] += 1
             return None
         self.evaluated += 1
-        fitness = spearman(score_configs(table, self.train.bit_index), self.train.accuracy)
+        with np.errstate(all="ignore"):
+            scores = score_configs(table, self.train.bit_index)
+        fitness = spearman(scores, self.train.accuracy) if np.isfinite(scores).all() else float("nan")
         if not np.isfinite(fitness):
             self.rejected["constant"] += 1
             return None
