@@ -207,7 +207,7 @@ class ProxyEvolution:
             if contenders:
                 population.append(max(contenders, key=lambda c: c.fitness))
                 population.remove(min(population, key=lambda c: c.fitness))
-                best = max(best, contenders[0], *contenders[1:], key=lambda c: c.fitness)
+                best = max([best, *contenders], key=lambda c: c.fitness)
             history.append(best.fitness)
             if progress is not None:
                 progress(generation + 1, best.fitness)

@@ -217,6 +217,9 @@ def run(recipe: LoadedRecipe) -> Path:
     settings = MQBenchSettings(**config["mqbench"])
     if not settings.bit_choices or any(not 2 <= b <= 8 for b in settings.bit_choices):
         raise RecipeError("bit widths must be in [2, 8]", key="mqbench.bit_choices", given=settings.bit_choices)
+    if settings.num_configs < 1:
+        raise RecipeError("a benchmark needs at least one configuration", key="mqbench.num_configs",
+                          given=settings.num_configs)
     run_dir = prepare_run_dir(recipe)
     seed_everything(config["seed"])
     datamodule = build("data", lambda: DATA.build(config["data"]))

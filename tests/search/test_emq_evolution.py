@@ -116,3 +116,16 @@ def test_the_better_of_child_and_fresh_program_joins_and_the_worst_leaves(monkey
     worst = min(fitness, key=fitness.get)
     assert TARGET.key() in keys and fresh.key() not in keys and worst not in keys and len(keys) == 3
     assert result.best.program == TARGET and result.best.fitness == pytest.approx(1.0)
+
+
+def test_program_space_evolution_and_allocation_import_without_torch() -> None:
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys\n"
+            "import lightning_nas.spaces.emq_programs, lightning_nas.search.emq_evolution, "
+            "lightning_nas.search.bit_allocation\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={"PYTHONPATH": str(REPO)})

@@ -156,3 +156,11 @@ def test_benchmark_resumes_after_sigkill_without_duplicates(tmp_path: Path, chec
     assert set(keys) == {plan_key(file_hash(checkpoint), "mq", 0, i) for i in range(25)}
     summary = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
     assert summary["measured_now"] == 25 - killed_at and summary["configs"] == 25
+
+
+def test_recipe_mistakes_are_recipe_errors(tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = bench_recipe(tmp_path, checkpoint, 4)
+    assert main(["mqbench", str(recipe), "mqbench.bit_choices=[1,2]"]) == 2
+    assert "mqbench.bit_choices: bit widths must be in [2, 8]" in capsys.readouterr().err
+    assert main(["mqbench", str(recipe), "mqbench.layers=[conv1, nope]"]) == 2
+    assert "not a conv / linear layer of the model" in capsys.readouterr().err
