@@ -50,7 +50,11 @@ def proxy_gain(name: str, stats: Any, program_path: str | None) -> np.ndarray:
         if program_path is None:
             raise RecipeError("the proxy emq needs the program an emq run found", key="allocate.program",
                               allowed="a best_program.json written by `lightning-nas emq`")
-        program = Program.from_dict(json.loads(Path(program_path).read_text(encoding="utf-8"))["program"])
+        try:
+            program = Program.from_dict(json.loads(Path(program_path).read_text(encoding="utf-8"))["program"])
+        except (KeyError, TypeError, ValueError) as error:  # JSONDecodeError is a ValueError
+            raise RecipeError(f"not a program written by `lightning-nas emq` ({error})", key="allocate.program",
+                              given=program_path) from None
         return program_table(program, stats)
     if name not in HAND_MADE:
         raise RecipeError("unknown proxy", key="allocate.proxies", given=name, allowed=["emq", *HAND_MADE])
