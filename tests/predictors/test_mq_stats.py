@@ -141,6 +141,12 @@ def test_layer_statistics_of_a_tiny_network_match_hand_computations() -> None:
     snip_fc = float((fc_w * hand_grad).abs().sum())
     assert stats.scalars["snip"][1] == pytest.approx(snip_fc, rel=1e-4)
     np.testing.assert_allclose(hand_made_table("snip", stats)[1], snip_fc * np.array(BITS), rtol=1e-4)
+    # bit-weighted grad-norm: ||dL/dW||_F per layer, times bits; fisher and synflow weighted the same way
+    assert stats.scalars["grad_norm"][1] == pytest.approx(float(hand_grad.norm()), rel=1e-4)
+    np.testing.assert_allclose(hand_made_table("grad_norm", stats)[1], float(hand_grad.norm()) * np.array(BITS),
+                               rtol=1e-4)
+    for proxy in ("fisher", "synflow"):
+        np.testing.assert_allclose(hand_made_table(proxy, stats), stats.scalars[proxy][:, None] * np.array([BITS, BITS]))
     # HAWQ: trace / n * ||W - Q_b(W)||^2
     perturbation = np.array([((fc_w - clipped_quantize(fc_w, b)[0]) ** 2).sum().item() for b in BITS])
     np.testing.assert_allclose(-hand_made_table("hawq_v3", stats)[1],
