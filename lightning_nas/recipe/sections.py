@@ -107,6 +107,10 @@ class MQBenchSettings:
     seed: int = 0
     #: Held-out training images for activation calibration and batch-norm re-estimation.
     bn_images: int = 1024
+    #: Learned (AdaRound-style) rounding steps per (layer, bit width), 0 = nearest rounding; on the
+    #: float inputs of the first ``rounding_images`` calibration images, once per (layer, bits).
+    rounding_steps: int = 0
+    rounding_images: int = 256
     batch_size: int = 500
     #: The pair store; default ``<run_dir>/pairs.sqlite``.
     store: str | None = None

@@ -36,6 +36,7 @@ from .mqbench import (
     load_network,
     log_summary,
     progress_bar,
+    ptq_id,
     test_batches,
 )
 
@@ -68,8 +69,8 @@ def budget_limit(stats: Any, metric: str, mean_bits: float) -> float:
     return float(stats.scalars["macs"].sum() * mean_bits * stats.activation_bits)
 
 
-def config_key(checkpoint_hash: str, bits: list[int]) -> str:
-    return f"{checkpoint_hash}:{KIND}:alloc:{'-'.join(map(str, bits))}"
+def config_key(ptq: PTQSettings, bits: list[int]) -> str:
+    return f"{ptq.checkpoint_hash}:{KIND}:alloc:{'-'.join(map(str, bits))}:{ptq_id(ptq)}"
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], budgets: list[float]) -> None:
@@ -145,7 +146,7 @@ def run(recipe: LoadedRecipe) -> Path:
     store = PairStore(run_dir / STORE_FILE)
     done = {p.pair_key: p for p in store.pairs(kind=KIND, checkpoint_hash=ptq.checkpoint_hash)}
     todo = list(dict.fromkeys(tuple(r["bits"]) for r in planned
-                              if config_key(ptq.checkpoint_hash, r["bits"]) not in done))
+                              if config_key(ptq, r["bits"]) not in done))
     if todo:
         datamodule = build("data", lambda: DATA.build(config["data"]))
         datamodule.setup("fit")
@@ -157,16 +158,16 @@ def run(recipe: LoadedRecipe) -> Path:
             for bits in todo:
                 started = time.perf_counter()
                 top1, loss = evaluator.evaluate(list(bits))
-                key = config_key(ptq.checkpoint_hash, list(bits))
+                key = config_key(ptq, list(bits))
                 store.add(Pair(arch={"network": type(model).__name__, "layers": ptq.layers},
-                               policy={"w_bits": list(bits), "a_bits": ptq.activation_bits},
+                               policy={"w_bits": list(bits), "a_bits": ptq.activation_bits, "ptq": ptq_id(ptq)},
                                resolution=int(datamodule.image_size), top1=top1, loss=loss,
                                checkpoint_hash=ptq.checkpoint_hash, seed=settings.seed,
                                seconds=time.perf_counter() - started, kind=KIND, pair_key=key))
                 progress.update(bar, advance=1, note=f"last top-1 {top1:.2f}")
         done = {p.pair_key: p for p in store.pairs(kind=KIND, checkpoint_hash=ptq.checkpoint_hash)}
     for row in planned:
-        pair = done[config_key(ptq.checkpoint_hash, row["bits"])]
+        pair = done[config_key(ptq, row["bits"])]
         row["top1"], row["loss"] = pair.top1, pair.loss
 
     rows = [r for r in planned if not r["method"].startswith("random")]

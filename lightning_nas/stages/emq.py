@@ -26,7 +26,7 @@ from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import prepare_run_dir
-from .mqbench import KIND, log_summary, progress_bar
+from .mqbench import KIND, PTQSettings, log_summary, progress_bar, ptq_id
 
 OUT_DIR = "emq"
 PROGRAM_FILE = "best_program.json"
@@ -34,14 +34,15 @@ MIN_CONFIGS = 6
 
 
 def load_benchmark(store_path: str | Path, stats: Any, key: str) -> Any:
-    """The stored ``mq`` pairs measured on the statistics' network and layers, as a benchmark."""
+    """The stored ``mq`` pairs measured with the statistics' network and PTQ settings, as a benchmark."""
     from ..search.emq_evolution import Benchmark
     from ..spaces.emq_programs import config_indices
 
-    checkpoint = stats.meta.get("ptq", {}).get("checkpoint_hash")
-    pairs = [p for p in PairStore(store_path).pairs(kind=KIND, checkpoint_hash=checkpoint)
-             if p.arch.get("layers") == stats.names and p.policy
-             and p.policy.get("a_bits") == stats.activation_bits]
+    if "ptq" not in stats.meta:
+        raise RecipeError("not a statistics file written by `lightning-nas mqbench`", key=key.replace("store", "stats"))
+    ptq = PTQSettings(**stats.meta["ptq"])
+    pairs = [p for p in PairStore(store_path).pairs(kind=KIND, checkpoint_hash=ptq.checkpoint_hash)
+             if p.policy and p.policy.get("ptq") == ptq_id(ptq)]
     if len(pairs) < MIN_CONFIGS:
         raise RecipeError(f"the store holds {len(pairs)} benchmark pairs of this network; at least {MIN_CONFIGS} "
                           "are needed (run the mqbench recipe first)", key=key, given=str(store_path))

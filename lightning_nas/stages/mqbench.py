@@ -7,9 +7,11 @@ and evaluated on the data module's test images. Each result is a pair of kind ``
 store under a planned key, so a killed run resumes with what is missing. Writes into the run
 directory:
 
-* ``pairs.sqlite``: the pairs (``arch``: network and layer names; ``policy``: ``{w_bits, a_bits}``);
+* ``pairs.sqlite``: the pairs (``arch``: network and layer names; ``policy``: ``{w_bits, a_bits, ptq}``,
+  ``ptq`` a hash of every PTQ setting, also the last part of the pair's key);
 * ``stats.npz``: the per-layer statistics of the network on one held-out batch (computed once,
-  reused while the checkpoint and the settings are unchanged), with the PTQ settings in its header;
+  reused while the checkpoint and the settings are unchanged), with the PTQ settings in its header
+  (the perturbation statistics use the clipped nearest-rounding quantizer, also with ``rounding_steps``);
 * ``benchmark.json`` / ``benchmark.csv`` / ``benchmark.png``: the configurations with their size,
   BitOps and top-1, and the non-triviality check (Spearman of size and of BitOps with top-1).
 """
@@ -17,6 +19,7 @@ directory:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 import time
@@ -107,13 +110,25 @@ class PTQSettings:
     activation_bits: int
     fixed_bits: int
     bn_images: int
+    rounding_steps: int = 0
+    rounding_images: int = 256
+
+
+def ptq_id(ptq: PTQSettings) -> str:
+    """A short hash of every PTQ setting: pairs measured under other settings are never mixed in."""
+    return hashlib.sha256(json.dumps(asdict(ptq), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def benchmark_key(ptq: PTQSettings, seed: int, index: int) -> str:
+    return f"{plan_key(ptq.checkpoint_hash, KIND, seed, index)}:{ptq_id(ptq)}"
 
 
 def build_evaluator(model: Any, ptq: PTQSettings, bn_batches: list[Any], tests: list[tuple[Any, Any]]) -> Any:
     from ..nn.ptq import PTQEvaluator
 
     return PTQEvaluator(model, ptq.layers, ptq.fixed_layers, bn_batches, tests, activation_bits=ptq.activation_bits,
-                        fixed_bits=ptq.fixed_bits)
+                        fixed_bits=ptq.fixed_bits, rounding_steps=ptq.rounding_steps,
+                        rounding_images=ptq.rounding_images)
 
 
 def statistics(path: Path, model: Any, ptq: PTQSettings, images: Any, labels: Any, settings: Any) -> Any:
@@ -145,8 +160,9 @@ def progress_bar(label: str, enabled: bool) -> Any:
 
 
 def benchmark_pairs(store: PairStore, ptq: PTQSettings) -> list[Pair]:
+    wanted = ptq_id(ptq)
     return [p for p in store.pairs(kind=KIND, checkpoint_hash=ptq.checkpoint_hash)
-            if p.arch.get("layers") == ptq.layers and p.policy and p.policy.get("a_bits") == ptq.activation_bits]
+            if p.policy and p.policy.get("ptq") == wanted]
 
 
 def nontriviality(stats: Any, pairs: Sequence[Pair]) -> dict[str, Any]:
@@ -227,7 +243,8 @@ def run(recipe: LoadedRecipe) -> Path:
     model = load_network(settings.checkpoint, "mqbench.checkpoint")
     layers, fixed = choose_layers(model, settings.layers, "mqbench.layers")
     ptq = PTQSettings(file_hash(settings.checkpoint), layers, fixed, list(settings.bit_choices),
-                      settings.activation_bits, settings.fixed_bits, settings.bn_images)
+                      settings.activation_bits, settings.fixed_bits, settings.bn_images, settings.rounding_steps,
+                      settings.rounding_images)
     bn_batches, _, _ = held_out(datamodule, settings.bn_images, settings.batch_size)
     _, stats_x, stats_y = held_out(datamodule, settings.stats_images, settings.stats_images)
     stats = statistics(run_dir / STATS_FILE, model, ptq, stats_x, stats_y, settings)
@@ -235,7 +252,7 @@ def run(recipe: LoadedRecipe) -> Path:
     store = PairStore(settings.store or run_dir / STORE_FILE)
     prefix = plan_key(ptq.checkpoint_hash, KIND, settings.seed, 0).rsplit(":", 1)[0] + ":"
     done = store.done_keys(prefix)
-    todo = [i for i in range(settings.num_configs) if plan_key(ptq.checkpoint_hash, KIND, settings.seed, i) not in done]
+    todo = [i for i in range(settings.num_configs) if benchmark_key(ptq, settings.seed, i) not in done]
     arch = {"network": type(model).__name__, "layers": layers}
     started = time.perf_counter()
     if todo:
@@ -246,11 +263,12 @@ def run(recipe: LoadedRecipe) -> Path:
                 bits = plan_config(settings.seed, index, len(layers), settings.bit_choices)
                 pair_started = time.perf_counter()
                 top1, loss = evaluator.evaluate(bits)
-                store.add(Pair(arch=arch, policy={"w_bits": bits, "a_bits": settings.activation_bits},
+                store.add(Pair(arch=arch, policy={"w_bits": bits, "a_bits": settings.activation_bits,
+                                                  "ptq": ptq_id(ptq)},
                                resolution=int(datamodule.image_size), top1=top1, loss=loss,
                                checkpoint_hash=ptq.checkpoint_hash, seed=settings.seed,
                                seconds=time.perf_counter() - pair_started, kind=KIND,
-                               pair_key=plan_key(ptq.checkpoint_hash, KIND, settings.seed, index)))
+                               pair_key=benchmark_key(ptq, settings.seed, index)))
                 elapsed = time.perf_counter() - started
                 progress.update(bar, advance=1, note=f"{elapsed / n:.1f} s/config, last top-1 {top1:.2f}")
     pairs = benchmark_pairs(store, ptq)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_nas.nn.ptq import PTQEvaluator, clipped_quantize, evaluate_top1
+from lightning_nas.nn.ptq import PTQEvaluator, adaround, clipped_quantize, evaluate_top1
 
 
 @pytest.fixture(autouse=True)
@@ -70,3 +70,35 @@ def test_8_bit_ptq_stays_close_to_the_float_network() -> None:
     _, float_loss = evaluate_top1(model, tests)
     _, loss = PTQEvaluator(model, ["3"], ["0", "8"], bn, tests).evaluate([8])
     assert loss == pytest.approx(float_loss, rel=0.02)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_learned_rounding_reconstructs_the_output_better_than_nearest(bits: int) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 3, padding=1, bias=False)
+    inputs = torch.relu(torch.randn(64, 8, 6, 6))
+    nearest, ratio = clipped_quantize(conv.weight, bits)
+    learned = adaround(conv, conv.weight, bits, ratio, inputs, steps=300, lr=1e-2)
+    with torch.no_grad():
+        target = conv(inputs)
+        error_nearest = (nn.functional.conv2d(inputs, nearest, padding=1) - target).square().sum()
+        error_learned = (nn.functional.conv2d(inputs, learned, padding=1) - target).square().sum()
+    assert error_learned < 0.9 * error_nearest
+    qmax = 2 ** (bits - 1) - 1
+    scale = (conv.weight.detach().reshape(6, -1).abs().amax(1) * ratio / qmax).reshape(6, 1, 1, 1)
+    codes = learned / scale
+    torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)
+    w = conv.weight.detach() / scale
+    inside = (w > -qmax) & (w < qmax)  # away from the clipped ends, codes are floor or ceil of w / scale
+    assert ((codes.round() - torch.floor(w)).abs() <= 1)[inside].all()
+    assert ((codes.round() == torch.floor(w)) | (codes.round() == torch.floor(w) + 1))[inside].all()
+
+
+def test_ptq_with_rounding_steps_uses_learned_rounding() -> None:
+    model = small_net().eval()
+    bn = list(data(32, 0)[0].split(16))
+    evaluator = PTQEvaluator(model, ["3"], ["0", "8"], bn, [data(24, 1)], rounding_steps=30, rounding_images=16)
+    assert evaluator._layer_inputs["3"].shape == (16, 8, 8, 8)
+    evaluator.evaluate([2])
+    learned = evaluator.model[3].weight
+    assert not torch.allclose(learned, clipped_quantize(model[3].weight, 2)[0])

@@ -18,7 +18,7 @@ from conftest import REPO, write_recipe
 from lightning_nas.cli import main
 from lightning_nas.predictors.pair_store import PairStore, file_hash, plan_key
 from lightning_nas.spaces.emq_programs import HAND_MADE, LayerStatistics
-from lightning_nas.stages.mqbench import plan_config
+from lightning_nas.stages.mqbench import PTQSettings, benchmark_key, plan_config
 
 DATA = "data: {name: digits, batch_size: 64, eval_batch_size: 120, num_workers: 0, holdout_size: 200, " \
        "val_subset: 120, augment: false}"
@@ -70,12 +70,14 @@ def test_benchmark_then_evolution_then_allocation(tmp_path: Path, checkpoint: Pa
     bench = tmp_path / "bench"
     digest = file_hash(checkpoint)
     pairs = PairStore(bench / "pairs.sqlite").pairs(kind="mq")
-    assert sorted(p.pair_key for p in pairs) == sorted(plan_key(digest, "mq", 0, i) for i in range(8))
     stats = LayerStatistics.load(bench / "stats.npz")
     assert len(stats.names) == 6 and stats.meta["ptq"]["checkpoint_hash"] == digest
+    ptq = PTQSettings(**stats.meta["ptq"])
+    assert sorted(p.pair_key for p in pairs) == sorted(benchmark_key(ptq, 0, i) for i in range(8))
+    assert all(p.pair_key.startswith(plan_key(digest, "mq", 0, 0).rsplit(":", 1)[0]) for p in pairs)
     for p in pairs:
-        index = int(p.pair_key.rsplit(":", 1)[1])
-        assert p.policy == {"w_bits": plan_config(0, index, 6, [2, 3, 4]), "a_bits": 8}
+        index = int(p.pair_key.split(":")[3])
+        assert p.policy["w_bits"] == plan_config(0, index, 6, [2, 3, 4]) and p.policy["a_bits"] == 8
         assert 0.0 <= p.top1 <= 100.0
     summary = json.loads((bench / "benchmark.json").read_text())
     assert summary["configs"] == 8 and -1.0 <= summary["spearman_size"] <= 1.0
@@ -85,6 +87,12 @@ def test_benchmark_then_evolution_then_allocation(tmp_path: Path, checkpoint: Pa
     assert main(["mqbench", str(recipe), "mqbench.num_configs=10"]) == 0  # resumes: 2 new ones
     assert json.loads((bench / "benchmark.json").read_text())["measured_now"] == 2
     assert (bench / "stats.npz").stat().st_mtime_ns == stats_mtime
+    # other PTQ settings (here learned rounding) are another benchmark: nothing measured before is mixed in
+    assert main(["mqbench", str(recipe), "mqbench.num_configs=3", "mqbench.rounding_steps=5",
+                 "mqbench.rounding_images=16",
+                 f"run_dir={tmp_path / 'bench16'}", f"mqbench.store={bench / 'pairs.sqlite'}"]) == 0
+    assert json.loads((tmp_path / "bench16" / "benchmark.json").read_text())["configs"] == 3
+    assert len(PairStore(bench / "pairs.sqlite")) == 13
 
     search = write_recipe(tmp_path, f"""
 description: test search
@@ -153,7 +161,8 @@ def test_benchmark_resumes_after_sigkill_without_duplicates(tmp_path: Path, chec
     pairs = PairStore(store).pairs(kind="mq")
     keys = [p.pair_key for p in pairs]
     assert len(keys) == len(set(keys)) == 25
-    assert set(keys) == {plan_key(file_hash(checkpoint), "mq", 0, i) for i in range(25)}
+    ptq = PTQSettings(**LayerStatistics.load(tmp_path / "bench" / "stats.npz").meta["ptq"])
+    assert set(keys) == {benchmark_key(ptq, 0, i) for i in range(25)}
     summary = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
     assert summary["measured_now"] == 25 - killed_at and summary["configs"] == 25
 
