@@ -28,10 +28,15 @@ STAGE_VERBS = {
     "profile": ("lightning_nas.stages.profile", "measure a latency table of a space on this machine"),
     "rank": ("lightning_nas.stages.rank", "score NAS-Bench-201 architectures of a CSV with a proxy or ParZC "
              "(`archs=IN.csv out=OUT.csv` set rank.archs / rank.out)"),
+    "mqbench": ("lightning_nas.stages.mqbench", "build a mixed-precision quantization benchmark: random per-layer "
+                "bits, post-training quantization, top-1 pairs (resumable)"),
+    "emq": ("lightning_nas.stages.emq", "evolve a training-free mixed-precision proxy (EMQ) on a benchmark"),
+    "allocate": ("lightning_nas.stages.allocate", "allocate bits per layer with an integer program per proxy, "
+                 "checked by post-training quantization"),
     "pipeline": ("lightning_nas.stages.pipeline", "run a list of recipes in order, reusing stages already finished"),
 }
 #: Top-level sections that make a recipe belong to a verb other than ``fit``.
-VERB_SECTIONS = ("search", "export", "profile", "rank", "pipeline")
+VERB_SECTIONS = ("search", "export", "profile", "rank", "mqbench", "emq", "allocate", "pipeline")
 #: Bare keys a verb accepts as shorthand for keys of its section (`rank archs=x.csv`).
 SECTION_SHORTHANDS = {"rank": ("archs", "out", "ranker", "limit"), "pipeline": ("data",)}
 

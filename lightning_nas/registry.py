@@ -106,6 +106,8 @@ DATA.add("pairs", "lightning_nas.data.pairs:PairsDataModule",
          "accuracy pairs of a pair store, encoded for predictors")
 
 MODELS.add("timm", "lightning_nas.tasks.models:timm_model", "any timm architecture, trained from scratch")
+MODELS.add("cifar_resnet", "lightning_nas.nn.cifar_resnet:cifar_resnet",
+           "CIFAR ResNet-20/32/44/56 (option-A shortcuts) for 32x32 images; the mixed-precision benchmark's network")
 MODELS.add("proxyless_derived", "lightning_nas.tasks.proxyless_models:proxyless_derived",
            "the architecture a ProxylessNAS search derived (derived_arch.json), from scratch")
 

@@ -24,7 +24,8 @@ STAGE_RECIPES = [p for p in RECIPES if p not in PIPELINES]
 PIPELINE_ORDER = ["ofa_supernet", "ofa_export", "qat_finetune", "pairs_fp32", "predictor_fp32", "pairs_quant",
                   "predictor_quant", "apq_int8", "proxylessnas", "proxylessnas_train",
                   "ofa_supernet_cifar10", "pairs_fp32_cifar10", "predictor_fp32_cifar10", "pairs_quant_cifar10",
-                  "predictor_quant_cifar10", "proxylessnas_cifar10", "proxylessnas_train_cifar10"]
+                  "predictor_quant_cifar10", "proxylessnas_cifar10", "proxylessnas_train_cifar10",
+                  "resnet20_cifar10", "mqbench_cifar10", "emq_search", "emq_allocate"]
 #: The issue's budget; raise it only to check correctness on a machine shared with other work.
 SMOKE_SECONDS = float(os.environ.get("LIGHTNING_NAS_SMOKE_SECONDS", 60))
 

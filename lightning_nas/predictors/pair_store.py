@@ -6,6 +6,11 @@ the store (SQLite over a network filesystem is unsafe, and nodes share no disk).
 seed and index); the key is UNIQUE, so a rerun skips what is done and two collectors on one file
 (two processes) never write a pair twice. WAL journaling lets readers and one
 writer work at the same time; writers wait for each other (``timeout``).
+
+Kinds: ``fp32`` (a supernet subnet, full precision), ``quant`` (a subnet under an APQ policy) and
+``mq`` (a per-layer weight-bit configuration of one trained network, quantized post-training by
+``lightning-nas mqbench`` or ``allocate``: ``arch`` holds the network and its searchable layers,
+``policy`` ``{w_bits: [...], a_bits, ptq}`` with ``ptq`` a hash of the PTQ settings).
 """
 
 from __future__ import annotations

@@ -89,6 +89,86 @@ class RankSettings:
 
 
 @dataclass
+class MQBenchSettings:
+    """``lightning-nas mqbench``: a mixed-precision quantization benchmark (MQ-Bench style).
+
+    Random per-layer weight-bit configurations of a trained network, each quantized post-training
+    (per-channel clipping chosen by error, activations at ``activation_bits``, batch norm
+    re-estimated on held-out training images) and evaluated on the data module's test images; the
+    pairs go to a pair store (kind ``mq``), resumably. Also writes the per-layer statistics the
+    proxies read (``stats.npz``) and the non-triviality check (``benchmark.json``).
+    """
+
+    #: A checkpoint of ``lightning-nas fit`` of a classification recipe (e.g. resnet20_cifar10).
+    checkpoint: ExistingFile
+    #: Layers whose weight bits a configuration chooses; default: the model's ``block_layers()``.
+    layers: list[str] | None = None
+    bit_choices: list[int] = field(default_factory=lambda: [2, 3, 4])
+    activation_bits: int = 8
+    #: Bits of every other conv / linear layer (stem, classifier).
+    fixed_bits: int = 8
+    num_configs: int = 425
+    seed: int = 0
+    #: Held-out training images for activation calibration and batch-norm re-estimation.
+    bn_images: int = 1024
+    #: Learned (AdaRound-style) rounding steps per (layer, bit width), 0 = nearest rounding; on the
+    #: float inputs of the first ``rounding_images`` calibration images, once per (layer, bits).
+    rounding_steps: int = 0
+    rounding_images: int = 256
+    batch_size: int = 500
+    #: The pair store; default ``<run_dir>/pairs.sqlite``.
+    store: str | None = None
+    #: Images of the one batch the statistics are computed on, and of the activations kept.
+    stats_images: int = 64
+    activation_images: int = 4
+    hessian_samples: int = 32
+    progress: bool = True
+
+
+@dataclass
+class EMQSearchSettings:
+    """``lightning-nas emq``: evolve a proxy program on a benchmark and score every hand-made proxy."""
+
+    #: ``stats.npz`` of an mqbench run.
+    stats: ExistingFile
+    #: Its pair store (pairs of kind ``mq``).
+    store: ExistingFile
+    generations: int = 1000
+    population: int = 20
+    chain_length: int = 2
+    #: Share of the configurations the fitness uses; the rest is the held-out report.
+    train_fraction: float = 0.5
+    screen_configs: int = 20
+    #: Evolutions from different seeds; the best on the training part is reported.
+    restarts: int = 1
+    seed: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class AllocateSettings:
+    """``lightning-nas allocate``: bits per layer by an integer program for each proxy, checked by real PTQ."""
+
+    #: ``stats.npz`` of the mqbench run (its PTQ settings are reused).
+    stats: ExistingFile
+    #: The same network's checkpoint.
+    checkpoint: ExistingFile
+    #: ``best_program.json`` of an emq run; needed by the proxy ``emq``.
+    program: ExistingFile | None = None
+    #: ``emq`` (the evolved program) and hand-made proxies (hawq_v3, ompq, snip, fisher, synflow, ...).
+    proxies: list[str] = field(default_factory=lambda: ["emq", "hawq_v3", "ompq"])
+    #: Budgets as parameter-weighted mean weight bits (``size``) or the BitOps of that uniform width.
+    budgets: list[float] = field(default_factory=lambda: [2.5, 3.0, 3.5])
+    budget_metric: Literal["size", "bitops"] = "size"
+    #: Random feasible configurations per budget (the best by real top-1 is the baseline); 0: none.
+    random_configs: int = 50
+    uniform: bool = True
+    batch_size: int = 500
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
 class PipelineStage:
     """One stage of a pipeline: a recipe, run by its own verb, with overrides of its keys."""
 
@@ -154,6 +234,9 @@ class Recipe:
     profile: ProfileSettings | None = None
     search: SearchSettings | None = None
     rank: RankSettings | None = None
+    mqbench: MQBenchSettings | None = None
+    emq: EMQSearchSettings | None = None
+    allocate: AllocateSettings | None = None
     pipeline: PipelineSettings | None = None
     #: Free-form values for interpolation (``${vars.width}``); never read by the framework.
     vars: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_nas.nn.ptq import PTQEvaluator, adaround, clipped_quantize, evaluate_top1
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_ptq_writes_the_clipped_weights_reestimates_bn_and_leaves_the_model_alone() -> None:
+    model = small_net().eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    bn = list(data(32, 0)[0].split(16))
+    tests = [data(24, 1)]
+    evaluator = PTQEvaluator(model, ["3"], ["0", "8"], bn, tests)
+    top1, loss = evaluator.evaluate([2])
+    assert 0.0 <= top1 <= 100.0 and loss > 0
+    quantized = evaluator.model
+    torch.testing.assert_close(quantized[3].weight, clipped_quantize(model[3].weight, 2)[0])
+    torch.testing.assert_close(quantized[0].weight, clipped_quantize(model[0].weight, 8)[0])
+    # BN statistics are those of the quantized network on the calibration images
+    inputs = []
+    handle = quantized[4].register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    with torch.no_grad():
+        quantized.train()
+        for b in bn:
+            quantized(b)
+        quantized.eval()
+    handle.remove()
+    x = torch.cat(inputs)
+    torch.testing.assert_close(quantized[4].running_mean, x.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
+    # repeatable, and other bits give other weights
+    assert evaluator.evaluate([2]) == (top1, loss)
+    evaluator.evaluate([4])
+    torch.testing.assert_close(quantized[3].weight, clipped_quantize(model[3].weight, 4)[0])
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, original[key])
+    with pytest.raises(ValueError, match="1 bit widths"):
+        evaluator.evaluate([2, 3])
+
+
+def test_8_bit_ptq_stays_close_to_the_float_network() -> None:
+    model = small_net().eval()
+    tests = [data(64, 1)]
+    bn = list(data(64, 0)[0].split(32))
+    # the float network's own BN statistics come from the same images, so only quantization differs
+    from lightning_nas.nn.bn_recalibration import recalibrate_batchnorm
+
+    recalibrate_batchnorm(model, bn)
+    _, float_loss = evaluate_top1(model, tests)
+    _, loss = PTQEvaluator(model, ["3"], ["0", "8"], bn, tests).evaluate([8])
+    assert loss == pytest.approx(float_loss, rel=0.02)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_learned_rounding_reconstructs_the_output_better_than_nearest(bits: int) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 3, padding=1, bias=False)
+    inputs = torch.relu(torch.randn(64, 8, 6, 6))
+    nearest, ratio = clipped_quantize(conv.weight, bits)
+    learned = adaround(conv, conv.weight, bits, ratio, inputs, steps=300, lr=1e-2)
+    with torch.no_grad():
+        target = conv(inputs)
+        error_nearest = (nn.functional.conv2d(inputs, nearest, padding=1) - target).square().sum()
+        error_learned = (nn.functional.conv2d(inputs, learned, padding=1) - target).square().sum()
+    assert error_learned < 0.9 * error_nearest
+    qmax = 2 ** (bits - 1) - 1
+    scale = (conv.weight.detach().reshape(6, -1).abs().amax(1) * ratio / qmax).reshape(6, 1, 1, 1)
+    codes = learned / scale
+    torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)
+    w = conv.weight.detach() / scale
+    inside = (w > -qmax) & (w < qmax)  # away from the clipped ends, codes are floor or ceil of w / scale
+    assert ((codes.round() - torch.floor(w)).abs() <= 1)[inside].all()
+    assert ((codes.round() == torch.floor(w)) | (codes.round() == torch.floor(w) + 1))[inside].all()
+
+
+def test_ptq_with_rounding_steps_uses_learned_rounding() -> None:
+    model = small_net().eval()
+    bn = list(data(32, 0)[0].split(16))
+    evaluator = PTQEvaluator(model, ["3"], ["0", "8"], bn, [data(24, 1)], rounding_steps=30, rounding_images=16)
+    assert evaluator._layer_inputs["3"].shape == (16, 8, 8, 8)
+    evaluator.evaluate([2])
+    learned = evaluator.model[3].weight
+    assert not torch.allclose(learned, clipped_quantize(model[3].weight, 2)[0])
