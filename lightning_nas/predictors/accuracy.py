@@ -74,6 +74,11 @@ def save_predictor(predictor: AccuracyPredictor, path: str | Path, **extra: Any)
     torch.save({"spec": predictor.spec(), "state_dict": predictor.state_dict(), **extra}, path)
 
 
+def predictor_target(path: str | Path) -> str | None:
+    """The deployment target of the quantized pairs a predictor file was trained on (or None)."""
+    return torch.load(path, map_location="cpu", weights_only=False).get("target")
+
+
 def load_predictor(path: str | Path) -> AccuracyPredictor:
     saved = torch.load(path, map_location="cpu", weights_only=False)
     spec = saved["spec"]

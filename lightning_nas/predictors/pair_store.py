@@ -33,12 +33,13 @@ CREATE TABLE IF NOT EXISTS pairs (
     checkpoint_hash TEXT NOT NULL,
     seed INTEGER NOT NULL,
     seconds REAL NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    target TEXT
 );
 CREATE INDEX IF NOT EXISTS pairs_by_checkpoint ON pairs (checkpoint_hash, kind);
 """
 COLUMNS = ("pair_key", "kind", "arch", "policy", "resolution", "top1", "loss", "checkpoint_hash", "seed",
-           "seconds", "created_at")
+           "seconds", "created_at", "target")
 
 
 def canonical_json(value: Any) -> str | None:
@@ -71,6 +72,9 @@ class Pair:
     kind: str = "fp32"
     created_at: str = ""
     pair_key: str = ""
+    #: The deployment target whose fake-quantization grid a quantized pair was measured with
+    #: (``lightning_nas.targets``); ``None`` for full-precision pairs and for stores older than targets.
+    target: str | None = None
 
 
 class PairStore:
@@ -83,6 +87,10 @@ class PairStore:
         with self._connect() as connection:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(SCHEMA)
+            # stores written before deployment targets lack the column: their pairs read as None
+            existing = {row[1] for row in connection.execute("PRAGMA table_info(pairs)")}
+            if "target" not in existing:
+                connection.execute("ALTER TABLE pairs ADD COLUMN target TEXT")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -104,6 +112,7 @@ class PairStore:
             int(pair.seed),
             float(pair.seconds),
             pair.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            pair.target,
         )
         with self._connect() as connection:
             cursor = connection.execute(
@@ -126,6 +135,12 @@ class PairStore:
             rows = connection.execute(f"SELECT {', '.join(COLUMNS)} FROM pairs{where} ORDER BY id", values).fetchall()
         return [_row_to_pair(row) for row in rows]
 
+    def targets(self, kind: str | None = None) -> set[str | None]:
+        """The deployment targets the stored pairs (of ``kind``) were measured for."""
+        where, values = (" WHERE kind = ?", (kind,)) if kind is not None else ("", ())
+        with self._connect() as connection:
+            return {t for (t,) in connection.execute(f"SELECT DISTINCT target FROM pairs{where}", values)}
+
     def __len__(self) -> int:
         with self._connect() as connection:
             return connection.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
@@ -145,4 +160,5 @@ def _row_to_pair(row: Iterable[Any]) -> Pair:
         kind=values["kind"],
         created_at=values["created_at"],
         pair_key=values["pair_key"],
+        target=values["target"],
     )

@@ -43,10 +43,21 @@ def stage_recipe_path(pipeline_recipe: Path, given: str, index: int) -> Path:
 
 
 def load_stage(pipeline_recipe: Path, path: Path, run_dir: Path, stage: PipelineStage, smoke: bool,
-               validate: bool) -> LoadedRecipe:
-    """The stage's recipe with the pipeline's edits (before its own smoke block) and ``vars.runs``."""
-    return load_recipe(path, [f"vars.runs={run_dir}"], smoke=smoke, validate=validate, edits=stage.overrides,
+               validate: bool, deploy: Mapping[str, Any] | None = None) -> LoadedRecipe:
+    """The stage's recipe with the pipeline's edits (before its own smoke block), ``vars.runs`` and
+    the pipeline's ``deploy`` settings (``deploy.target`` already resolved: every stage gets the same)."""
+    overrides = [f"vars.runs={run_dir}"] + [f"deploy.{key}={value}" for key, value in (deploy or {}).items()]
+    return load_recipe(path, overrides, smoke=smoke, validate=validate, edits=stage.overrides,
                        edits_origin=f"pipeline {pipeline_recipe}")
+
+
+def pipeline_deploy(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The pipeline's deployment settings with ``auto`` resolved to this host's target."""
+    from ..targets import resolve_target
+
+    given = dict(config.get("deploy") or {})
+    return {"target": resolve_target(given.get("target", "auto")).name,
+            "allow_mixed_targets": str(bool(given.get("allow_mixed_targets", False))).lower()}
 
 
 def is_finished(run_dir: Path, digest: str) -> bool:
@@ -77,11 +88,13 @@ def run(recipe: LoadedRecipe) -> Path:
     given = recipe.config["pipeline"]
     settings = PipelineSettings(**{**given, "stages": [PipelineStage(**stage) for stage in given["stages"]]})
     run_dir = prepare_run_dir(recipe)
+    deploy = pipeline_deploy(recipe.config)
+    print(f"deployment target: {deploy['target']}", flush=True)
     stages: list[tuple[Path, PipelineStage, LoadedRecipe, str]] = []
     # Load and validate every stage first: a typo in the last stage fails before hours of training.
     for index, stage in enumerate(settings.stages):
         path = stage_recipe_path(recipe.path, stage.recipe, index)
-        loaded = load_stage(recipe.path, path, run_dir, stage, settings.smoke, validate=False)
+        loaded = load_stage(recipe.path, path, run_dir, stage, settings.smoke, validate=False, deploy=deploy)
         validate_ahead(loaded, run_dir)
         verb = recipe_verb(loaded.config)
         if verb == "pipeline":
@@ -105,7 +118,7 @@ def run(recipe: LoadedRecipe) -> Path:
         print(f"{name} -> {stage_dir}", flush=True)
         started = time.perf_counter()
         # Loaded again now that earlier stages wrote their files: this time fully validated.
-        loaded = load_stage(recipe.path, path, run_dir, stage, settings.smoke, validate=True)
+        loaded = load_stage(recipe.path, path, run_dir, stage, settings.smoke, validate=True, deploy=deploy)
         digest = recipe_hash(loaded.config)
         module = importlib.import_module(STAGE_VERBS[verb][0])
         stage_dir = Path(module.run(loaded))

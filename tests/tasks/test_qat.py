@@ -331,3 +331,18 @@ def test_a_search_candidate_gives_the_architecture_and_optionally_its_policy(tmp
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not a topk.json"):
         _searched_candidate(str(tmp_path / "bad.json"), 0, None, 8)
+
+
+def test_a_candidate_searched_for_another_target_is_refused(checkpoint: str, tmp_path: Path) -> None:
+    from lightning_nas.recipe.errors import RecipeError
+
+    host = resolve_target("auto").name
+    other = "x86_avx2/torch" if host != "x86_avx2/torch" else "x86_vnni/torch"
+    config = {"ks": [3] * 10, "e": [3] * 10, "d": [1] * 5, "r": 16}
+    topk = tmp_path / "topk.json"
+    topk.write_text(json.dumps({"target": other, "topk": [{"rank": 1, "config": config, "policy": None}]}))
+    with pytest.raises(RecipeError, match=rf"task.target: .*candidate {topk}: {other}.*allow_mixed_targets"):
+        QATTask(supernet_checkpoint=checkpoint, candidate=str(topk), policy=8, deploy=False)
+    task = QATTask(supernet_checkpoint=checkpoint, candidate=str(topk), policy=8, deploy=False, target=other)
+    wq = next(m for m in task.model.modules() if m.__class__.__name__ == "WeightQuantizer")
+    assert wq.qrange() == ((-63, 63) if resolve_target(other).reduced_weights else (-127, 127))
