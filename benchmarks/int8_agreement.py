@@ -47,6 +47,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=1000, help="CIFAR-10 test images (100 per class)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/int8_agreement"))
     parser.add_argument("--avx2-kernels", action="store_true", help="also evaluate with torch limited to AVX2")
+    parser.add_argument("--ort-levels", action="store_true",
+                        help="also ONNX Runtime at every graph optimisation level, with its batch-1 latency")
     parser.add_argument("--evaluate-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -140,8 +142,11 @@ def _evaluate(args: argparse.Namespace) -> list[dict]:
                 fake_logits = fake(x)
                 logits = {"torch": int8(x)}
             with tempfile.TemporaryDirectory() as tmp:
-                session = onnx_session(export_onnx(int8, x[:1], Path(tmp) / "m.onnx"), threads=1)
+                onnx_path = export_onnx(int8, x[:1], Path(tmp) / "m.onnx")
+                session = onnx_session(onnx_path, threads=1)
                 logits["onnxruntime"] = torch.from_numpy(run_onnx(session, x))
+                if args.ort_levels and not args.evaluate_only:
+                    _ort_levels(onnx_path, x, fake_logits, f"{name} {args.subnet}", target.name)
             for runtime, out in logits.items():
                 rows.append({
                     "network": f"{name} {args.subnet}", "target": target.name, "runtime": runtime,
@@ -152,6 +157,41 @@ def _evaluate(args: argparse.Namespace) -> list[dict]:
                     "torch_isa_limit": os.environ.get("ONEDNN_MAX_CPU_ISA") if runtime == "torch" else None,
                 })
     return rows
+
+
+def _ort_levels(path: Path, x: torch.Tensor, fake_logits: torch.Tensor, network: str, target: str) -> None:
+    """Agreement and batch-1 latency of ONNX Runtime at each graph optimisation level: where its
+    fused int8 kernels (QLinearConv, QLinearAdd, ...) replace dequantize -> float op -> quantize."""
+    import onnxruntime as ort
+
+    from lightning_nas.deploy.int8 import top1_agreement
+    from lightning_nas.deploy.latency import measure_latency
+
+    for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        logits = session.run(None, {name: x.numpy()})[0]
+        ops = sorted({n.op_type for n in _optimized_graph(path, level)})
+        fused = [op for op in ops if op.startswith("QLinear") or op in ("QGemm", "MatMulInteger", "ConvInteger")]
+        latency = measure_latency(lambda b, s=session, n=name: s.run(None, {n: b}), x[:1].numpy(), warmup=5,
+                                  repeats=30)
+        print(f"ORT levels | {network} | {target} | {level} | {100 * top1_agreement(logits, fake_logits):.1f} % "
+              f"| {latency['median_ms']:.2f} ms | fused int8 ops: {', '.join(fused) or 'none'}", flush=True)
+
+
+def _optimized_graph(path: Path, level: str):  # noqa: ANN202
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return list(onnx.load(options.optimized_model_filepath).graph.node)
 
 
 def _print(rows: list[dict]) -> None:
