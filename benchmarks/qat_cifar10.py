@@ -154,7 +154,7 @@ def run_qat(args: argparse.Namespace, config: dict, policy: int | dict, deploy: 
 def table(rows: list[dict]) -> str:
     header = (
         "| subnet | MACs (M) | params (M) | fp32 top-1 | W8A8 top-1 | mixed top-1 (bits) | W4A4 top-1 "
-        "| int8 / ONNX agreement | int8 speed-up b1 / b32 | ONNX speed-up b1 / b32 |"
+        "| int8 / ONNX agreement | torch int8 vs fp32 b1 / b32 | ONNX Runtime int8 vs fp32 b1 / b32 |"
     )
     lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
     for row in rows:
@@ -167,8 +167,9 @@ def table(rows: list[dict]) -> str:
             deploy = row["w8a8"]["deploy"]
             cells += [f"{100 * deploy['agreement']['int8_vs_fake_quant']:.1f}% / "
                       f"{100 * deploy['agreement']['onnx_vs_fake_quant']:.1f}%",
-                      f"{deploy['speedup_int8']['batch_1']:.2f}x / {deploy['speedup_int8']['batch_32']:.2f}x",
-                      f"{deploy['speedup_onnx_int8']['batch_1']:.2f}x / {deploy['speedup_onnx_int8']['batch_32']:.2f}x"]
+                      f"{deploy['speedup_torch_int8']['batch_1']:.2f}x / {deploy['speedup_torch_int8']['batch_32']:.2f}x",
+                      f"{deploy['speedup_onnxruntime_int8']['batch_1']:.2f}x / "
+                      f"{deploy['speedup_onnxruntime_int8']['batch_32']:.2f}x"]
         else:
             cells += ["-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")

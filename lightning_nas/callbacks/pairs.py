@@ -25,6 +25,7 @@ from ..nn.bn_recalibration import recalibrate_batchnorm
 from ..predictors.pair_store import Pair, PairStore, plan_key
 from ..recipe.errors import RecipeError
 from ..recipe.markers import BitChoices
+from ..targets import TargetName, check_same_target, resolve_target
 
 DEFAULT_STORE = "pairs.sqlite"
 
@@ -90,6 +91,8 @@ class AccuracyPairCollector(pl.Callback):
     """
 
     kind = "fp32"
+    #: The deployment target of quantized pairs (full-precision pairs have none).
+    target: str | None = None
 
     def __init__(self, num_pairs: int = 1000, store: str | None = None, seed: int = 0, bn_images: int = 2000,
                  eval_images: int = 2000, batch_size: int = 200, write_every: int = 4) -> None:
@@ -100,9 +103,14 @@ class AccuracyPairCollector(pl.Callback):
         self.write_every = write_every
         self.collection: dict[str, Any] = {}  # this run's throughput, for the summary
 
+    def check_store(self, store: PairStore) -> None:
+        """Refuse a store this collector must not add to (rank 0, before any pair is measured)."""
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         zero = trainer.is_global_zero
         store = PairStore(self.store_path or Path(trainer.default_root_dir) / DEFAULT_STORE) if zero else None
+        if store is not None:
+            self.check_store(store)
         datamodule = trainer.datamodule
         bn_batches, eval_batches = split_holdout(datamodule, self.bn_images, self.eval_images, self.batch_size)
         supernet = pl_module.supernet
@@ -130,6 +138,7 @@ class AccuracyPairCollector(pl.Callback):
                     rng = random.Random(f"pairs-{self.seed}-{index}")
                     pair = self.measure(pl_module, datamodule, rng, bn_batches, eval_batches)
                     batch.append(Pair(**pair, checkpoint_hash=checkpoint, seed=self.seed, kind=self.kind,
+                                      target=self.target,
                                       seconds=time.perf_counter() - pair_started,
                                       pair_key=plan_key(checkpoint, self.kind, self.seed, index)))
                 gathered = gather_to_zero(trainer, batch)
@@ -154,7 +163,7 @@ class AccuracyPairCollector(pl.Callback):
         if not pairs:
             return {}
         seconds, top1 = [p.seconds for p in pairs], [p.top1 for p in pairs]
-        summary = {"kind": self.kind, "pairs": len(pairs), "store": str(store.path), "checkpoint_hash": checkpoint,
+        summary = {"kind": self.kind, "target": self.target, "pairs": len(pairs), "store": str(store.path), "checkpoint_hash": checkpoint,
                    "seconds_per_pair_mean": statistics.fmean(seconds),
                    "seconds_per_pair_median": statistics.median(seconds),
                    "top1_mean": statistics.fmean(top1), "top1_min": min(top1), "top1_max": max(top1),
@@ -190,17 +199,29 @@ class QuantizedPairCollector(AccuracyPairCollector):
     """Quantized pairs: sample an architecture and a policy, extract the subnet with the supernet's
     weights, recalibrate BN, calibrate activation ranges, finetune briefly with quantization-aware
     training, evaluate on held-out images, store. Expensive per pair: this is why the quantized
-    predictor is transferred from the full-precision one."""
+    predictor is transferred from the full-precision one.
+
+    ``target`` (:mod:`lightning_nas.targets`) fixes the fake-quantization grid (7-bit 8-bit-weights
+    without VNNI) and is stored with every pair; adding pairs of another target to a store that
+    holds some stops with a recipe error unless ``allow_mixed_targets``."""
 
     kind = "quant"
 
     def __init__(self, num_pairs: int = 200, store: str | None = None, seed: int = 0, bn_images: int = 2000,
                  eval_images: int = 2000, batch_size: int = 200, finetune_steps: int = 50, lr: float = 1e-3,
                  momentum: float = 0.9, policy_bits: BitChoices = [4, 6, 8],  # noqa: B006
-                 write_every: int = 4) -> None:
+                 write_every: int = 4, target: TargetName = "auto",
+                 allow_mixed_targets: bool = False) -> None:
         super().__init__(num_pairs, store, seed, bn_images, eval_images, batch_size, write_every)
+        self.deploy_target = resolve_target(target, key="callbacks.pairs.init_args.target")
+        self.target = self.deploy_target.name
+        self.allow_mixed_targets = allow_mixed_targets
         self.finetune_steps, self.lr, self.momentum, self.policy_bits = finetune_steps, lr, momentum, policy_bits
         self._finetune_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def check_store(self, store: PairStore) -> None:
+        check_same_target({f"pairs in {store.path} ({t})": t for t in store.targets(self.kind)}, self.target,
+                          self.allow_mixed_targets, key="callbacks.pairs.init_args.target")
 
     def finetune_batches(self, datamodule: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first ``finetune_steps`` training batches, drawn once and shared by every pair: each
@@ -230,7 +251,7 @@ class QuantizedPairCollector(AccuracyPairCollector):
         recalibrate_batchnorm(supernet, bn_inputs)
         subnet = supernet.extract(config)
         bits = QuantPolicySpace(bit_choices=self.policy_bits).bits_for_layers(space.layer_specs(config), policy)
-        attach_quantizers(subnet, bits)
+        attach_quantizers(subnet, bits, reduce_weight_range=self.deploy_target.reduced_weights)
         calibrate_activation_ranges(subnet, bn_inputs)
         if self.finetune_steps > 0:
             optimizer = torch.optim.SGD(subnet.parameters(), lr=self.lr, momentum=self.momentum)

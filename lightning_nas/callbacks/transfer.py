@@ -26,7 +26,9 @@ class PredictorTransfer(pl.Callback):
     def __init__(self, fp32_predictor: ExistingFile, space: SpaceSpec, store: str | None = None,
                  out_dir: str | None = None, min_pairs: int = 10, hidden: int = 400, layers: int = 3,
                  lr: float = 1e-3, weight_decay: float = 1e-4, epochs: int = 200, val_fraction: float = 0.2,
-                 batch_size: int = 256, policy_bits: list[int] = [4, 6, 8], seed: int = 0) -> None:  # noqa: B006
+                 batch_size: int = 256, policy_bits: list[int] = [4, 6, 8], seed: int = 0,  # noqa: B006
+                 allow_mixed_targets: bool = False) -> None:
+        self.allow_mixed_targets = allow_mixed_targets
         self.fp32_predictor, self.space, self.store, self.out_dir = fp32_predictor, space, store, out_dir
         self.min_pairs, self.hidden, self.layers, self.lr = min_pairs, hidden, layers, lr
         self.weight_decay, self.epochs, self.val_fraction = weight_decay, epochs, val_fraction
@@ -51,7 +53,8 @@ class PredictorTransfer(pl.Callback):
         rank_zero_info(f"predictor transfer: {count} quantized pairs, fp32 weights from {self.fp32_predictor}")
         pl.seed_everything(self.seed, verbose=False)
         data = PairsDataModule(path=str(store), space=dict(self.space), kind="quant", val_fraction=self.val_fraction,
-                               seed=self.seed, batch_size=self.batch_size, policy_bits=list(self.policy_bits))
+                               seed=self.seed, batch_size=self.batch_size, policy_bits=list(self.policy_bits),
+                               allow_mixed_targets=self.allow_mixed_targets)
         self.task = PredictorTask(hidden=self.hidden, layers=self.layers, lr=self.lr, weight_decay=self.weight_decay,
                                   transfer_from=str(self.fp32_predictor))
         loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]

@@ -27,8 +27,11 @@ class PairsDataModule(pl.LightningDataModule):
     def __init__(self, path: ExistingFile, space: SpaceSpec, kind: Literal["fp32", "quant"] = "fp32",
                  val_fraction: Fraction = 0.2, seed: int = 0, max_train_pairs: PositiveInt | None = None,
                  batch_size: PositiveInt = 256, policy_bits: BitChoices = [4, 6, 8],  # noqa: B006
-                 checkpoint_hash: str | None = None) -> None:
+                 checkpoint_hash: str | None = None, allow_mixed_targets: bool = False) -> None:
         super().__init__()
+        #: the one deployment target of the quantized pairs read (None: fp32 pairs, or unrecorded)
+        self.target: str | None = None
+        self.allow_mixed_targets = allow_mixed_targets
         from ..registry import SPACES
 
         self.path, self.kind, self.val_fraction, self.seed = path, kind, val_fraction, seed
@@ -52,6 +55,13 @@ class PairsDataModule(pl.LightningDataModule):
         pairs = PairStore(self.path, key="data.path").pairs(kind=self.kind)
         pairs = self._one_supernet(pairs)
         self._check_pairs(pairs)
+        from ..targets import check_same_target
+
+        # one predictor learns one fake-quantization grid: pairs of two targets are not pooled
+        targets = sorted({p.target for p in pairs if p.target is not None})
+        check_same_target({f"pairs of {t} in {self.path}": t for t in targets}, None, self.allow_mixed_targets,
+                          key="data.path")
+        self.target = targets[0] if len(targets) == 1 else None
         if len(pairs) < 4:
             raise RecipeError(f"the store has {len(pairs)} pairs of kind '{self.kind}'; a predictor needs more",
                               key="data.path", given=str(self.path))

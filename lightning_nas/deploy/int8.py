@@ -38,8 +38,11 @@ Agreement with the fake-quantized training model comes from using the same grids
   carried over here too (an identity marker after each such module output pins the int8 tensor's
   qparams; a layer reading a marked tensor gets its own :class:`Requantize` copy, since training
   quantizes it twice).
-* activations use the full 8-bit range (no ``reduce_range``). That is exact with the ``onednn``
-  engine and with fbgemm's GEMM-based convolutions on CPUs with VNNI, but fbgemm's depthwise
+* activations use the full 8-bit range (no ``reduce_range``); what a CPU without VNNI needs is
+  fixed by the deployment target instead (:mod:`lightning_nas.targets`): 7-bit weights, which
+  the fake quantizers train with and the conversion keeps (``weight_qmax``). The full range is
+  exact with the ``onednn`` engine on CPUs with VNNI (oneDNN's AVX2 kernels saturate, measured
+  with ``ONEDNN_MAX_CPU_ISA=AVX2``) and with fbgemm's GEMM-based convolutions there, but fbgemm's depthwise
   kernels add pairs of u8 x s8 products in int16 even there and saturate (measured here: up to
   22 % error on one 3x3 depthwise layer with large weights and activations, and top-1 agreement
   with the fake-quantized model falling from 99.8 % to 98.6 % on a 20-block OFA subnet, where the
@@ -86,14 +89,18 @@ _AVG_POOL_FUNCTIONS = {
 
 
 class _Quiet:
-    """Silence torch.ao's deprecation chatter around conversion; real errors still raise."""
+    """Silence the tracer's chatter around conversion and export, never a deprecation.
+
+    The APIs this module relies on are deprecated (torch.ao.quantization, quantized tensors, the
+    TorchScript ONNX exporter and its torch.jit.trace; listed in docs/benchmarks.md, "Deprecated
+    APIs relied on"): their warnings stay visible. Hidden: the ONNX tracer's TracerWarnings about
+    Python values it records as constants, and UserWarnings that are not deprecations.
+    """
 
     def __enter__(self) -> None:
         self._ctx = warnings.catch_warnings()
         self._ctx.__enter__()
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=r"(?![\s\S]*deprecat)", category=UserWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # from the ONNX exporter's trace
 
     def __exit__(self, *exc: object) -> None:
@@ -172,12 +179,24 @@ def fixed_output_range(module: nn.Module, backend: str = "x86") -> tuple[float, 
     return scale * 127.0, True  # zero point 128: codes -128..127, the signed activation grid
 
 
+def trained_weight_qmax(model: nn.Module) -> int | None:
+    """The largest code of the model's 8-bit weight grid (127, or 63 when trained for a target
+    without VNNI), or ``None`` for a model without 8-bit weight quantizers."""
+    found = {wq.qrange()[1] for wq, _ in quantized_layers(model).values() if wq.bits == 8}
+    if len(found) > 1:
+        raise ValueError(f"the model mixes 8-bit weight grids (largest codes {sorted(found)}); train it for one target")
+    return found.pop() if found else None
+
+
 def _full_precision_layers(model: nn.Module) -> list[str]:
     return [n for n, (wq, aq) in quantized_layers(model).items() if (wq.bits, aq.bits) == (None, None)]
 
 
-def int8_qconfig_mapping(backend: str = "x86", observer: str = "histogram") -> Any:
+def int8_qconfig_mapping(backend: str = "x86", observer: str = "histogram", weight_qmax: int = 127) -> Any:
     """The backend's default mapping with the training grids as global qconfig.
+
+    ``weight_qmax`` is the largest weight code (127, or 63 for the 7-bit grid of targets
+    without VNNI).
 
     ``observer`` picks how activations the training graph never quantized get their range:
     ``"histogram"`` (minimises the rounding-plus-clipping error; the better match on heavy-tailed
@@ -192,7 +211,7 @@ def int8_qconfig_mapping(backend: str = "x86", observer: str = "histogram") -> A
     qconfig = QConfig(
         activation=observers[observer].with_args(dtype=torch.quint8, quant_min=0, quant_max=255),
         weight=PerChannelMinMaxObserver.with_args(
-            dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-127, quant_max=127
+            dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-weight_qmax, quant_max=weight_qmax
         ),
     )
     # Keep the default entries for fixed-qparams ops (hardsigmoid, sigmoid, ...) and reshape.
@@ -425,12 +444,13 @@ def convert_to_int8(
     model: nn.Module,
     calibration_batches: Iterable[Any],
     example_input: torch.Tensor | None = None,
-    backend: str = "x86",
+    backend: str | None = None,
     carry_learned_ranges: bool = True,
     max_batches: int | None = None,
     float_avg_pool: bool = True,
     requantize_shared_inputs: bool = True,
     observer: str = "histogram",
+    target: Any = None,
 ) -> torch.fx.GraphModule:
     """Convert a plain PyTorch model (an extracted subnet) to real int8 kernels with FX mode.
 
@@ -447,6 +467,10 @@ def convert_to_int8(
     of a dequantize/quantize pair each. Sets ``torch.backends.quantized.engine`` to ``backend``,
     which the returned model needs at run time too.
 
+    ``target`` (a :class:`~lightning_nas.targets.DeployTarget` or its name) gives ``backend`` its
+    engine unless ``backend`` is set (without either: ``x86``) and must match the weight grid the model was trained with (``ValueError`` otherwise);
+    without it the model's own grid is used.
+
     Output quantizers (:func:`~lightning_nas.nn.quantize_model.attach_output_quantizers`) carry
     their learned ranges to the int8 tensors they produce when ``carry_learned_ranges`` is set;
     the result then also records ``carried_output_ranges`` / ``calibrated_output_ranges`` (module
@@ -456,6 +480,20 @@ def convert_to_int8(
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
+    weight_qmax = trained_weight_qmax(model)
+    if target is not None:
+        from lightning_nas.targets import resolve_target
+
+        target = resolve_target(target)
+        backend = backend or target.engine
+        if weight_qmax is not None and weight_qmax != target.weight_qmax:
+            raise ValueError(
+                f"the model was trained with 8-bit weight codes up to {weight_qmax}, target {target.name} "
+                f"deploys codes up to {target.weight_qmax}: finetune it for {target.name}"
+            )
+        weight_qmax = target.weight_qmax
+    weight_qmax = weight_qmax or 127
+    backend = backend or "x86"
     qparams = learned_activation_qparams(model) if carry_learned_ranges else {}
     output_qparams = learned_output_qparams(model) if carry_learned_ranges else {}
     float_layers = _full_precision_layers(model)
@@ -473,7 +511,7 @@ def convert_to_int8(
     example_input = example_input.detach().cpu()
 
     torch.backends.quantized.engine = backend
-    mapping = int8_qconfig_mapping(backend, observer)
+    mapping = int8_qconfig_mapping(backend, observer, weight_qmax)
     for name in float_layers:
         mapping.set_module_name(name, None)
     custom = PrepareCustomConfig().set_non_traceable_module_classes([FloatAvgPool, Requantize])
@@ -507,6 +545,8 @@ def convert_to_int8(
     quantized.carried_output_ranges = [markers[m] for m in carried_out]
     quantized.calibrated_output_ranges = [markers[m] for m in skipped_out]
     quantized.calibrated_tensors = calibrated_tensors
+    quantized.weight_qmax = weight_qmax
+    quantized.engine = backend
     return quantized
 
 

@@ -1,4 +1,4 @@
-"""Wall-clock latency of a model on this machine's CPU: fp32 vs real int8 (torch and onnxruntime).
+"""Wall-clock latency of a model on this machine's CPU: fp32 vs real int8, within torch and within ONNX Runtime.
 
 Numbers are per forward call (one batch), in milliseconds, with a fixed number of intra-op threads
 so that runs are comparable; the caller writes the returned dict to ``latency.json``.
@@ -76,28 +76,37 @@ def compare_fp32_int8(
     input_shape: Sequence[int],
     batch_sizes: Sequence[int] = (1, 32),
     onnx_path: str | Path | None = None,
+    onnx_fp32_path: str | Path | None = None,
     warmup: int = 10,
     repeats: int = 50,
     threads: int = 1,
+    target: str | None = None,
 ) -> dict[str, Any]:
-    """Latency of the float model, its torch int8 conversion and (optionally) the ONNX QDQ export.
+    """Latency of fp32 against int8 within each runtime: torch fp32 vs torch int8 and, given the
+    ONNX files, ONNX Runtime fp32 vs ONNX Runtime int8 (QDQ), so that no speed-up mixes a runtime
+    with a number format.
 
-    ``input_shape`` is one sample's shape (e.g. ``(3, 224, 224)``). Returns a JSON-able dict::
+    ``input_shape`` is one sample's shape (e.g. ``(3, 224, 224)``). ``target`` names the deployment
+    target (default: this host's, torch runtime). Returns a JSON-able dict::
 
-        {"device": {...}, "threads": 1, "input_shape": [...],
-         "results": {"fp32": {"batch_1": {...}, "batch_32": {...}}, "int8": {...}, "onnx_int8": {...}},
-         "speedup_int8": {"batch_1": 2.1, ...}, "speedup_onnx_int8": {...}}
+        {"device": {..., "isa": "x86_vnni", "cpu_flags": [...]}, "target": "x86_vnni/torch",
+         "threads": 1, "input_shape": [...],
+         "results": {"torch_fp32": {"batch_1": {...}, ...}, "torch_int8": {...},
+                     "onnxruntime_fp32": {...}, "onnxruntime_int8": {...}},
+         "speedup_torch_int8": {"batch_1": 2.1, ...}, "speedup_onnxruntime_int8": {...}}
     """
     from lightning_nas.deploy.int8 import onnx_session
+    from lightning_nas.targets import detect_isa, resolve_target
 
     runners: dict[str, Callable[[torch.Tensor], Any]] = {
-        "fp32": fp32_model.eval(),
-        "int8": int8_model.eval(),
+        "torch_fp32": fp32_model.eval(),
+        "torch_int8": int8_model.eval(),
     }
-    if onnx_path is not None:
-        session = onnx_session(onnx_path, threads=threads)
-        name = session.get_inputs()[0].name
-        runners["onnx_int8"] = lambda x: session.run(None, {name: x.numpy()})
+    for key, path in (("onnxruntime_fp32", onnx_fp32_path), ("onnxruntime_int8", onnx_path)):
+        if path is not None:
+            session = onnx_session(path, threads=threads)
+            name = session.get_inputs()[0].name
+            runners[key] = lambda x, s=session, n=name: s.run(None, {n: x.numpy()})
 
     results: dict[str, dict[str, Any]] = {key: {} for key in runners}
     for batch in batch_sizes:
@@ -110,22 +119,39 @@ def compare_fp32_int8(
     report: dict[str, Any] = {
         "device": {
             "machine": platform.machine(),
-            "processor": platform.processor() or _cpu_model(),
+            "processor": _cpu_model() if platform.machine() in ("x86_64", "AMD64") else platform.processor(),
+            "isa": detect_isa(),
+            "cpu_flags": _int8_flags(),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "quantized_engine": torch.backends.quantized.engine,
         },
+        "target": resolve_target(target or "auto").name,
         "threads": threads,
         "input_shape": list(input_shape),
         "results": results,
     }
-    for key in runners:
-        if key == "fp32":
-            continue
-        report[f"speedup_{key}"] = {
-            b: results["fp32"][b]["median_ms"] / results[key][b]["median_ms"] for b in results["fp32"]
-        }
+    for runtime in ("torch", "onnxruntime"):
+        fp32, int8 = f"{runtime}_fp32", f"{runtime}_int8"
+        if fp32 in results and int8 in results:
+            report[f"speedup_{runtime}_int8"] = {
+                b: results[fp32][b]["median_ms"] / results[int8][b]["median_ms"] for b in results[fp32]
+            }
     return report
+
+
+def _int8_flags() -> list[str]:
+    """The CPU flags that decide int8 arithmetic (VNNI, AVX-512, AVX2, AMX, ARM dot product)."""
+    wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as stream:
+            for line in stream:
+                if line.startswith(("flags", "Features")):
+                    found = set(line.split(":", 1)[1].split())
+                    return [flag for flag in wanted if flag in found]
+    except OSError:
+        pass
+    return []
 
 
 def _cpu_model() -> str:

@@ -141,6 +141,8 @@ class LatencyTableCostModel(CostModel):
         self.precision = precision
         # OFA YAML tables carry one precision: read them as the one asked for (fp32 for auto)
         loaded = LatencyTable.load(table, "fp32" if precision == "auto" else precision)
+        #: the deployment target the table was measured for (None: a table from before targets)
+        self.target: str | None = loaded.meta.get("target") if isinstance(loaded.meta, dict) else None
         wanted = list(PRECISIONS) if precision == "auto" else [precision]
         units = UnitDecomposition(self.space)
         self.models = {p: TableLatencyModel(self.space, loaded, precision=p, stat=stat, resolutions=resolutions,

@@ -770,6 +770,7 @@ def profile_space(
     limit: int | None = None,
     progress: bool = True,
     seed: int = 0,
+    target: str | None = None,
 ) -> ProfileResult:
     """Measure every distinct unit of ``space`` and write the table to ``output``.
 
@@ -790,8 +791,12 @@ def profile_space(
     context) times every profiling network again in later passes over all of them, pooling the
     samples, so that each entry averages over the machine's state during the whole run (shared
     machines drift by tens of percent within minutes); it keeps every profiling network in memory.
+    ``target`` (a deployment target name, :mod:`lightning_nas.targets`; default: this host's for
+    ``int8_backend``) is recorded in the table's metadata, which searches check it against.
     """
     import torch
+
+    from ..targets import resolve_target
 
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
@@ -815,6 +820,8 @@ def profile_space(
     meta = profile_meta(space, resolutions, batch_size, threads, int8_backend, warmup, repeats, context, realtime,
                         rounds)
     table = _open_table(output, meta)
+    # recorded, not compared on resume: tables measured before targets have none
+    table.meta["target"] = resolve_target(target or f"auto/{int8_backend}").name
     overhead = "int8" in precisions and int8_backend == "onnxruntime"
     total = len(units) * len(precisions) + int(overhead)
     missing = [(p, u.key) for u in units for p in precisions if (p, u.key) not in table]

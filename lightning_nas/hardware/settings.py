@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lightning_nas.recipe.markers import NonNegativeInt, PositiveInt, SpaceSpec
+from lightning_nas.targets import TargetName
 
 __all__ = ["ProfileSettings"]
 
@@ -29,8 +30,11 @@ class ProfileSettings:
     #: Intra-op threads of the measurement (recorded in the table).
     threads: PositiveInt = 1
     precisions: list[Literal["fp32", "int8"]] = field(default_factory=lambda: ["fp32", "int8"])
-    #: int8 kernels: torch.ao (x86 engine) or onnxruntime on the ONNX QDQ export.
-    int8_backend: Literal["torch", "onnxruntime"] = "torch"
+    #: The deployment target the table is for (recorded in it; ``auto``: this host, torch runtime).
+    target: TargetName = "auto"
+    #: int8 kernels: torch.ao (x86 engine) or onnxruntime on the ONNX QDQ export; default: the
+    #: target's runtime.
+    int8_backend: Literal["torch", "onnxruntime"] | None = None
     #: Time units inside profiling networks (realistic caches) or each alone (the OFA way).
     context: Literal["network", "isolated"] = "network"
     #: Time under real-time priority (needs root) so that other processes cannot preempt it.

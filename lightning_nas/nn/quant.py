@@ -122,11 +122,16 @@ class WeightQuantizer(nn.Module):
     parametrization of a ``weight``. The scale is recomputed from the weight at every call and
     detached, so gradients reach the float weight unchanged (pure STE; nothing is clipped since the
     scale covers the largest magnitude).
+
+    ``reduce_range`` quantizes 8-bit weights to 7 bits (codes -63..63), the grid of deployment
+    targets without VNNI, whose int8 kernels add pairs of u8 x s8 products into a saturating
+    int16 (see :mod:`lightning_nas.targets`); narrower widths already fit and are unchanged.
     """
 
-    def __init__(self, bits: int | None = 8) -> None:
+    def __init__(self, bits: int | None = 8, reduce_range: bool = False) -> None:
         super().__init__()
         self._bits = check_bits(bits)
+        self.reduce_range = bool(reduce_range)
 
     @property
     def bits(self) -> int | None:
@@ -136,11 +141,17 @@ class WeightQuantizer(nn.Module):
     def bits(self, value: int | None) -> None:
         self._bits = check_bits(value)
 
+    def qrange(self) -> tuple[int, int]:
+        """Integer range of the weight codes at the current bits."""
+        if self._bits is None:
+            raise RuntimeError("a full-precision WeightQuantizer has no integer range")
+        return symmetric_qrange(7 if self.reduce_range and self._bits == 8 else self._bits)
+
     def scale(self, weight: torch.Tensor) -> torch.Tensor:
         """Per-output-channel scale, shaped to broadcast against ``weight``."""
         if self._bits is None:
             raise RuntimeError("a full-precision WeightQuantizer has no scale")
-        _, qmax = symmetric_qrange(self._bits)
+        _, qmax = self.qrange()
         max_abs = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1).clamp_min(_EPS)
         return (max_abs / qmax).reshape((-1,) + (1,) * (weight.dim() - 1))
 
@@ -150,12 +161,12 @@ class WeightQuantizer(nn.Module):
         if self._bits is None:
             raise RuntimeError("a full-precision WeightQuantizer has no integer codes")
         scale = self.scale(weight)
-        return torch.round(fake_quantize(weight.detach(), scale, *symmetric_qrange(self._bits)) / scale)
+        return torch.round(fake_quantize(weight.detach(), scale, *self.qrange()) / scale)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self._bits is None:
             return weight
-        qmin, qmax = symmetric_qrange(self._bits)
+        qmin, qmax = self.qrange()
         quantized = fake_quantize(weight.detach(), self.scale(weight), qmin, qmax)
         # Whole-tensor STE: the scale covers the largest magnitude, so clamping never applies in
         # exact arithmetic, but a float ulp can push the extreme weight past qmax and the clamp
@@ -163,7 +174,7 @@ class WeightQuantizer(nn.Module):
         return weight + (quantized - weight).detach()
 
     def extra_repr(self) -> str:
-        return f"bits={self._bits}"
+        return f"bits={self._bits}" + (", reduce_range=True" if self.reduce_range else "")
 
 
 class ActivationQuantizer(nn.Module):

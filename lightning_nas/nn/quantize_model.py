@@ -95,13 +95,16 @@ def attach_quantizers(
     model: nn.Module,
     bits_by_layer: BitsByLayer,
     signed: Mapping[str, bool] | None = None,
+    reduce_weight_range: bool | None = None,
 ) -> nn.Module:
     """Give every named layer a weight and an input fake quantizer with the given bits.
 
     ``bits_by_layer`` maps a layer name to ``(weight_bits, activation_bits)``; ``None`` or 32 is
     full precision. A layer that already has quantizers only has its bits changed. ``signed``
     optionally fixes the sign of a layer's input quantizer; otherwise it is decided from data (see
-    :func:`calibrate_activation_ranges`). Layers not named are left as they are. Returns ``model``.
+    :func:`calibrate_activation_ranges`). ``reduce_weight_range`` gives 8-bit weights the 7-bit
+    grid of targets without VNNI (``DeployTarget.reduced_weights``); ``None`` keeps an existing
+    quantizer's grid and gives new ones the full 8 bits. Layers not named are left as they are. Returns ``model``.
     """
     signed = signed or {}
     # Check every entry before changing anything, so a bad policy leaves the model untouched.
@@ -111,7 +114,7 @@ def attach_quantizers(
     for name, module, w_bits, a_bits in resolved:
         wq = _weight_quantizer(module)
         if wq is None:
-            wq = WeightQuantizer(w_bits)
+            wq = WeightQuantizer(w_bits, reduce_range=bool(reduce_weight_range))
             if _is_elastic(module):
                 module.weight_quantizer = wq
             else:
@@ -119,6 +122,8 @@ def attach_quantizers(
                 parametrize.register_parametrization(module, "weight", wq)
         else:
             wq.bits = w_bits
+            if reduce_weight_range is not None:
+                wq.reduce_range = reduce_weight_range
         aq = _input_quantizer(module)
         if aq is None:
             aq = ActivationQuantizer(a_bits, signed=signed.get(name))

@@ -80,11 +80,20 @@ def save_predictor(predictor: AccuracyPredictor, path: str | Path, **extra: Any)
 PREDICTOR_FILE_DESCRIPTION = "a predictor.pt written by `lightning-nas fit` of a predictor recipe (spec, state_dict)"
 
 
+def _read_predictor_file(path: str | Path, key: str | None) -> dict[str, Any]:
+    return require_mapping(load_torch_file(path, key=key, what=PREDICTOR_FILE_DESCRIPTION), ("spec", "state_dict"),
+                           path=path, key=key, what=PREDICTOR_FILE_DESCRIPTION)
+
+
+def predictor_target(path: str | Path, key: str | None = None) -> str | None:
+    """The deployment target of the quantized pairs a predictor file was trained on (or None)."""
+    return _read_predictor_file(path, key).get("target")
+
+
 def load_predictor(path: str | Path, key: str | None = None) -> AccuracyPredictor:
     """A predictor from its spec and state dict (read without pickle); ``key`` names the recipe key
     that gave ``path`` in the errors."""
-    saved = require_mapping(load_torch_file(path, key=key, what=PREDICTOR_FILE_DESCRIPTION), ("spec", "state_dict"),
-                            path=path, key=key, what=PREDICTOR_FILE_DESCRIPTION)
+    saved = _read_predictor_file(path, key)
     spec = saved["spec"]
     expected = {"arch_features", "hidden", "layers"}
     if not isinstance(spec, dict) or not expected <= set(spec) or not set(spec) <= expected | {"policy_features"}:

@@ -41,12 +41,13 @@ CREATE TABLE IF NOT EXISTS pairs (
     checkpoint_hash TEXT NOT NULL,
     seed INTEGER NOT NULL,
     seconds REAL NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    target TEXT
 );
 CREATE INDEX IF NOT EXISTS pairs_by_checkpoint ON pairs (checkpoint_hash, kind);
 """
 COLUMNS = ("pair_key", "kind", "arch", "policy", "resolution", "top1", "loss", "checkpoint_hash", "seed",
-           "seconds", "created_at")
+           "seconds", "created_at", "target")
 
 
 def canonical_json(value: Any) -> str | None:
@@ -79,6 +80,9 @@ class Pair:
     kind: str = "fp32"
     created_at: str = ""
     pair_key: str = ""
+    #: The deployment target whose fake-quantization grid a quantized pair was measured with
+    #: (``lightning_nas.targets``); ``None`` for full-precision pairs and for stores older than targets.
+    target: str | None = None
 
 
 class PairStore:
@@ -94,11 +98,14 @@ class PairStore:
             with self._connect() as connection:
                 connection.execute("PRAGMA journal_mode=WAL")
                 columns = {row[1] for row in connection.execute("PRAGMA table_info(pairs)")}
-                missing = [c for c in COLUMNS if columns and c not in columns]
+                # stores written before deployment targets lack `target`: it is added, their pairs read None
+                missing = [c for c in COLUMNS if columns and c not in columns and c != "target"]
                 if missing:
                     raise RecipeError(f"a SQLite database, but its `pairs` table has no column {missing[0]!r}: not "
                                       "a pair store of this package", key=key, given=str(path), allowed=allowed)
                 connection.executescript(SCHEMA)
+                if columns and "target" not in columns:
+                    connection.execute("ALTER TABLE pairs ADD COLUMN target TEXT")
         except sqlite3.DatabaseError as error:
             if isinstance(error, sqlite3.OperationalError):  # locked, read-only, disk full: not the file's kind
                 raise
@@ -150,6 +157,12 @@ class PairStore:
             rows = connection.execute(f"SELECT {', '.join(COLUMNS)} FROM pairs{where} ORDER BY id", values).fetchall()
         return [_row_to_pair(row) for row in rows]
 
+    def targets(self, kind: str | None = None) -> set[str | None]:
+        """The deployment targets the stored pairs (of ``kind``) were measured for."""
+        where, values = (" WHERE kind = ?", (kind,)) if kind is not None else ("", ())
+        with self._connect() as connection:
+            return {t for (t,) in connection.execute(f"SELECT DISTINCT target FROM pairs{where}", values)}
+
     def __len__(self) -> int:
         with self._connect() as connection:
             return connection.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
@@ -168,6 +181,7 @@ def _pair_to_row(pair: Pair) -> tuple[Any, ...]:
         int(pair.seed),
         float(pair.seconds),
         pair.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        pair.target,
     )
 
 
@@ -185,4 +199,5 @@ def _row_to_pair(row: Iterable[Any]) -> Pair:
         kind=values["kind"],
         created_at=values["created_at"],
         pair_key=values["pair_key"],
+        target=values["target"],
     )

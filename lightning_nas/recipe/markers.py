@@ -73,6 +73,7 @@ MAPPING_MARKERS = {
     "WandbSettings": "signature:lightning_nas.recipe.sections:WandbSettings",
     "SweepSettings": "signature:lightning_nas.recipe.sections:SweepSettings",
     "ExportSettings": "signature:lightning_nas.recipe.sections:ExportSettings",
+    "DeploySettings": "signature:lightning_nas.recipe.sections:DeploySettings",
     "ProfileSettings": "signature:lightning_nas.hardware.settings:ProfileSettings",
     "SearchSettings": "signature:lightning_nas.search.settings:SearchSettings",
     "RankSettings": "signature:lightning_nas.recipe.sections:RankSettings",

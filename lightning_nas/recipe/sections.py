@@ -169,6 +169,26 @@ class AllocateSettings:
 
 
 @dataclass
+class DeploySettings:
+    """The deployment target, decided once per recipe (``lightning_nas.targets``).
+
+    Stage recipes hand it to what depends on it (``task.target: ${deploy.target}``, the quantized
+    pair collector, the latency profile, the search); a pipeline resolves ``auto`` once and gives
+    every stage the same concrete target.
+    """
+
+    #: ``auto`` (this host's CPU kind, torch runtime), ``auto/onnxruntime``, or a concrete
+    #: ``x86_vnni/torch``, ``x86_avx2/torch``, ``x86_vnni/onnxruntime``, ``x86_avx2/onnxruntime``,
+    #: ``arm/torch``.
+    # Written out (not the alias lightning_nas.targets.TargetName): recipe validation reads
+    # annotations as source text; tests/test_targets.py keeps the two lists equal.
+    target: Literal["auto", "auto/torch", "auto/onnxruntime", "x86_vnni/torch", "x86_avx2/torch",
+                    "x86_vnni/onnxruntime", "x86_avx2/onnxruntime", "arm/torch"] = "auto"
+    #: Let a stage combine artifacts of different targets (pairs, predictors, latency tables).
+    allow_mixed_targets: bool = False
+
+
+@dataclass
 class PipelineStage:
     """One stage of a pipeline: a recipe, run by its own verb, with overrides of its keys."""
 
@@ -238,5 +258,6 @@ class Recipe:
     emq: EMQSearchSettings | None = None
     allocate: AllocateSettings | None = None
     pipeline: PipelineSettings | None = None
+    deploy: DeploySettings | None = None
     #: Free-form values for interpolation (``${vars.width}``); never read by the framework.
     vars: dict[str, Any] = field(default_factory=dict)

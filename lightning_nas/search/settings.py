@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lightning_nas.recipe.markers import BitChoices, CostModelSpec, ExistingFile, FixedBits, SpaceSpec
+from lightning_nas.targets import TargetName
 
 from ..recipe.markers import Fraction, NonNegativeInt, PositiveInt
 
@@ -72,3 +73,8 @@ class SearchSettings:
     progress: bool = True
     #: Default: the recipe's ``seed``.
     seed: int | None = None
+    #: The deployment target searched for; the predictor's quantized pairs and every latency table
+    #: must have been measured for it (``auto``: this host, torch runtime).
+    target: TargetName = "auto"
+    #: Combine a predictor or tables of other targets anyway.
+    allow_mixed_targets: bool = False

@@ -190,11 +190,22 @@ def stage_recipe_path(pipeline_recipe: Path, given: str, index: int) -> Path:
 
 
 def load_stage(pipeline_recipe: Path, path: Path, run_dir: Path, stage: PipelineStage, smoke: bool,
-               validate: bool, extra: Sequence[str] = ()) -> LoadedRecipe:
+               validate: bool, extra: Sequence[str] = (), deploy: Mapping[str, Any] | None = None) -> LoadedRecipe:
     """The stage's recipe with the pipeline's edits (before its own smoke block), ``vars.runs``,
+    the pipeline's ``deploy`` settings (``deploy.target`` already resolved: every stage gets the same),
     the pipeline's data (``extra``) and the stage's final overrides."""
-    return load_recipe(path, [f"vars.runs={run_dir}", *extra, *stage.final_overrides], smoke=smoke,
+    overrides = [f"vars.runs={run_dir}"] + [f"deploy.{key}={value}" for key, value in (deploy or {}).items()]
+    return load_recipe(path, [*overrides, *extra, *stage.final_overrides], smoke=smoke,
                        validate=validate, edits=stage.overrides, edits_origin=f"pipeline {pipeline_recipe}")
+
+
+def pipeline_deploy(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The pipeline's deployment settings with ``auto`` resolved to this host's target."""
+    from ..targets import resolve_target
+
+    given = dict(config.get("deploy") or {})
+    return {"target": resolve_target(given.get("target", "auto")).name,
+            "allow_mixed_targets": str(bool(given.get("allow_mixed_targets", False))).lower()}
 
 
 def is_finished(run_dir: Path, digest: str) -> bool:
@@ -230,6 +241,7 @@ def plan(recipe: LoadedRecipe) -> tuple[PipelineSettings, Path, list[PlannedStag
     given = recipe.config["pipeline"]
     settings = PipelineSettings(**{**given, "stages": [PipelineStage(**stage) for stage in given["stages"]]})
     run_dir = Path(recipe.config["run_dir"])
+    deploy = pipeline_deploy(recipe.config)
     try:
         data = pipeline_data(settings.data)
     except RecipeError as error:
@@ -237,10 +249,11 @@ def plan(recipe: LoadedRecipe) -> tuple[PipelineSettings, Path, list[PlannedStag
     stages: list[PlannedStage] = []
     for index, stage in enumerate(settings.stages):
         path = stage_recipe_path(recipe.path, stage.recipe, index)
-        loaded = load_stage(recipe.path, path, run_dir, stage, settings.smoke, validate=False)
+        loaded = load_stage(recipe.path, path, run_dir, stage, settings.smoke, validate=False, deploy=deploy)
         extra = data_overrides(loaded.config, data) if data is not None else []
         if extra:
-            loaded = load_stage(recipe.path, path, run_dir, stage, settings.smoke, validate=False, extra=extra)
+            loaded = load_stage(recipe.path, path, run_dir, stage, settings.smoke, validate=False, extra=extra,
+                                deploy=deploy)
         validate_ahead(loaded, run_dir)
         verb = recipe_verb(loaded.config)
         if verb == "pipeline":
@@ -255,6 +268,8 @@ def run(recipe: LoadedRecipe) -> Path:
 
     settings, run_dir, stages = plan(recipe)
     prepare_run_dir(recipe)
+    deploy = pipeline_deploy(recipe.config)  # as plan() resolved it: the host does not change
+    print(f"deployment target: {deploy['target']}", flush=True)
     rows: list[dict[str, Any]] = []
     rerun_upstream = not settings.reuse
     for index, (path, stage, loaded, verb, extra) in enumerate(stages):
@@ -271,7 +286,8 @@ def run(recipe: LoadedRecipe) -> Path:
         print(f"{name} -> {stage_dir}", flush=True)
         started = time.perf_counter()
         # Loaded again now that earlier stages wrote their files: this time fully validated.
-        loaded = load_stage(recipe.path, path, run_dir, stage, settings.smoke, validate=True, extra=extra)
+        loaded = load_stage(recipe.path, path, run_dir, stage, settings.smoke, validate=True, extra=extra,
+                            deploy=deploy)
         digest = recipe_hash(loaded.config)
         module = importlib.import_module(STAGE_VERBS[verb][0])
         stage_dir = Path(module.run(loaded))

@@ -28,13 +28,20 @@ def run(recipe: LoadedRecipe) -> Path:
         settings = ProfileSettings(**config["profile"])
     except TypeError as error:
         raise RecipeError(f"invalid profile settings ({error})", key="profile") from None
+    from ..targets import resolve_target
+
+    target = resolve_target(settings.target, key="profile.target")
+    if settings.int8_backend not in (None, target.runtime):
+        raise RecipeError(f"int8_backend {settings.int8_backend} is not the runtime of target {target.name}",
+                          key="profile.int8_backend", given=settings.int8_backend,
+                          allowed=f"{target.runtime} (or leave it out)")
     run_dir = prepare_run_dir(recipe)
     space = SPACES.build(settings.space)  # validated with the recipe, resolutions included
     output = Path(settings.output) if settings.output else run_dir / TABLE_FILE
     try:
         result = profile_space(
             space, output, resolutions=settings.resolutions, batch_size=settings.batch_size, threads=settings.threads,
-            precisions=settings.precisions, int8_backend=settings.int8_backend, warmup=settings.warmup,
+            precisions=settings.precisions, int8_backend=target.runtime, target=target.name, warmup=settings.warmup,
             repeats=settings.repeats, context=settings.context, realtime=settings.realtime, rounds=settings.rounds,
             limit=settings.limit, progress=settings.progress, seed=settings.seed,
         )

@@ -97,6 +97,13 @@ def build_scorer(settings: Any) -> Any:
     joint = JointSpace(space, policy_space)
     predictor = load_predictor(settings.predictor, key="search.predictor")
     models = build_cost_models(list(settings.cost_models))
+    from ..predictors.accuracy import predictor_target
+    from ..targets import check_same_target, resolve_target
+
+    target = resolve_target(settings.target, key="search.target").name
+    found = {f"predictor {settings.predictor}": predictor_target(settings.predictor, key="search.predictor")}
+    found.update({f"cost model {name}": getattr(model, "target", None) for name, model in models.items()})
+    check_same_target(found, target, settings.allow_mixed_targets, key="search.target")
     return Scorer(joint, predictor, models, settings.constraints, batch_size=settings.batch_size)
 
 
@@ -309,6 +316,9 @@ def run(recipe: LoadedRecipe) -> Path:
     metric = pareto_metric(settings, scorer)
     history, summary = run_search(settings, scorer, run_dir, seed)
     summary["settings"] = {k: v for k, v in dataclasses.asdict(settings).items() if k != "cost_models"}
+    from ..targets import resolve_target
+
+    summary["target"] = resolve_target(settings.target, key="search.target").name  # read by QAT of a candidate
     outputs = write_outputs(history, scorer, summary, run_dir / SEARCH_DIR, settings.top_k, metric)
     log_results(config, run_dir, outputs, history, scorer, summary, metric)
     best = outputs["top"][0] if outputs["top"] else None

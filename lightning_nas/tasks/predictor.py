@@ -99,10 +99,11 @@ class PredictorTask(pl.LightningModule):
         run_dir.mkdir(parents=True, exist_ok=True)
         data = self.trainer.datamodule
         summary = {k: v for k, v in self.final_metrics.items() if k not in {"predicted", "measured"}}
-        summary.update(train_pairs=len(data.train_set), kind=data.kind,
+        summary.update(train_pairs=len(data.train_set), kind=data.kind, target=getattr(data, "target", None),
                        transfer_from=self.hparams.transfer_from)
         (run_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        save_predictor(self.predictor, run_dir / PREDICTOR_FILE, space=type(data.space).__name__)
+        save_predictor(self.predictor, run_dir / PREDICTOR_FILE, space=type(data.space).__name__,
+                       target=getattr(data, "target", None))
         self._scatter(run_dir / SCATTER_FILE, summary)
 
     def _scatter(self, path: Path, summary: dict) -> None:

@@ -67,6 +67,7 @@ from ..recipe.markers import (
     PositiveInt,
 )
 from ..spaces.quant_policy import QuantPolicySpace
+from ..targets import TargetName, check_same_target, host_can_run, resolve_target
 from .optim import build_optimizer, parameter_groups, step_scheduler
 from .supernet import holdout_batches
 
@@ -74,6 +75,7 @@ QAT_METRICS_FILE = "qat_metrics.json"
 LATENCY_FILE = "latency.json"
 QAT_SUBNET_FILE = "qat_subnet.pt"
 ONNX_FILE = "model_int8.onnx"
+ONNX_FP32_FILE = "model_fp32.onnx"
 
 
 # --- what int8 kernels round ----------------------------------------------------------------------
@@ -178,6 +180,14 @@ def _searched_candidate(path: str, index: int, subnet: object, policy: object) -
     return dict(row["config"]), (dict(row["policy"]) if policy == "candidate" else policy)
 
 
+def _candidate_target(path: str) -> str | None:
+    """The deployment target a search's topk.json was found for (``None`` before targets)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8")).get("target")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
 def _load_supernet_source(
     checkpoint: str, subnet: str | Mapping[str, Any]
 ) -> tuple[Any, dict, dict, nn.Module]:
@@ -238,8 +248,13 @@ class QATTask(pl.LightningModule):
             uniform 8-bit policy (every layer at 8/8 bits, or full precision).
         fake_quantize_outputs: with ``deploy``, also fake-quantize what int8 kernels round
             (:func:`int8_rounding_points`) during training.
-        int8_backend: quantized engine of the torch int8 model. ``onednn`` by default: fbgemm's
-            depthwise kernels (picked by ``x86``) saturate (see :mod:`lightning_nas.deploy.int8`).
+        target: the deployment target (:mod:`lightning_nas.targets`; ``auto``: this host's CPU kind,
+            torch runtime). It fixes the weight grid trained here (7-bit weights without VNNI), the
+            conversion engine, and which runtime's int8 model is the deployed one.
+        allow_mixed_targets: accept a search ``candidate`` found for another target.
+        int8_backend: override the quantized engine the target implies (``onednn`` on x86,
+            ``qnnpack`` on ARM); fbgemm's depthwise kernels (picked by ``x86``) saturate even
+            with VNNI (see :mod:`lightning_nas.deploy.int8`).
         agreement_images: test images on which int8 / ONNX top-1 is compared with the
             fake-quantized model (a stratified sample like ``test_images``).
         latency_batch_sizes, latency_warmup, latency_repeats, latency_threads: latency protocol
@@ -271,7 +286,9 @@ class QATTask(pl.LightningModule):
         test_images: PositiveInt | None = None,
         deploy: bool = True,
         fake_quantize_outputs: bool = True,
-        int8_backend: Literal["onednn", "x86", "fbgemm"] = "onednn",
+        target: TargetName = "auto",
+        allow_mixed_targets: bool = False,
+        int8_backend: Literal["onednn", "x86", "fbgemm", "qnnpack"] | None = None,
         agreement_images: PositiveInt = 1000,
         latency_batch_sizes: list[int] = [1, 32],  # noqa: B006 - read only
         latency_warmup: NonNegativeInt = 10,
@@ -284,7 +301,13 @@ class QATTask(pl.LightningModule):
             raise RecipeError(f"freeze_bn_fraction must be in [0, 1], got {freeze_bn_fraction}", key="task.freeze_bn_fraction")
         if agreement_images < 1 or latency_repeats < 1 or bn_recalibration_images < 1:
             raise RecipeError("agreement_images, latency_repeats and bn_recalibration_images must be positive", key="task")
+        self.target = resolve_target(target, key="task.target")
+        self.hparams.target = self.target.name  # the resolved target, not "auto", goes into checkpoints
         if candidate:
+            check_same_target(
+                {f"candidate {candidate}": _candidate_target(candidate)}, self.target.name, allow_mixed_targets,
+                key="task.target",
+            )
             subnet, policy = _searched_candidate(candidate, candidate_index, subnet, policy)
         elif policy == "candidate":
             raise RecipeError("policy: candidate takes the policy of a search result; set candidate: to its topk.json", key="task.policy")
@@ -335,11 +358,13 @@ class QATTask(pl.LightningModule):
                     "Set deploy: false to finetune a mixed-precision policy.", key="task.policy"
                 )
         self.model = model
-        attach_quantizers(self.model, self.bits_by_layer)
+        attach_quantizers(self.model, self.bits_by_layer, reduce_weight_range=self.target.reduced_weights)
         self.output_points: list[str] = []
         self.fixed_ranges: dict[str, tuple[float, bool]] = {}
         if deploy and fake_quantize_outputs:
-            self.output_points, self.fixed_ranges = int8_rounding_points(self.model, int8_backend)
+            self.output_points, self.fixed_ranges = int8_rounding_points(
+                self.model, int8_backend or self.target.engine
+            )
             attach_output_quantizers(self.model, self.output_points, bits=8, fixed_ranges=self.fixed_ranges)
         self._teacher: list[nn.Module] = []  # a list keeps it out of the state dict
         self._bn_frozen_at: int | None = None
@@ -493,6 +518,7 @@ class QATTask(pl.LightningModule):
             "steps": int(self.global_step),
             "bn_frozen_at_step": self._bn_frozen_at,
             "fake_quantized_outputs": len(self.output_points),
+            "target": self.target.name,
             "deploy": deployment,
         }
         (run_dir / QAT_METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
@@ -502,7 +528,10 @@ class QATTask(pl.LightningModule):
                 {
                     "deploy/agreement_int8": deployment["agreement"]["int8_vs_fake_quant"],
                     "deploy/agreement_onnx": deployment["agreement"]["onnx_vs_fake_quant"],
-                    "deploy/speedup_int8_b1": deployment["speedup_int8"].get("batch_1", float("nan")),
+                    "deploy/speedup_torch_int8_b1": deployment["speedup_torch_int8"].get("batch_1", float("nan")),
+                    "deploy/speedup_onnxruntime_int8_b1": deployment["speedup_onnxruntime_int8"].get(
+                        "batch_1", float("nan")
+                    ),
                 }
             )
         for logger in self.trainer.loggers:
@@ -513,7 +542,8 @@ class QATTask(pl.LightningModule):
             summary += (
                 f"; int8 agreement {100 * deployment['agreement']['int8_vs_fake_quant']:.1f}%, "
                 f"ONNX {100 * deployment['agreement']['onnx_vs_fake_quant']:.1f}% on "
-                f"{deployment['agreement']['images']} images -> {run_dir / LATENCY_FILE}"
+                f"{deployment['agreement']['images']} images, target {deployment['target']} "
+                f"-> {run_dir / LATENCY_FILE}"
             )
         print(summary)
 
@@ -528,6 +558,7 @@ class QATTask(pl.LightningModule):
                 "config": self.config,
                 "space": self.space_spec,
                 "policy": self.policy,
+                "target": self.target.name,
                 "bits": {k: list(v) for k, v in get_bits(self.model).items()},
                 "output_points": self.output_points,
                 "fixed_ranges": self.fixed_ranges,
@@ -554,19 +585,22 @@ class QATTask(pl.LightningModule):
             labels.append(y)
         images, labels = torch.cat(images), torch.cat(labels)
         calibration = [b.to(cpu) for b in self._holdout()]
-        int8 = convert_to_int8(fake, calibration, backend=hp.int8_backend)
+        int8 = convert_to_int8(fake, calibration, backend=hp.int8_backend, target=self.target)
         onnx_path = export_onnx(int8, images[:1], run_dir / ONNX_FILE)
         session = onnx_session(onnx_path, threads=hp.latency_threads)
         fake_logits, int8_logits = fake(images), int8(images)
         onnx_logits = torch.from_numpy(run_onnx(session, images))
         float_model = copy.deepcopy(fake)
         remove_quantizers(float_model)
+        onnx_fp32_path = export_onnx(float_model, images[:1], run_dir / ONNX_FP32_FILE)
         report = compare_fp32_int8(
             float_model,
             int8,
             (3, self.resolution, self.resolution),
             batch_sizes=hp.latency_batch_sizes,
             onnx_path=onnx_path,
+            onnx_fp32_path=onnx_fp32_path,
+            target=self.target.name,
             warmup=hp.latency_warmup,
             repeats=hp.latency_repeats,
             threads=hp.latency_threads,
@@ -575,16 +609,25 @@ class QATTask(pl.LightningModule):
         def top1(logits: torch.Tensor) -> float:
             return 100.0 * float((logits.argmax(1) == labels).float().mean())
 
+        deployed = "onnx_vs_fake_quant" if self.target.runtime == "onnxruntime" else "int8_vs_fake_quant"
         report.update(
             {
                 "config": self.config,
-                "int8_backend": hp.int8_backend,
+                "target": self.target.name,
+                # a committed latency.json read on another CPU kind says so instead of misleading
+                "target_native_on_host": host_can_run(self.target),
+                "int8_backend": int8.engine,
+                "weight_qmax": int8.weight_qmax,
                 "agreement": {
                     "images": len(labels),
                     "int8_vs_fake_quant": top1_agreement(int8_logits, fake_logits),
                     "onnx_vs_fake_quant": top1_agreement(onnx_logits, fake_logits),
                     "onnx_vs_int8": top1_agreement(onnx_logits, int8_logits),
                 },
+                "deployed_runtime": self.target.runtime,
+                "deployed_agreement": top1_agreement(
+                    onnx_logits if deployed == "onnx_vs_fake_quant" else int8_logits, fake_logits
+                ),
                 "top1": {
                     "fake_quant": top1(fake_logits),
                     "int8": top1(int8_logits),
@@ -593,16 +636,19 @@ class QATTask(pl.LightningModule):
                 "carried_ranges": len(int8.carried_ranges) + len(int8.carried_output_ranges),
                 "calibrated_tensors": int8.calibrated_tensors,
                 "onnx": str(onnx_path),
+                "onnx_fp32": str(onnx_fp32_path),
             }
         )
         (run_dir / LATENCY_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
         return {
             key: report[key]
             for key in (
+                "target",
                 "agreement",
+                "deployed_agreement",
                 "top1",
-                "speedup_int8",
-                "speedup_onnx_int8",
+                "speedup_torch_int8",
+                "speedup_onnxruntime_int8",
                 "int8_backend",
                 "calibrated_tensors",
             )
@@ -646,7 +692,9 @@ def load_qat_subnet(path: str | Path) -> nn.Module:
                             path=path, key=None, what="a qat_subnet.pt of a QAT run")
     space = SPACES.build(saved["space"])
     model = space.build_subnet(saved["config"])
-    attach_quantizers(model, {name: tuple(bits) for name, bits in saved["bits"].items()})
+    # files from before deployment targets were trained on the full 8-bit weight grid
+    reduced = resolve_target(saved["target"]).reduced_weights if saved.get("target") else False
+    attach_quantizers(model, {name: tuple(bits) for name, bits in saved["bits"].items()}, reduce_weight_range=reduced)
     if saved["output_points"]:
         attach_output_quantizers(
             model,

@@ -25,6 +25,7 @@ from lightning_nas.nn.quantize_model import (
     remove_quantizers,
     set_bits,
 )
+from lightning_nas.targets import host_can_run, resolve_target
 
 
 class Block(nn.Module):
@@ -103,8 +104,18 @@ def _train(model: nn.Module, steps: int, lr: float, data) -> list[float]:  # noq
     return losses
 
 
-@pytest.fixture(scope="module")
-def setup() -> Iterator[dict]:
+def _target_param(name: str):  # noqa: ANN202 - a pytest param
+    reason = f"this host ({resolve_target('auto').isa}) does not compute {name}'s int8 arithmetic natively"
+    return pytest.param(name, marks=pytest.mark.skipif(not host_can_run(name), reason=reason), id=name)
+
+
+#: Torch targets; the host's own always runs (a VNNI host also computes the AVX2 grid exactly).
+TORCH_TARGETS = [_target_param(name) for name in ("x86_vnni/torch", "x86_avx2/torch", "arm/torch")]
+
+
+@pytest.fixture(scope="module", params=TORCH_TARGETS)
+def setup(request: pytest.FixtureRequest) -> Iterator[dict]:
+    target = resolve_target(request.param)
     # One thread: on a shared 2-core machine two OpenMP threads thrash (15x slower steps).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -121,17 +132,18 @@ def setup() -> Iterator[dict]:
         # The pipeline in miniature: a float model, then quantizers, calibration and a short QAT.
         model = TinyNet()
         float_losses = _train(model, 80, 3e-3, data)
-        attach_quantizers(model, {name: (8, 8) for name in LAYERS})
+        attach_quantizers(model, {name: (8, 8) for name in LAYERS}, reduce_weight_range=target.reduced_weights)
         calibrate_activation_ranges(model, [data(200)])
         alphas = {name: float(aq.alpha) for name, (_, aq) in quantized_layers(model).items()}
         qat_losses = _train(model, 10, 5e-4, data)
         images, labels = data(1000)
         calibration = [data(100)[0] for _ in range(3)]
-        int8 = convert_to_int8(model, calibration)
+        int8 = convert_to_int8(model, calibration, target=target)
         with torch.no_grad():
             fake = model(images)
             real = int8(images)
         yield {
+            "target": target,
             "model": model,
             "int8": int8,
             "images": images,
@@ -162,6 +174,9 @@ def test_training_and_qat_learn(setup: dict) -> None:
 def test_int8_agrees_with_fake_quantized_model(setup: dict) -> None:
     int8 = setup["int8"]
     assert sorted(int8.carried_ranges) == sorted(LAYERS) and int8.calibrated_ranges == []
+    assert int8.engine == setup["target"].engine
+    codes = [m.weight().int_repr() for m in int8.modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)]
+    assert max(int(c.abs().max()) for c in codes) == setup["target"].weight_qmax
     assert any(isinstance(m, torch.ao.nn.quantized.Conv2d) for m in int8.modules())
     agreement = top1_agreement(setup["fake"], setup["real"])
     assert agreement >= 0.99, agreement
@@ -246,10 +261,53 @@ def test_latency_report_is_json(setup: dict, tmp_path: Path) -> None:
     float_model = copy.deepcopy(setup["model"])
     remove_quantizers(float_model)
     onnx_path = export_onnx(setup["int8"], setup["images"][:1], tmp_path / "m.onnx")
+    onnx_fp32 = export_onnx(float_model, setup["images"][:1], tmp_path / "fp32.onnx")
     report = compare_fp32_int8(
-        float_model, setup["int8"], (3, 16, 16), onnx_path=onnx_path, warmup=1, repeats=3
+        float_model, setup["int8"], (3, 16, 16), onnx_path=onnx_path, onnx_fp32_path=onnx_fp32, warmup=1,
+        repeats=3, target=setup["target"].name,
     )
-    json.dumps(report)
-    assert set(report["results"]) == {"fp32", "int8", "onnx_int8"}
-    assert set(report["results"]["int8"]) == {"batch_1", "batch_32"}
-    assert report["speedup_int8"]["batch_32"] > 0
+    json.loads(json.dumps(report))
+    # fp32 and int8 compared within each runtime, never across
+    assert set(report["results"]) == {"torch_fp32", "torch_int8", "onnxruntime_fp32", "onnxruntime_int8"}
+    assert set(report["results"]["torch_int8"]) == {"batch_1", "batch_32"}
+    assert report["speedup_torch_int8"]["batch_32"] > 0 and report["speedup_onnxruntime_int8"]["batch_1"] > 0
+    assert report["target"] == setup["target"].name
+    assert report["device"]["isa"] == resolve_target("auto").isa
+
+
+_SATURATION_SCRIPT = """
+import torch
+from torch.ao.nn.quantized import Conv2d
+torch.backends.quantized.engine = "onednn"
+torch.manual_seed(0)
+errors = []
+for qmax in (127, 63):
+    conv = Conv2d(64, 32, 3, padding=1, bias=False)
+    w = torch.randint(-qmax, qmax + 1, (32, 64, 3, 3)).float()
+    w[:, :, 0, :2] = qmax  # pairs of large products
+    qw = torch._make_per_channel_quantized_tensor(
+        w.to(torch.int8), torch.full((32,), 0.01, dtype=torch.double), torch.zeros(32, dtype=torch.long), 0)
+    conv.set_weight_bias(qw, None)
+    x = torch.randint(0, 256, (2, 64, 10, 10)).float()
+    x[:, :, ::2, ::2] = 255
+    exact = torch.nn.functional.conv2d(x.double(), w.double(), padding=1) * 0.02 * 0.01
+    conv.scale, conv.zero_point = float(exact.abs().max() / 127), 128
+    out = conv(torch.quantize_per_tensor(x * 0.02, 0.02, 0, torch.quint8)).dequantize().double()
+    errors.append(float(((out - exact).abs() / conv.scale).max()))
+print(errors[0], errors[1])
+"""
+
+
+@pytest.mark.skipif(resolve_target("auto").isa == "arm", reason="oneDNN's x86 ISA limit needs an x86 host")
+def test_avx2_kernels_saturate_8_bit_weights_and_not_7_bit_ones() -> None:
+    # Why x86_avx2 targets train 7-bit weights: oneDNN limited to AVX2 (as on a CPU without VNNI)
+    # adds pairs of u8 x s8 products into a saturating int16. Holds on either x86 kind.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _SATURATION_SCRIPT], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    full, reduced = map(float, out.stdout.split())
+    assert full > 10 and reduced <= 0.5 + 1e-6, (full, reduced)

@@ -75,3 +75,38 @@ def test_a_batch_is_one_transaction_that_skips_stored_keys(tmp_path: Path) -> No
     with pytest.raises(sqlite3.Error):
         store.add_many([make_pair(10), broken])
     assert sorted(int(k.rsplit(":", 1)[1]) for k in store.done_keys()) == [0, 1, 2, 3]
+
+
+def test_quantized_pairs_keep_their_target_and_old_stores_gain_the_column(tmp_path: Path) -> None:
+    import dataclasses
+    import sqlite3
+
+    from lightning_nas.data.pairs import PairsDataModule
+    from lightning_nas.recipe.errors import RecipeError
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as connection:  # the schema before deployment targets
+        connection.executescript(
+            "CREATE TABLE pairs (id INTEGER PRIMARY KEY AUTOINCREMENT, pair_key TEXT NOT NULL UNIQUE, kind TEXT NOT "
+            "NULL, arch TEXT NOT NULL, policy TEXT, resolution INTEGER NOT NULL, top1 REAL NOT NULL, loss REAL, "
+            "checkpoint_hash TEXT NOT NULL, seed INTEGER NOT NULL, seconds REAL NOT NULL, created_at TEXT NOT NULL);"
+            "INSERT INTO pairs (pair_key, kind, arch, resolution, top1, checkpoint_hash, seed, seconds, created_at) "
+            "VALUES ('k', 'fp32', '{}', 32, 50.0, 'abc', 0, 1.0, 'then');")
+    store = PairStore(path)
+    assert store.pairs()[0].target is None
+    from lightning_nas.registry import SPACES
+
+    space = {"name": "ofa_mbv3_cifar", "num_classes": 10}
+    arch = SPACES.build(space).smallest()
+    policy = {key: [8] * len(arch["ks"]) for key in ("pw_w", "pw_a", "dw_w", "dw_a")}
+    for i in range(6):
+        pair = dataclasses.replace(make_pair(i, policy, kind="quant"), arch=arch, resolution=arch["r"])
+        store.add(dataclasses.replace(pair, target="x86_avx2/torch"))
+    assert store.targets("quant") == {"x86_avx2/torch"} and store.targets("fp32") == {None}
+    data = PairsDataModule(path=str(path), space=space, kind="quant")
+    data.setup()
+    assert data.target == "x86_avx2/torch" and len(data.train_set) + len(data.val_set) == 6
+    store.add(dataclasses.replace(pair, target="x86_vnni/torch", pair_key="other"))
+    # one predictor learns one grid: pairs of two targets are not pooled unless the recipe allows it
+    with pytest.raises(RecipeError, match=r"data.path: artifacts of different deployment targets"):
+        PairsDataModule(path=str(path), space=space, kind="quant").setup()

@@ -246,3 +246,26 @@ def test_wandb_gets_the_table_and_the_plot(tmp_path: Path, predictors, monkeypat
     for prefix, suffix in (("media/table/search/topk", ".table.json"), ("media/table/search/front", ".table.json"),
                            ("media/images/search/pareto", ".png")):
         assert any(m.startswith(prefix) and m.endswith(suffix) for m in media), (prefix, media)
+
+
+def test_a_predictor_of_another_target_is_not_mixed_in(tmp_path: Path, predictors) -> None:
+    import torch
+
+    from lightning_nas.recipe.errors import RecipeError
+    from lightning_nas.search.settings import SearchSettings
+    from lightning_nas.targets import resolve_target
+
+    host = resolve_target("auto").name
+    other = "x86_avx2/torch" if host != "x86_avx2/torch" else "x86_vnni/torch"
+    saved = torch.load(predictors["quant"], weights_only=False)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({**saved, "target": other}, foreign)
+    settings = dict(space={"name": "ofa_mbv3_cifar"}, predictor=str(foreign),
+                    cost_models=[{"name": "counts", "space": {"name": "ofa_mbv3_cifar"}}])
+    with pytest.raises(RecipeError, match=rf"search.target: .*predictor {foreign}: {other}.*expected {host}"):
+        stage.build_scorer(SearchSettings(**settings))
+    assert stage.build_scorer(SearchSettings(**settings, allow_mixed_targets=True)) is not None
+    assert stage.build_scorer(SearchSettings(**settings, target=other)) is not None
+    # the search records its target for the QAT of a candidate
+    run_dir = run_stage(tmp_path, predictors["quant"], evaluations=100)
+    assert json.loads((run_dir / "search" / "topk.json").read_text())["target"] == host

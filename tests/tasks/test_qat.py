@@ -27,6 +27,7 @@ from lightning_nas.nn.quantize_model import (
     remove_quantizers,
 )
 from lightning_nas.recipe.errors import RecipeError
+from lightning_nas.targets import host_can_run, resolve_target
 from lightning_nas.tasks.qat import (
     LATENCY_FILE,
     QAT_METRICS_FILE,
@@ -96,11 +97,19 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> st
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def deployed(checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def _target_param(name: str):  # noqa: ANN202 - a pytest param
+    reason = f"this host ({resolve_target('auto').isa}) does not compute {name}'s int8 arithmetic natively"
+    return pytest.param(name, marks=pytest.mark.skipif(not host_can_run(name), reason=reason), id=name)
+
+
+@pytest.fixture(scope="module", params=[_target_param(n) for n in ("x86_vnni/torch", "x86_avx2/torch", "arm/torch")])
+def deployed(request: pytest.FixtureRequest, checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     pl.seed_everything(0, verbose=False)
     root = tmp_path_factory.mktemp("qat")
-    task = QATTask(supernet_checkpoint=checkpoint, subnet="largest", policy=8, freeze_bn_fraction=0.5, **FAST)
+    task = QATTask(
+        supernet_checkpoint=checkpoint, subnet="largest", policy=8, freeze_bn_fraction=0.5, target=request.param,
+        **FAST,
+    )
     trainer(root, max_epochs=1, limit_train_batches=6, limit_val_batches=1).fit(task, datamodule=datamodule())
     return {
         "task": task,
@@ -133,18 +142,21 @@ def test_int8_and_onnx_agree_with_fake_quantized_model(deployed: dict) -> None:
     assert agreement["onnx_vs_fake_quant"] >= 0.95, agreement
     # every tensor the int8 model rounds had its range learned in training
     assert latency["calibrated_tensors"] == 0
-    assert latency["int8_backend"] == "onednn"
+    target = resolve_target(deployed["task"].target)
+    assert latency["target"] == target.name == deployed["metrics"]["target"]
+    assert latency["int8_backend"] == target.engine and latency["weight_qmax"] == target.weight_qmax
     assert Path(latency["onnx"]).is_file()
     assert deployed["metrics"]["deploy"]["agreement"] == agreement
 
 
 def test_latency_report_has_both_batch_sizes(deployed: dict) -> None:
     results = deployed["latency"]["results"]
-    assert set(results) == {"fp32", "int8", "onnx_int8"}
+    assert set(results) == {"torch_fp32", "torch_int8", "onnxruntime_fp32", "onnxruntime_int8"}
     for runner in results.values():
         assert set(runner) == {"batch_1", "batch_32"}
         assert runner["batch_1"]["median_ms"] > 0 and runner["batch_32"]["repeats"] == 3
-    assert deployed["latency"]["speedup_int8"]["batch_32"] > 0
+    for runtime in ("torch", "onnxruntime"):
+        assert deployed["latency"][f"speedup_{runtime}_int8"]["batch_32"] > 0
 
 
 def test_saved_qat_subnet_reloads_with_the_same_outputs(deployed: dict) -> None:
@@ -315,3 +327,18 @@ def test_a_search_candidate_gives_the_architecture_and_optionally_its_policy(tmp
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(RecipeError, match="not a topk.json"):
         _searched_candidate(str(tmp_path / "bad.json"), 0, None, 8)
+
+
+def test_a_candidate_searched_for_another_target_is_refused(checkpoint: str, tmp_path: Path) -> None:
+    from lightning_nas.recipe.errors import RecipeError
+
+    host = resolve_target("auto").name
+    other = "x86_avx2/torch" if host != "x86_avx2/torch" else "x86_vnni/torch"
+    config = {"ks": [3] * 10, "e": [3] * 10, "d": [1] * 5, "r": 16}
+    topk = tmp_path / "topk.json"
+    topk.write_text(json.dumps({"target": other, "topk": [{"rank": 1, "config": config, "policy": None}]}))
+    with pytest.raises(RecipeError, match=rf"task.target: .*candidate {topk}: {other}.*allow_mixed_targets"):
+        QATTask(supernet_checkpoint=checkpoint, candidate=str(topk), policy=8, deploy=False)
+    task = QATTask(supernet_checkpoint=checkpoint, candidate=str(topk), policy=8, deploy=False, target=other)
+    wq = next(m for m in task.model.modules() if m.__class__.__name__ == "WeightQuantizer")
+    assert wq.qrange() == ((-63, 63) if resolve_target(other).reduced_weights else (-127, 127))
