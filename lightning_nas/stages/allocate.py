@@ -27,7 +27,7 @@ from ..predictors.pair_store import Pair, PairStore, file_hash
 from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
-from .common import build, prepare_run_dir, seed_everything
+from .common import prepare_run_dir, seed_everything
 from .mqbench import (
     KIND,
     PTQSettings,
@@ -148,7 +148,7 @@ def run(recipe: LoadedRecipe) -> Path:
     todo = list(dict.fromkeys(tuple(r["bits"]) for r in planned
                               if config_key(ptq, r["bits"]) not in done))
     if todo:
-        datamodule = build("data", lambda: DATA.build(config["data"]))
+        datamodule = DATA.build(config["data"])
         datamodule.setup("fit")
         model = load_network(settings.checkpoint, "allocate.checkpoint")
         bn_batches, _, _ = held_out(datamodule, ptq.bn_images, settings.batch_size)

@@ -34,7 +34,7 @@ from ..predictors.pair_store import Pair, PairStore, file_hash, plan_key
 from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
-from .common import build, build_loggers, prepare_run_dir, seed_everything
+from .common import build_loggers, prepare_run_dir, seed_everything
 
 KIND = "mq"
 STORE_FILE = "pairs.sqlite"
@@ -238,7 +238,7 @@ def run(recipe: LoadedRecipe) -> Path:
                           given=settings.num_configs)
     run_dir = prepare_run_dir(recipe)
     seed_everything(config["seed"])
-    datamodule = build("data", lambda: DATA.build(config["data"]))
+    datamodule = DATA.build(config["data"])
     datamodule.setup("fit")
     model = load_network(settings.checkpoint, "mqbench.checkpoint")
     layers, fixed = choose_layers(model, settings.layers, "mqbench.layers")
