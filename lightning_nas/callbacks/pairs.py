@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from ..files import write_json
 from ..nn.bn_recalibration import recalibrate_batchnorm
 from ..predictors.pair_store import Pair, PairStore, plan_key
 
@@ -92,6 +93,9 @@ class AccuracyPairCollector(pl.Callback):
         with Progress(*columns, disable=not trainer.is_global_zero) as progress:
             bar = progress.add_task("pairs", total=len(todo), rate=0.0)
             for n, index in enumerate(todo, start=1):
+                if store.has(plan_key(checkpoint, self.kind, self.seed, index)):
+                    progress.update(bar, advance=1)  # another collector on this store measured it meanwhile
+                    continue
                 pair_started = time.perf_counter()
                 rng = random.Random(f"pairs-{self.seed}-{index}")
                 pair = self.measure(pl_module, datamodule, rng, bn_batches, eval_batches)
@@ -119,7 +123,7 @@ class AccuracyPairCollector(pl.Callback):
                    "top1_mean": statistics.fmean(top1), "top1_min": min(top1), "top1_max": max(top1),
                    "threads": torch.get_num_threads()}
         path = Path(trainer.default_root_dir) / f"pairs_{self.kind}_summary.json"
-        path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_json(path, summary)
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 columns = ["arch", "policy", "resolution", "top1", "loss", "seconds"]

@@ -19,11 +19,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..files import RunDirectoryLock, replacing, write_json
 from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe, load_recipe
 from ..recipe.sections import PipelineSettings, PipelineStage
 from ..recipe.validate import validate_recipe
-from .common import prepare_run_dir
+from .common import is_global_zero, prepare_run_dir
 
 DONE_FILE = "stage_done.json"
 SUMMARY_FILE = "pipeline.csv"
@@ -72,6 +73,14 @@ def validate_ahead(loaded: LoadedRecipe, run_dir: Path) -> None:
 
 
 def run(recipe: LoadedRecipe) -> Path:
+    """Run the pipeline holding its run directory's lock: a second pipeline there refuses at once."""
+    if not is_global_zero():  # a DDP rank of a stage: the launching process holds the lock
+        return _run(recipe)
+    with RunDirectoryLock(recipe.config["run_dir"]):
+        return _run(recipe)
+
+
+def _run(recipe: LoadedRecipe) -> Path:
     from ..cli import STAGE_VERBS, recipe_verb
 
     given = recipe.config["pipeline"]
@@ -110,14 +119,13 @@ def run(recipe: LoadedRecipe) -> Path:
         module = importlib.import_module(STAGE_VERBS[verb][0])
         stage_dir = Path(module.run(loaded))
         seconds = time.perf_counter() - started
-        (stage_dir / DONE_FILE).write_text(json.dumps(
-            {"recipe": str(path), "config_sha256": digest, "seconds": round(seconds, 2),
-             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n", encoding="utf-8")
+        write_json(stage_dir / DONE_FILE, {"recipe": str(path), "config_sha256": digest, "seconds": round(seconds, 2),
+                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         print(f"{name}: done in {seconds:.1f} s", flush=True)
         rows.append({"stage": index + 1, "verb": verb, "recipe": str(path), "run_dir": str(stage_dir),
                      "status": "ran", "seconds": round(seconds, 2)})
 
-    with (run_dir / SUMMARY_FILE).open("w", newline="", encoding="utf-8") as stream:
+    with replacing(run_dir / SUMMARY_FILE) as temporary, temporary.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
