@@ -4,7 +4,8 @@ Each stage's recipe is edited by the stage's overrides (before its own smoke blo
 ``pipeline.smoke``), given ``vars.runs`` = the pipeline's run directory, and run by its own verb. When it finishes, its run
 directory gets ``stage_done.json`` with a hash of the resolved recipe; a later pipeline run skips
 a stage whose record matches, so an interrupted pipeline resumes at the first unfinished stage
-and a changed stage (and only it) is rerun. Stages after a rerun stage are rerun too: they read
+and a changed stage (and only it) is rerun. That first unfinished stage, when it is a fit of the
+same recipe that left ``checkpoints/last.ckpt``, resumes from it (``ckpt_path=last``). Stages after a rerun stage are rerun too: they read
 its artifacts.
 """
 
@@ -19,12 +20,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..files import RunDirectoryLock, replacing, write_json
 from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe, load_recipe
 from ..recipe.sections import PipelineSettings, PipelineStage
 from ..recipe.validate import validate_recipe
-from .common import is_global_zero, prepare_run_dir
+from .common import CONFIG_FILE, is_global_zero, prepare_run_dir
 
 DONE_FILE = "stage_done.json"
 SUMMARY_FILE = "pipeline.csv"
@@ -58,6 +61,22 @@ def is_finished(run_dir: Path, digest: str) -> bool:
         return json.loads(done.read_text(encoding="utf-8")).get("config_sha256") == digest
     except json.JSONDecodeError:
         return False
+
+
+def interrupted_fit(stage_dir: Path, config: Mapping[str, Any]) -> bool:
+    """Whether ``stage_dir`` holds an unfinished fit of this very recipe (its ``config.yaml``) with
+    a ``checkpoints/last.ckpt`` to resume from: a killed stage then loses at most its last epoch."""
+    if config.get("ckpt_path") is not None or not (stage_dir / "checkpoints" / "last.ckpt").is_file():
+        return False
+    try:
+        earlier = yaml.safe_load((stage_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+
+    def without_resume(c: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in c.items() if k != "ckpt_path"}
+
+    return isinstance(earlier, dict) and recipe_hash(without_resume(earlier)) == recipe_hash(without_resume(config))
 
 
 def validate_ahead(loaded: LoadedRecipe, run_dir: Path) -> None:
@@ -116,6 +135,11 @@ def _run(recipe: LoadedRecipe) -> Path:
         # Loaded again now that earlier stages wrote their files: this time fully validated.
         loaded = load_stage(recipe.path, path, run_dir, stage, settings.smoke, validate=True)
         digest = recipe_hash(loaded.config)
+        # Only the first stage run now may resume: a later one's inputs were just rewritten.
+        if verb == "fit" and settings.reuse and all(r["status"] == "reused" for r in rows) \
+                and interrupted_fit(stage_dir, loaded.config):
+            print(f"{name}: resuming the interrupted run from {stage_dir / 'checkpoints' / 'last.ckpt'}", flush=True)
+            loaded.config["ckpt_path"] = "last"
         module = importlib.import_module(STAGE_VERBS[verb][0])
         stage_dir = Path(module.run(loaded))
         seconds = time.perf_counter() - started

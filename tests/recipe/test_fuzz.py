@@ -24,7 +24,7 @@ from lightning_nas.cli import main
 from lightning_nas.recipe.errors import USAGE_EXIT_CODE, RecipeError
 from lightning_nas.recipe.loader import load_recipe
 
-FUZZ = settings(max_examples=120, deadline=None, database=None,
+FUZZ = settings(max_examples=80, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 #: Keys recipes have, at several depths, so that overrides reach the validators, not only the parser.

@@ -341,17 +341,38 @@ def test_qat_killed_while_exporting_onnx_reruns_to_the_same_result(tmp_path: Pat
 # --------------------------------------------------------------------------- pipeline
 
 
+def test_killed_pipeline_resumes_its_unfinished_fit_exactly(tmp_path: Path, supernet_runs: Path) -> None:
+    recipe = tmp_path / "one_stage.yaml"
+    recipe.write_text(f"description: x\nrun_dir: {tmp_path / 'runs'}\npipeline:\n  smoke: true\n  stages:\n"
+                      "    - recipe: recipes/ofa_supernet.yaml\n")
+    stage_dir = tmp_path / "runs" / "ofa_supernet"
+    command = cli("pipeline", str(recipe))
+    kill_when(command, (stage_dir / "checkpoints" / "last.ckpt").is_file)
+    done = run(command)
+    assert "resuming the interrupted run" in done.stdout
+    assert_same_weights(supernet_runs / "ofa_supernet" / "checkpoints" / "last.ckpt",
+                        stage_dir / "checkpoints" / "last.ckpt")
+    assert_complete(tmp_path / "runs")
+
+
 def test_killed_quickstart_pipeline_resumes_at_the_unfinished_stage(tmp_path: Path) -> None:
+    from lightning_nas.predictors.pair_store import PairStore
+
     run_dir = tmp_path / "quickstart"
     command = cli("pipeline", "recipes/quickstart.yaml", "--smoke", f"run_dir={run_dir}")
-    # killed in the fourth stage (quantized pairs), after three stages finished
-    kill_when(command, (run_dir / "predictor_fp32" / "stage_done.json").is_file, timeout=900)
+    store = run_dir / "pairs_quant" / "pairs.sqlite"
+    # killed in the fourth stage (quantized pairs), after three stages finished and a few pairs
+    kill_when(command, lambda: store.is_file() and len(PairStore(store)) >= 2, timeout=900)
     finished = {p.parent.name for p in run_dir.glob("*/stage_done.json")}
-    assert {"ofa_supernet", "pairs_fp32", "predictor_fp32"} <= finished
+    assert finished == {"ofa_supernet", "pairs_fp32", "predictor_fp32"}
+    before = {p.pair_key: p.top1 for p in PairStore(store).pairs()}
     done = run(command, timeout=1200)
     with (run_dir / "pipeline.csv").open(newline="") as stream:
         status = {Path(r["recipe"]).stem: r["status"] for r in csv.DictReader(stream)}
-    assert all(status[name] == "reused" for name in finished), status
-    assert all(status[name] == "ran" for name in status.keys() - finished), status
-    assert "finished before" in done.stdout
+    assert status == {"ofa_supernet": "reused", "pairs_fp32": "reused", "predictor_fp32": "reused",
+                      "pairs_quant": "ran", "apq_int8": "ran", "qat_finetune": "ran"}
+    assert done.stdout.count("finished before") == 3
+    after = {p.pair_key: p.top1 for p in PairStore(store).pairs()}
+    assert len(after) == 20 and all(after[key] == top1 for key, top1 in before.items())
+    assert json.loads((run_dir / "qat_finetune" / "qat_metrics.json").read_text())["test_top1"] >= 0
     assert_complete(run_dir)
