@@ -84,6 +84,14 @@ class PredictorTask(pl.LightningModule):
         self.log("val/kendall", metrics["kendall_tau"], prog_bar=True)
         self.log("val/spearman", metrics["spearman"])
 
+    # The last validation's figures travel in the checkpoint: a run resumed after its last epoch
+    # (killed before writing its outputs) still writes them when the fit ends.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["final_metrics"] = dict(self.final_metrics)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.final_metrics = dict(checkpoint.get("final_metrics") or {})
+
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero or not self.final_metrics:
             return

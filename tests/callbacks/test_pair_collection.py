@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from lightning_nas.predictors.pair_store import PairStore
 
 RECIPE = "recipes/pairs_fp32.yaml"
@@ -72,3 +74,16 @@ def test_quantized_collector_draws_its_finetuning_batches_once() -> None:
     assert len(first) == 5 and data.loaders == 2  # the loader ran out once and was restarted
     assert [float(x[0, 0, 0, 0]) for x, _ in first] == [10, 11, 12, 20, 21]
     assert collector.finetune_batches(data) is first and data.loaders == 2  # the next pairs reuse them
+
+
+@pytest.mark.slow
+def test_two_collectors_on_one_store_store_every_pair_once(tmp_path: Path) -> None:
+    store_path, planned = tmp_path / "shared.sqlite", 16
+    commands = [collect_command(tmp_path / name, planned) + [f"callbacks.pairs.init_args.store={store_path}"]
+                for name in ("first", "second")]
+    processes = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in commands]
+    errors = [p.communicate(timeout=600)[1].decode() for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [e[-2000:] for e in errors]
+    keys = [p.pair_key for p in PairStore(store_path).pairs()]
+    assert len(keys) == planned == len(set(keys))
+    assert {int(k.rsplit(":", 1)[1]) for k in keys} == set(range(planned))
