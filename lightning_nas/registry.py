@@ -46,9 +46,12 @@ class Registry:
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return isinstance(name, str) and name in self._entries
 
     def entry(self, name: str, key: str = "name") -> Entry:
+        if not isinstance(name, str):
+            raise RecipeError(f"expected the name of a {self.description}", key=key, given=name,
+                              allowed=self.names())
         if name not in self._entries:
             raise RecipeError(
                 f"unknown {self.description} '{name}'",

@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from ..files import write_json
 from ..nn.bn_recalibration import recalibrate_batchnorm
 from ..predictors.pair_store import Pair, PairStore, plan_key
 from ..recipe.errors import RecipeError
@@ -134,13 +135,17 @@ class AccuracyPairCollector(pl.Callback):
             for round_index in range(rounds):
                 batch = []
                 for index in mine[round_index * self.write_every:(round_index + 1) * self.write_every]:
+                    key = plan_key(checkpoint, self.kind, self.seed, index)
+                    if store is not None and store.has(key):  # another collector on this store measured it
+                        progress.update(bar, advance=1)
+                        continue
                     pair_started = time.perf_counter()
                     rng = random.Random(f"pairs-{self.seed}-{index}")
                     pair = self.measure(pl_module, datamodule, rng, bn_batches, eval_batches)
                     batch.append(Pair(**pair, checkpoint_hash=checkpoint, seed=self.seed, kind=self.kind,
                                       target=self.target,
                                       seconds=time.perf_counter() - pair_started,
-                                      pair_key=plan_key(checkpoint, self.kind, self.seed, index)))
+                                      pair_key=key))
                 gathered = gather_to_zero(trainer, batch)
                 if store is not None:
                     store.add_many(gathered)
@@ -171,7 +176,7 @@ class AccuracyPairCollector(pl.Callback):
         if summary.get("collected") and summary["collection_seconds"] > 0:
             summary["pairs_per_minute"] = 60 * summary["collected"] / summary["collection_seconds"]
         path = Path(trainer.default_root_dir) / f"pairs_{self.kind}_summary.json"
-        path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_json(path, summary)
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 columns = ["arch", "policy", "resolution", "top1", "loss", "seconds"]

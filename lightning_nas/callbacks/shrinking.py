@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..files import replacing
 from .phases import ShrinkingPhase, parse_phases, phase_at_epoch
 
 
@@ -69,7 +70,7 @@ class ProgressiveShrinking(pl.Callback):
     def write_table(self, path: Path) -> None:
         """One row per phase: its epochs, the epochs run so far and their wall time."""
         start = 0
-        with path.open("w", newline="", encoding="utf-8") as stream:
+        with replacing(path) as temporary, temporary.open("w", newline="", encoding="utf-8") as stream:
             writer = csv.writer(stream)
             writer.writerow(["index", "name", "first_epoch", "epochs", "epochs_done", "wall_s"])
             for index, phase in enumerate(self.phases):

@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_nas.files import replacing
 from lightning_nas.nn.quantize_model import (
     _batch_input,
     has_fixed_range,
@@ -618,18 +619,19 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dynamic_axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-    with _Quiet():
-        torch.onnx.export(
-            int8_model,
-            (example_input.detach().cpu(),),
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes=dynamic_axes,
-        )
-    onnx.checker.check_model(onnx.load(str(path)))
+    with replacing(path) as temporary:
+        with _Quiet():
+            torch.onnx.export(
+                int8_model,
+                (example_input.detach().cpu(),),
+                str(temporary),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes=dynamic_axes,
+            )
+        onnx.checker.check_model(onnx.load(str(temporary)))
     return path
 
 

@@ -52,7 +52,8 @@ Two facts of CPUs decide how units are timed (measured on this project's 2-core 
   time slice (a few ms) absorbs other processes' slices, even in its median, while short units do
   not. ``realtime=True`` times under ``SCHED_FIFO`` (:func:`realtime_priority`, needs root).
 
-Each finished entry is written to the table file (an atomic rewrite), so an interrupted run
+Each finished entry is written to the table file (an atomic rewrite, merged under a lock with the
+entries other processes wrote meanwhile: two profilers may share one table), so an interrupted run
 resumes where it stopped; resuming checks that device, threads, batch size, torch version, int8
 backend, context and priority are those of the table.
 
@@ -79,6 +80,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_nas.files import locked, write_text
 from lightning_nas.hardware.counts import BlockDecomposition
 from lightning_nas.hardware.layers import LayerSpec
 
@@ -328,13 +330,29 @@ class LatencyTable:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically (a temporary file renamed over the old one): a crash never leaves half a table."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         document = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "meta": self.meta, "entries": self.entries}
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(document, indent=1, sort_keys=False), encoding="utf-8")
-        os.replace(temporary, path)
-        return path
+        return write_text(path, json.dumps(document, indent=1, sort_keys=False))
+
+    def merge_save(self, path: str | os.PathLike[str]) -> Path:
+        """Save, keeping what other processes added to the file since it was read: under a lock,
+        the file's entries this table lacks are taken in (this table's own entries win), then the
+        union is written atomically. Two profilers writing one table lose nothing and hold each
+        key once; each also sees the other's entries and skips measuring them."""
+        path = Path(path)
+        with locked(path):
+            if path.is_file():
+                theirs = LatencyTable.load(path)
+                differing = [k for k in _RESUME_META if theirs.meta.get(k) != self.meta.get(k)]
+                if differing:
+                    raise ValueError(f"{path} was rewritten meanwhile with other measurement settings "
+                                     f"({', '.join(differing)})")
+                for precision, entries in theirs.entries.items():
+                    mine = self.entries.setdefault(precision, {})
+                    for key, entry in entries.items():
+                        mine.setdefault(key, dict(entry))
+                self.meta["resolutions"] = sorted(set(theirs.meta.get("resolutions", []))
+                                                  | set(self.meta.get("resolutions", [])))
+            return self.save(path)
 
     def add(self, precision: str, key: str, entry: Mapping[str, Any]) -> None:
         self.entries.setdefault(precision, {})[key] = dict(entry)
@@ -826,7 +844,7 @@ def profile_space(
     total = len(units) * len(precisions) + int(overhead)
     missing = [(p, u.key) for u in units for p in precisions if (p, u.key) not in table]
     skipped = total - len(missing) - int(overhead and ("int8", OVERHEAD_KEY) not in table)
-    table.save(output)
+    table.merge_save(output)
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -838,7 +856,7 @@ def profile_space(
                 runner = _onnx_overhead_runner(threads, workdir_path)
                 with realtime_priority(realtime):
                     table.add("int8", OVERHEAD_KEY, _time_unit(runner, None, warmup, repeats, threads))
-                table.save(output)
+                table.merge_save(output)
                 measured += 1
             if context == "network":
                 measured += _profile_networks(space, decomposition, table, output, resolutions, precisions,
@@ -864,7 +882,7 @@ def _progress_bar(enabled: bool) -> Any:
 def _record(table: LatencyTable, output: Path, precision: str, key: str, entry: Mapping[str, Any]) -> None:
     table.add(precision, key, entry)
     table.meta["updated"] = _now()
-    table.save(output)
+    table.merge_save(output)
 
 
 def _profile_networks(space: Any, decomposition: UnitDecomposition, table: LatencyTable, output: Path,
@@ -948,6 +966,9 @@ def _profile_isolated(space: Any, units: Sequence[Unit], table: LatencyTable, ou
         task = bar.add_task("profile", total=len(todo), what="")
         for unit, precision in todo:
             bar.update(task, what=f"{precision} {unit.key[:60]}")
+            if (precision, unit.key) in table:  # another process sharing the file measured it meanwhile
+                bar.advance(task)
+                continue
             wanted = (unit.kernel, unit.expand) if unit.kernel is not None else choice or (None, None)
             if subnet is None or wanted != choice:
                 subnet, choice = _subnet_for(space, *wanted), wanted

@@ -74,7 +74,10 @@ class QuantAccuracyPredictor(AccuracyPredictor):
 
 
 def save_predictor(predictor: AccuracyPredictor, path: str | Path, **extra: Any) -> None:
-    torch.save({"spec": predictor.spec(), "state_dict": predictor.state_dict(), **extra}, path)
+    from ..files import replacing
+
+    with replacing(path) as temporary:
+        torch.save({"spec": predictor.spec(), "state_dict": predictor.state_dict(), **extra}, temporary)
 
 
 PREDICTOR_FILE_DESCRIPTION = "a predictor.pt written by `lightning-nas fit` of a predictor recipe (spec, state_dict)"

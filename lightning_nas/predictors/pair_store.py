@@ -141,6 +141,10 @@ class PairStore:
             connection.execute("COMMIT")
             return added
 
+    def has(self, pair_key: str) -> bool:
+        with self._connect() as connection:
+            return connection.execute("SELECT 1 FROM pairs WHERE pair_key = ?", (pair_key,)).fetchone() is not None
+
     def done_keys(self, prefix: str = "") -> set[str]:
         with self._connect() as connection:
             rows = connection.execute("SELECT pair_key FROM pairs WHERE pair_key LIKE ?", (prefix + "%",))

@@ -12,13 +12,14 @@ Interpolations are resolved once, at load time, so ``${now:...}`` gives one run 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
@@ -110,18 +111,19 @@ def _compose(path: Path, root: Path | None, chain: tuple[Path, ...], sources: di
         cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
         raise RecipeError(f"fragments include each other in a cycle: {cycle}", source=str(path), key="defaults")
     node = _read_yaml(path)
-    defaults = node.pop("defaults") if "defaults" in node else ListConfig([])
-    if not isinstance(defaults, ListConfig) or not all(isinstance(d, str) for d in defaults):
-        raise RecipeError("expected a list of fragment paths", source=str(path), key="defaults",
-                          given=OmegaConf.to_container(defaults) if isinstance(defaults, (DictConfig, ListConfig))
-                          else defaults)
+    defaults = OmegaConf.to_container(node, resolve=False).get("defaults", [])  # names, never interpolated
+    if "defaults" in node:
+        del node["defaults"]
+    if not isinstance(defaults, list) or not all(isinstance(d, str) for d in defaults):
+        raise RecipeError("expected a list of fragment paths", source=str(path), key="defaults", given=defaults)
     merged = OmegaConf.create({})
     for entry in defaults:
         fragment = _find_fragment(entry, path, root)
         merged = OmegaConf.merge(merged, _compose(fragment, root, (*chain, path.resolve()), sources))
-    for key in _replaced_keys(node):
-        parent, _, leaf = key.rpartition(".")
-        container = OmegaConf.select(merged, parent) if parent else merged
+    for *parents, leaf in _replaced_keys(node):
+        container: Any = merged
+        for part in parents:
+            container = container.get(part) if isinstance(container, DictConfig) else None
         if isinstance(container, DictConfig) and leaf in container:
             del container[leaf]
     for key in _flat_keys(OmegaConf.to_container(node, resolve=False)):
@@ -129,20 +131,23 @@ def _compose(path: Path, root: Path | None, chain: tuple[Path, ...], sources: di
     return OmegaConf.merge(merged, node)
 
 
-def _replaced_keys(node: DictConfig) -> list[str]:
-    """Dotted keys of the mappings marked ``_replace_: true``; the markers are removed."""
-    found: list[str] = []
+def _replaced_keys(node: DictConfig) -> list[tuple[Any, ...]]:
+    """Key paths of the mappings marked ``_replace_: true``; the markers are removed."""
+    found: list[tuple[Any, ...]] = []
 
-    def walk(mapping: dict, prefix: str) -> None:
+    def walk(mapping: dict, prefix: tuple[Any, ...]) -> None:
         for key, value in mapping.items():
             if isinstance(value, dict):
                 if value.get("_replace_") is True:
-                    found.append(f"{prefix}{key}")
-                walk(value, f"{prefix}{key}.")
+                    found.append((*prefix, key))
+                walk(value, (*prefix, key))
 
-    walk(OmegaConf.to_container(node, resolve=False), "")  # type: ignore[arg-type]
-    for key in found:
-        del OmegaConf.select(node, key)["_replace_"]
+    walk(OmegaConf.to_container(node, resolve=False), ())  # type: ignore[arg-type]
+    for path in found:
+        container: Any = node
+        for part in path:  # every step is a mapping (found above), so nothing is resolved
+            container = container[part]
+        del container["_replace_"]
     return found
 
 
@@ -152,18 +157,30 @@ def parse_override(text: str) -> tuple[str, Any, bool]:
         key = text[1:].split("=", 1)[0]
         if not key:
             raise RecipeError("'~' must be followed by the key to delete", key=None, given=text)
+        _check_key(key, text)
         return key, None, True
     key, sep, raw = text.partition("=")
     key = key.lstrip("+")
     if not sep or not key:
         raise RecipeError("an override must look like key=value or ~key", given=text,
                           allowed="e.g. trainer.max_epochs=3, data.resolutions=[24,32], ~callbacks.early_stopping")
+    _check_key(key, text)
     try:
         # Unresolved: an interpolation such as ${run_dir} is resolved with the whole recipe later.
         value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]), resolve=False)["value"]
     except (OmegaConfBaseException, YAMLError) as error:
         raise RecipeError(f"cannot parse the value: {error}", key=key, given=raw) from None
     return key, value, False
+
+
+_KEY = re.compile(r"[\w-]+(\.[\w-]+)*")
+
+
+def _check_key(key: str, text: str) -> None:
+    if not _KEY.fullmatch(key):
+        raise RecipeError("not a key path", given=text,
+                          allowed="dot-separated names of letters, digits, '_' and '-' (trainer.max_epochs, "
+                                  "pipeline.stages.0.recipe)")
 
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str], origin: str, sources: dict[str, str]) -> None:
@@ -190,9 +207,7 @@ def _resolve(cfg: DictConfig, path: Path) -> dict[str, Any]:
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", None) or None
-        message = getattr(error, "msg", None) or str(error).splitlines()[0]
-        raise RecipeError(f"cannot resolve: {message}", source=str(path), key=key) from None
+        raise _recipe_error(error, path) from None
     assert isinstance(resolved, dict)
     return resolved
 
@@ -210,24 +225,26 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = (), smo
         raise RecipeError("recipe file not found", source=str(recipe_path),
                           allowed=", ".join(available) or None)
     sources: dict[str, str] = {}
-    cfg = _compose(recipe_path, project_root(recipe_path.resolve()), (), sources)
-    if cfg.get("name") is None:
-        cfg["name"] = recipe_path.stem
-    for key, param in signature_of(RECIPE_SCHEMA).parameters.items():
-        if key not in cfg and not param.required and param.default is not ...:
-            cfg[key] = param.default  # the schema's defaults, so config.yaml shows what ran
     loaded = LoadedRecipe(recipe_path, {}, sources)
     try:
+        cfg = _compose(recipe_path, project_root(recipe_path.resolve()), (), sources)
+        # The written value, unresolved: resolving here would fail on an interpolation that only the
+        # finished recipe can resolve (and report it without a key).
+        if OmegaConf.to_container(cfg, resolve=False).get("name") is None:
+            cfg["name"] = recipe_path.stem
+        for key, param in signature_of(RECIPE_SCHEMA).parameters.items():
+            if key not in cfg and not param.required and param.default is not ...:
+                cfg[key] = param.default  # the schema's defaults, so config.yaml shows what ran
         apply_overrides(cfg, edits, edits_origin, sources)
         if smoke:
-            block = cfg.get("smoke")
+            # Unresolved: its ${...} are resolved with the final recipe, after the command line.
+            block = OmegaConf.to_container(cfg, resolve=False).get("smoke")
             if not block:
                 raise RecipeError("--smoke needs a `smoke:` list of overrides in the recipe", key="smoke")
-            if not isinstance(block, ListConfig) or not all(isinstance(o, str) for o in block):
+            if not isinstance(block, list) or not all(isinstance(o, str) for o in block):
                 raise RecipeError("expected a list of overrides such as 'trainer.max_epochs=1'", key="smoke",
-                                  given=OmegaConf.to_container(block) if isinstance(block, DictConfig) else block)
-            # Unresolved: its ${...} are resolved with the final recipe, after the command line.
-            apply_overrides(cfg, OmegaConf.to_container(block, resolve=False), f"smoke block of {recipe_path}", sources)
+                                  given=block)
+            apply_overrides(cfg, block, f"smoke block of {recipe_path}", sources)
         apply_overrides(cfg, overrides, COMMAND_LINE, sources)
         inherited_run_dir = os.environ.get(RUN_DIR_ENV)
         if inherited_run_dir and os.environ.get("LOCAL_RANK", "0") != "0":
@@ -237,4 +254,12 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = (), smo
             validate_recipe(loaded.config)
     except RecipeError as error:
         raise error.with_source(str(recipe_path), loaded.source_of(error.key)) from None
+    except OmegaConfBaseException as error:  # an interpolation resolved early, e.g. by a key lookup
+        raise _recipe_error(error, recipe_path).with_source(str(recipe_path)) from None
     return loaded
+
+
+def _recipe_error(error: OmegaConfBaseException, path: Path) -> RecipeError:
+    key = getattr(error, "full_key", None) or None
+    message = (getattr(error, "msg", None) or str(error) or type(error).__name__).splitlines()[0]
+    return RecipeError(f"cannot resolve: {message}", source=str(path), key=key)

@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ..files import write_text
 from ..recipe.errors import RecipeError
 from ..recipe.loader import RUN_DIR_ENV, LoadedRecipe
 
@@ -30,9 +31,7 @@ def is_global_zero() -> bool:
 
 def write_config(recipe: LoadedRecipe, run_dir: Path) -> None:
     """The resolved recipe as ``run_dir/config.yaml`` (temporary name, then rename)."""
-    partial = run_dir / f".{CONFIG_FILE}.partial"
-    OmegaConf.save(OmegaConf.create(recipe.config), partial)
-    partial.replace(run_dir / CONFIG_FILE)
+    write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(recipe.config)))
 
 
 def prepare_run_dir(recipe: LoadedRecipe, config: bool = True) -> Path:
@@ -81,10 +80,30 @@ def build_loggers(config: Mapping[str, Any], run_dir: Path) -> list[Any]:
             for n in names]
 
 
+def atomic_checkpoint_io() -> Any:
+    """Lightning's checkpoint writer with the file written next to its target and renamed over it
+    (Lightning's own stages it in the system temporary directory, which is a copy, not a rename,
+    when that is another file system): a kill never leaves half a ``last.ckpt``."""
+    import torch
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from ..files import replacing
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            if storage_options is not None or "://" in str(path):
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            with replacing(path) as temporary:
+                torch.save(checkpoint, temporary)
+
+    return AtomicCheckpointIO()
+
+
 def build_trainer(config: Mapping[str, Any], run_dir: Path, **overrides: Any):
     import lightning.pytorch as pl
 
     arguments = {**config.get("trainer", {}), **overrides}
+    arguments.setdefault("plugins", [atomic_checkpoint_io()])
     loggers = build_loggers(config, run_dir)
     callbacks = build_callbacks(config)
     try:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..files import replacing, write_text
 from ..recipe.errors import RecipeError, close_match
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
@@ -71,16 +72,18 @@ def run(recipe: LoadedRecipe) -> Path:
     probe = torch.randn(4, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         max_abs_diff = float((supernet(probe) - subnet(probe)).abs().max())
-    torch.save(network_record(subnet, task.hparams.space, subnet_config), run_dir / SUBNET_FILE)
+    with replacing(run_dir / SUBNET_FILE) as temporary:
+        torch.save(network_record(subnet, task.hparams.space, subnet_config), temporary)
     summary = {"config": subnet_config, "space": task.hparams.space, "macs": task.space.macs(subnet_config),
                "params": task.space.params(subnet_config), "max_abs_diff_vs_supernet": max_abs_diff,
                "checkpoint": str(settings.checkpoint)}
     if settings.onnx:
         onnx_path = run_dir / "subnet.onnx"
-        torch.onnx.export(subnet, probe[:1], str(onnx_path), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        with replacing(onnx_path) as temporary:
+            torch.onnx.export(subnet, probe[:1], str(temporary), input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
         summary["onnx"] = str(onnx_path)
-    (run_dir / "subnet.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_text(run_dir / "subnet.json", json.dumps(summary, indent=2))
     print(f"exported {settings.subnet if isinstance(settings.subnet, str) else 'subnet'}: "
           f"{summary['macs'] / 1e6:.2f}M MACs, {summary['params'] / 1e6:.3f}M params, "
           f"max |supernet - subnet| = {max_abs_diff:.2e}")

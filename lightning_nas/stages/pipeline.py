@@ -4,7 +4,8 @@ Each stage's recipe is edited by the stage's overrides (before its own smoke blo
 ``pipeline.smoke``), given ``vars.runs`` = the pipeline's run directory, and run by its own verb. When it finishes, its run
 directory gets ``stage_done.json`` with a hash of the resolved recipe; a later pipeline run skips
 a stage whose record matches, so an interrupted pipeline resumes at the first unfinished stage
-and a changed stage (and only it) is rerun. Stages after a rerun stage are rerun too: they read
+and a changed stage (and only it) is rerun. That first unfinished stage, when it is a fit of the
+same recipe that left ``checkpoints/last.ckpt``, resumes from it (``ckpt_path=last``). Stages after a rerun stage are rerun too: they read
 its artifacts.
 
 ``STAGE/key=value`` on the command line (STAGE: the stage recipe's file name without ``.yaml``,
@@ -25,11 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from ..files import RunDirectoryLock, replacing, write_json
 from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe, load_recipe
 from ..recipe.sections import PipelineSettings, PipelineStage
 from ..recipe.validate import validate_recipe
-from .common import prepare_run_dir
+from .common import CONFIG_FILE, is_global_zero, prepare_run_dir
 
 DONE_FILE = "stage_done.json"
 SUMMARY_FILE = "pipeline.csv"
@@ -218,6 +222,22 @@ def is_finished(run_dir: Path, digest: str) -> bool:
         return False
 
 
+def interrupted_fit(stage_dir: Path, config: Mapping[str, Any]) -> bool:
+    """Whether ``stage_dir`` holds an unfinished fit of this very recipe (its ``config.yaml``) with
+    a ``checkpoints/last.ckpt`` to resume from: a killed stage then loses at most its last epoch."""
+    if config.get("ckpt_path") is not None or not (stage_dir / "checkpoints" / "last.ckpt").is_file():
+        return False
+    try:
+        earlier = yaml.safe_load((stage_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+
+    def without_resume(c: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in c.items() if k != "ckpt_path"}
+
+    return isinstance(earlier, dict) and recipe_hash(without_resume(earlier)) == recipe_hash(without_resume(config))
+
+
 def validate_ahead(loaded: LoadedRecipe, run_dir: Path) -> None:
     """Validate a stage before anything runs; files inside the pipeline's run directory may be
     missing (an earlier stage writes them), so such an error is left for the stage's own turn."""
@@ -264,6 +284,14 @@ def plan(recipe: LoadedRecipe) -> tuple[PipelineSettings, Path, list[PlannedStag
 
 
 def run(recipe: LoadedRecipe) -> Path:
+    """Run the pipeline holding its run directory's lock: a second pipeline there refuses at once."""
+    if not is_global_zero():  # a DDP rank of a stage: the launching process holds the lock
+        return _run(recipe)
+    with RunDirectoryLock(recipe.config["run_dir"]):
+        return _run(recipe)
+
+
+def _run(recipe: LoadedRecipe) -> Path:
     from ..cli import STAGE_VERBS
 
     settings, run_dir, stages = plan(recipe)
@@ -289,17 +317,21 @@ def run(recipe: LoadedRecipe) -> Path:
         loaded = load_stage(recipe.path, path, run_dir, stage, settings.smoke, validate=True, extra=extra,
                             deploy=deploy)
         digest = recipe_hash(loaded.config)
+        # Only the first stage run now may resume: a later one's inputs were just rewritten.
+        if verb == "fit" and settings.reuse and all(r["status"] == "reused" for r in rows) \
+                and interrupted_fit(stage_dir, loaded.config):
+            print(f"{name}: resuming the interrupted run from {stage_dir / 'checkpoints' / 'last.ckpt'}", flush=True)
+            loaded.config["ckpt_path"] = "last"
         module = importlib.import_module(STAGE_VERBS[verb][0])
         stage_dir = Path(module.run(loaded))
         seconds = time.perf_counter() - started
-        (stage_dir / DONE_FILE).write_text(json.dumps(
-            {"recipe": str(path), "config_sha256": digest, "seconds": round(seconds, 2),
-             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n", encoding="utf-8")
+        write_json(stage_dir / DONE_FILE, {"recipe": str(path), "config_sha256": digest, "seconds": round(seconds, 2),
+                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         print(f"{name}: done in {seconds:.1f} s", flush=True)
         rows.append({"stage": index + 1, "verb": verb, "recipe": str(path), "run_dir": str(stage_dir),
                      "status": "ran", "seconds": round(seconds, 2)})
 
-    with (run_dir / SUMMARY_FILE).open("w", newline="", encoding="utf-8") as stream:
+    with replacing(run_dir / SUMMARY_FILE) as temporary, temporary.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

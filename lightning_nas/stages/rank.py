@@ -6,6 +6,7 @@ import csv
 import time
 from pathlib import Path
 
+from ..files import replacing
 from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
@@ -41,7 +42,7 @@ def run(recipe: LoadedRecipe) -> Path:
     seconds = time.perf_counter() - started
     out = Path(settings.out or run_dir / "ranked.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="", encoding="utf-8") as stream:
+    with replacing(out) as temporary, temporary.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=[*columns, "score"])
         writer.writeheader()
         writer.writerows({**row, "score": f"{score:.8g}"} for row, score in zip(rows, scores))

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ..files import replacing, write_text
 from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
@@ -221,12 +222,12 @@ def write_outputs(history: Any, scorer: Any, summary: dict[str, Any], out_dir: P
 
     top = [{"rank": r + 1, **row(i)} for r, i in enumerate(history.top_k(top_k))]
     topk_path = out_dir / TOPK_FILE
-    topk_path.write_text(json.dumps({
+    write_text(topk_path, json.dumps({
         **summary, "constraints": scorer.constraints, "metrics": scorer.metrics, "pareto_metric": metric,
-        "front_size": int(front.sum()), "topk": top}, indent=2), encoding="utf-8")
+        "front_size": int(front.sum()), "topk": top}, indent=2))
 
     csv_path = out_dir / PARETO_CSV
-    with csv_path.open("w", newline="", encoding="utf-8") as handle:
+    with replacing(csv_path) as temporary, temporary.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["index", "generation", "origin", "accuracy", *scorer.metrics, "feasible", "on_front",
                          "config", "policy"])
@@ -270,7 +271,8 @@ def _plot(path: Path, scores: Any, front: np.ndarray, metric: str | None, limit:
     axis.set_title(f"{summary.get('strategy')}: {len(scores)} candidates, {int(front.sum())} on the front")
     axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with replacing(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
     plt.close(figure)
 
 

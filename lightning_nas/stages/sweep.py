@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from ..files import write_text
 from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
@@ -490,7 +491,7 @@ def run(recipe: LoadedRecipe, overrides: Sequence[str] = (), out: str | None = N
     definition = sweep_definition(recipe, overrides, smoke)
     path = Path(out) if out else Path(recipe.config["run_dir"]) / DEFINITION_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(definition, sort_keys=False), encoding="utf-8")
+    write_text(path, yaml.safe_dump(definition, sort_keys=False))
     print(f"sweep definition: {path}")
     if start:
         import wandb

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional import kendall_rank_corrcoef, spearman_corrcoef
 
+from ..files import replacing, write_text
 from ..predictors.accuracy import AccuracyPredictor, QuantAccuracyPredictor, load_predictor, save_predictor
 from ..recipe.errors import RecipeError
 from ..recipe.markers import ExistingFile, NonNegativeFloat, PositiveFloat, PositiveInt
@@ -92,6 +93,14 @@ class PredictorTask(pl.LightningModule):
         self.log("val/kendall", metrics["kendall_tau"], prog_bar=True)
         self.log("val/spearman", metrics["spearman"])
 
+    # The last validation's figures travel in the checkpoint: a run resumed after its last epoch
+    # (killed before writing its outputs) still writes them when the fit ends.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["final_metrics"] = dict(self.final_metrics)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.final_metrics = dict(checkpoint.get("final_metrics") or {})
+
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero or not self.final_metrics:
             return
@@ -101,7 +110,7 @@ class PredictorTask(pl.LightningModule):
         summary = {k: v for k, v in self.final_metrics.items() if k not in {"predicted", "measured"}}
         summary.update(train_pairs=len(data.train_set), kind=data.kind, target=getattr(data, "target", None),
                        transfer_from=self.hparams.transfer_from)
-        (run_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        write_text(run_dir / METRICS_FILE, json.dumps(summary, indent=2))
         save_predictor(self.predictor, run_dir / PREDICTOR_FILE, space=type(data.space).__name__,
                        target=getattr(data, "target", None))
         self._scatter(run_dir / SCATTER_FILE, summary)
@@ -121,7 +130,8 @@ class PredictorTask(pl.LightningModule):
         axis.set_ylabel("predicted top-1 (%)")
         axis.set_title(f"{summary['kind']}: RMSE {summary['rmse']:.2f}, tau {summary['kendall_tau']:.3f}")
         figure.tight_layout()
-        figure.savefig(path, dpi=120)
+        with replacing(path) as temporary:
+            figure.savefig(temporary, dpi=120, format="png")
         plt.close(figure)
         for logger in self.loggers:
             if type(logger).__name__ == "WandbLogger":

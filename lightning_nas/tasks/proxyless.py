@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..files import append_line, replacing, write_text
 from ..recipe.errors import RecipeError
 from ..recipe.markers import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, SpaceSpec
 from ..spaces.proxyless import ZERO, ProxylessSpace, derived_arch_record, parse_op
@@ -568,10 +569,9 @@ class ProxylessSearchTask(pl.LightningModule):
         self.log("arch/zero_layers", float(sum(op == ZERO for op in ops)))
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with (self.run_dir / ARCH_HISTORY_FILE).open("a", encoding="utf-8") as stream:
-                stream.write(json.dumps({"epoch": self.current_epoch, "ops": ops,
-                                         "expected_cost": summary["expected_cost"],
-                                         "derived_cost": summary["derived_cost"]}) + "\n")
+            append_line(self.run_dir / ARCH_HISTORY_FILE, json.dumps({
+                "epoch": self.current_epoch, "ops": ops, "expected_cost": summary["expected_cost"],
+                "derived_cost": summary["derived_cost"]}))
 
     # --- results --------------------------------------------------------------------------------
     def arch_summary(self) -> dict[str, Any]:
@@ -606,12 +606,12 @@ class ProxylessSearchTask(pl.LightningModule):
         run_dir = self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         record = self.derived_record()
-        (run_dir / DERIVED_ARCH_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+        write_text(run_dir / DERIVED_ARCH_FILE, json.dumps(record, indent=1))
         net = self.supernet.extract(record["ops"]).cpu().eval()
         # Plain data (weights_only=True loads it): load_derived_model rebuilds the network.
-        torch.save({"ops": record["ops"], "space": record["space"],
-                    "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}},
-                   run_dir / DERIVED_MODEL_FILE)
+        with replacing(run_dir / DERIVED_MODEL_FILE) as temporary:
+            torch.save({"ops": record["ops"], "space": record["space"],
+                        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}, temporary)
 
 
 def load_derived_model(path: str | Path, key: str | None = None) -> nn.Module:

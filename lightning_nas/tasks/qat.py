@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..callbacks.pairs import evaluate
+from ..files import replacing, write_text
 from ..nn.bn_recalibration import recalibrate_batchnorm
 from ..nn.quant import ActivationQuantizer
 from ..nn.quantize_model import (
@@ -368,7 +369,9 @@ class QATTask(pl.LightningModule):
             attach_output_quantizers(self.model, self.output_points, bits=8, fixed_ranges=self.fixed_ranges)
         self._teacher: list[nn.Module] = []  # a list keeps it out of the state dict
         self._bn_frozen_at: int | None = None
+        self._bn_frozen_here = False  # whether this process has frozen batch norm (a resumed one must again)
         self.figures: dict[str, Any] = {}
+        self._seed = torch.initial_seed()  # the run's seed (set before the task is built)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -444,15 +447,21 @@ class QATTask(pl.LightningModule):
     # --- training -----------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         fraction = self.hparams.freeze_bn_fraction
+        if self._bn_frozen_at is not None and not self._bn_frozen_here:  # resumed after the freeze
+            freeze_batchnorm(self.model)
+            self._bn_frozen_here = True
         if self._bn_frozen_at is not None or fraction <= 0:
             return
         total = self.trainer.estimated_stepping_batches
         if math.isfinite(total) and self.global_step >= (1.0 - fraction) * total:
             freeze_batchnorm(self.model)
             self._bn_frozen_at = int(self.global_step)
+            self._bn_frozen_here = True
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        # Dropout masks as a function of the step: a resumed run repeats the uninterrupted one.
+        torch.manual_seed(self._seed * 1_000_003 + self.global_step)
         images = self._at_resolution(images)
         logits = self.model(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
@@ -491,6 +500,21 @@ class QATTask(pl.LightningModule):
         total = int(total) if math.isfinite(total) else 1
         return {"optimizer": optimizer, "lr_scheduler": step_scheduler(optimizer, "cosine", max(1, total))}
 
+    # --- checkpoints: what a resumed run needs besides the weights ----------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["qat"] = {"figures": dict(self.figures), "bn_frozen_at": self._bn_frozen_at,
+                             "teacher": self._teacher[0].state_dict() if self._teacher else None}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("qat") or {}
+        self.figures.update(saved.get("figures") or {})
+        self._bn_frozen_at = saved.get("bn_frozen_at")
+        if saved.get("teacher") is not None:
+            teacher = copy.deepcopy(self.model)
+            remove_quantizers(teacher)
+            teacher.load_state_dict(saved["teacher"])
+            self._teacher = [teacher.eval().requires_grad_(False)]
+
     # --- after training: test, save, deploy ---------------------------------------------------
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:
@@ -521,7 +545,7 @@ class QATTask(pl.LightningModule):
             "target": self.target.name,
             "deploy": deployment,
         }
-        (run_dir / QAT_METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        write_text(run_dir / QAT_METRICS_FILE, json.dumps(metrics, indent=2))
         logged = {"test/top1": metrics["test_top1"]}
         if deployment is not None:
             logged.update(
@@ -553,22 +577,20 @@ class QATTask(pl.LightningModule):
 
     def save_qat_subnet(self, path: Path) -> None:
         """Weights with quantizers and everything :func:`load_qat_subnet` needs to rebuild them."""
-        torch.save(
-            {
-                "config": self.config,
-                "space": self.space_spec,
-                "policy": self.policy,
-                "target": self.target.name,
-                "bits": {k: list(v) for k, v in get_bits(self.model).items()},
-                "output_points": self.output_points,
-                "fixed_ranges": self.fixed_ranges,
-                "state_dict": {
-                    k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
-                    for k, v in self.model.state_dict().items()
-                },
+        record = {
+            "config": self.config,
+            "space": self.space_spec,
+            "policy": self.policy,
+            "target": self.target.name,
+            "bits": {k: list(v) for k, v in get_bits(self.model).items()},
+            "output_points": self.output_points,
+            "fixed_ranges": self.fixed_ranges,
+            "state_dict": {
+                k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in self.model.state_dict().items()
             },
-            path,
-        )
+        }
+        with replacing(path) as temporary:
+            torch.save(record, temporary)
 
     @torch.no_grad()
     def deploy(self, run_dir: Path) -> dict[str, Any]:
@@ -639,7 +661,7 @@ class QATTask(pl.LightningModule):
                 "onnx_fp32": str(onnx_fp32_path),
             }
         )
-        (run_dir / LATENCY_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
+        write_text(run_dir / LATENCY_FILE, json.dumps(report, indent=2))
         return {
             key: report[key]
             for key in (

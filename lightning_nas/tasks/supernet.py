@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..callbacks.phases import ShrinkingPhase
+from ..files import append_line, replacing
 from ..nn.bn_recalibration import recalibrate_batchnorm
 from ..nn.safe_load import load_torch_file, require_mapping
 from ..nn.shrinking import shrinking_step
@@ -242,8 +243,7 @@ class SupernetTask(pl.LightningModule):
 
     def _record(self, configs: list[dict]) -> None:
         path = Path(self.trainer.default_root_dir) / f"sampled_subnets_rank{self.global_rank}.jsonl"
-        with path.open("a", encoding="utf-8") as stream:
-            stream.write(json.dumps({"step": self.global_step, "subnets": configs}) + "\n")
+        append_line(path, json.dumps({"step": self.global_step, "subnets": configs}))
 
     def configure_optimizers(self):
         groups = self.supernet.param_groups(self.hparams.weight_decay)
@@ -301,7 +301,7 @@ class SupernetTask(pl.LightningModule):
         self.log("val/acc", sum(r["top1"] for r in rows) / len(rows), sync_dist=False)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             path = Path(self.trainer.default_root_dir) / SUBNETS_CSV
-            with path.open("w", newline="", encoding="utf-8") as stream:
+            with replacing(path) as temporary, temporary.open("w", newline="", encoding="utf-8") as stream:
                 writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)

@@ -114,3 +114,16 @@ def test_two_nodes_gather_their_pairs_into_node_zeros_store(tmp_path: Path) -> N
 
     summary = json.loads((tmp_path / "node0" / "run" / "pairs_fp32_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["collected"] == planned and summary["pairs_per_minute"] > 0
+
+
+@pytest.mark.slow
+def test_two_collectors_on_one_store_store_every_pair_once(tmp_path: Path) -> None:
+    store_path, planned = tmp_path / "shared.sqlite", 16
+    commands = [collect_command(tmp_path / name, planned) + [f"callbacks.pairs.init_args.store={store_path}"]
+                for name in ("first", "second")]
+    processes = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in commands]
+    errors = [p.communicate(timeout=600)[1].decode() for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [e[-2000:] for e in errors]
+    keys = [p.pair_key for p in PairStore(store_path).pairs()]
+    assert len(keys) == planned == len(set(keys))
+    assert {int(k.rsplit(":", 1)[1]) for k in keys} == set(range(planned))

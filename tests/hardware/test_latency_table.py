@@ -289,3 +289,40 @@ def test_rounds_pool_later_passes_over_the_profiling_networks(cifar, tmp_path: P
     stem = "Conv-input:32x32x3-output:32x32x16"
     assert one.entries["fp32"][stem]["count"] == 2 * 3  # met in both networks of the run
     assert two.entries["fp32"][stem]["count"] == 2 * 2 * 3
+
+
+def _table_writer(path: str, keys: list[str], start) -> None:  # noqa: ANN001
+    from lightning_nas.hardware.latency_table import LatencyTable
+
+    table = LatencyTable({"device": "test", "threads": 1})
+    start.wait(60)
+    for key in keys:  # one entry at a time, as the profiler records them
+        table.add("fp32", key, {"median": float(len(key)), "count": 3})
+        table.merge_save(path)
+
+
+def test_two_processes_writing_one_table_lose_nothing(tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    path = tmp_path / "table.json"
+    context = mp.get_context("spawn")
+    start = context.Barrier(2)
+    first = [f"a{i}" for i in range(40)] + [f"shared{i}" for i in range(10)]
+    second = [f"b{i}" for i in range(40)] + [f"shared{i}" for i in range(10)]
+    workers = [context.Process(target=_table_writer, args=(str(path), keys, start)) for keys in (first, second)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    table = LatencyTable.load(path)
+    assert table.keys("fp32") == set(first) | set(second)  # 90 keys, each once
+    assert all(table.value("fp32", key) == len(key) for key in table.keys("fp32"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_merge_save_refuses_a_table_measured_otherwise(tmp_path: Path) -> None:
+    path = tmp_path / "table.json"
+    LatencyTable({"device": "other", "threads": 1}, {"fp32": {"k": {"median": 1.0}}}).save(path)
+    with pytest.raises(ValueError, match="device"):
+        LatencyTable({"device": "test", "threads": 1}).merge_save(path)

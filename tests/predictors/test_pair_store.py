@@ -3,6 +3,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,26 +36,30 @@ def test_planned_keys_are_written_once(tmp_path: Path) -> None:
     assert len(store) == 1 and store.done_keys("abc:fp32:7:") == {plan_key("abc", "fp32", 7, 3)}
 
 
-def _writer(path: str, indices: list[int]) -> None:
+def _writer(path: str, indices: list[int], start: Any, inserted: Any) -> None:
+    start.wait(60)  # both processes open and write the (not yet existing) file at the same moment
     store = PairStore(path, timeout=30)
-    for index in indices:
-        store.add(make_pair(index))
+    inserted.put(sum(store.add(make_pair(index)) for index in indices))
 
 
-def test_two_processes_write_safely(tmp_path: Path) -> None:
+def test_two_processes_write_one_store_at_once_losing_and_duplicating_nothing(tmp_path: Path) -> None:
     path = str(tmp_path / "pairs.sqlite")
-    PairStore(path)
     context = mp.get_context("spawn")
+    start, inserted = context.Barrier(2), context.Queue()
     # overlapping plans: both try 40..59
-    workers = [context.Process(target=_writer, args=(path, list(range(0, 60)))),
-               context.Process(target=_writer, args=(path, list(range(40, 100))))]
+    workers = [context.Process(target=_writer, args=(path, list(range(0, 60)), start, inserted)),
+               context.Process(target=_writer, args=(path, list(range(40, 100)), start, inserted))]
     for worker in workers:
         worker.start()
     for worker in workers:
-        worker.join(60)
+        worker.join(120)
         assert worker.exitcode == 0
-    keys = [p.pair_key for p in PairStore(path).pairs()]
+    pairs = PairStore(path).pairs()
+    keys = [p.pair_key for p in pairs]
     assert len(keys) == 100 == len(set(keys))
+    assert {int(k.rsplit(":", 1)[1]) for k in keys} == set(range(100))
+    assert inserted.get(timeout=5) + inserted.get(timeout=5) == 100  # every pair inserted by exactly one
+    assert all(p.top1 == pytest.approx(50.0 + int(p.pair_key.rsplit(":", 1)[1])) for p in pairs)
 
 
 def test_file_hash_changes_with_content(tmp_path: Path) -> None:

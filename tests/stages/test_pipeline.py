@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO, write_recipe
 
 from lightning_nas.cli import main
+from lightning_nas.files import RunDirectoryLock
 from lightning_nas.stages.pipeline import DONE_FILE, SUMMARY_FILE
 
 # The timm baseline recipe (without its sweep section and callback presets), writing under the pipeline's run directory.
@@ -81,3 +86,52 @@ def test_a_stage_key_on_the_command_line_overrides_that_stage_after_its_smoke_bl
     assert yaml.safe_load((tmp_path / "runs" / "first" / "config.yaml").read_text())["task"]["lr"] != 0.02
     recorded = yaml.safe_load((tmp_path / "runs" / "config.yaml").read_text())["pipeline"]["stages"][1]
     assert recorded["final_overrides"] == ["task.lr=0.02", "trainer.limit_train_batches=2"]
+
+
+HOLDER = ("import sys, time; from lightning_nas.files import RunDirectoryLock; "
+          "RunDirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)")
+
+
+def test_a_second_pipeline_on_one_run_directory_refuses_at_once(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "runs"
+    # a pipeline that gets past the lock fails next, on its missing stage recipe
+    recipe = write_recipe(tmp_path, "description: x\npipeline:\n  stages:\n    - recipe: nowhere.yaml\n", "p.yaml")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.perf_counter()
+        assert main(["pipeline", str(recipe), f"run_dir={run_dir}"]) == 2
+        assert time.perf_counter() - started < 2.0
+        err = capsys.readouterr().err
+        assert "another pipeline is running in this run directory" in err and f"pid {holder.pid}" in err
+        assert "run_dir" in err and "choose another run_dir" in err
+        assert not (run_dir / "config.yaml").exists()  # refused before writing anything
+    finally:
+        holder.kill()  # SIGKILL: the holder cannot release its lock
+        holder.wait()
+    assert main(["pipeline", str(recipe), f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe file not found" in err and "another pipeline" not in err  # the dead holder's lock was taken over
+    assert RunDirectoryLock(run_dir).holder() == os.getpid()
+
+
+@pytest.mark.slow
+def test_two_real_pipelines_on_one_run_directory(tmp_path: Path) -> None:
+    recipe = pipeline(tmp_path)
+    command = [sys.executable, "-m", "lightning_nas.cli", "pipeline", str(recipe)]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    lock = RunDirectoryLock(tmp_path / "runs")
+    deadline = time.monotonic() + 120
+    while lock.holder() != first.pid and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr
+    assert f"another pipeline is running in this run directory (pid {first.pid})" in second.stderr
+    assert "Traceback" not in second.stderr
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert statuses(tmp_path) == ["ran", "ran"]
