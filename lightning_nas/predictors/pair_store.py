@@ -96,7 +96,7 @@ class PairStore:
         allowed = "a pairs.sqlite written by a pair collector, or a path where a new one may be created"
         try:
             with self._connect() as connection:
-                connection.execute("PRAGMA journal_mode=WAL")
+                self._use_wal(connection)
                 columns = {row[1] for row in connection.execute("PRAGMA table_info(pairs)")}
                 # stores written before deployment targets lack `target`: it is added, their pairs read None
                 missing = [c for c in COLUMNS if columns and c not in columns and c != "target"]
@@ -111,6 +111,23 @@ class PairStore:
                 raise
             raise RecipeError(f"not a pair store: SQLite cannot read it ({error})", key=key, given=str(path),
                               allowed=allowed) from None
+
+    def _use_wal(self, connection: sqlite3.Connection) -> None:
+        """Switch the file to write-ahead logging. The switch upgrades a shared lock to an exclusive
+        one; when two processes opening one new store both do that, SQLite answers one of them
+        "locked" at once instead of calling its busy handler (waiting could deadlock), so the switch
+        is retried until ``timeout`` (seen as a failed two-process test before this retry)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                connection.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as error:
+                busy = getattr(error, "sqlite_errorcode", sqlite3.SQLITE_BUSY) in (sqlite3.SQLITE_BUSY,
+                                                                                     sqlite3.SQLITE_LOCKED)
+                if not busy or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

@@ -115,3 +115,4 @@ def test_quantized_pairs_keep_their_target_and_old_stores_gain_the_column(tmp_pa
     # one predictor learns one grid: pairs of two targets are not pooled unless the recipe allows it
     with pytest.raises(RecipeError, match=r"data.path: artifacts of different deployment targets"):
         PairsDataModule(path=str(path), space=space, kind="quant").setup()
+
