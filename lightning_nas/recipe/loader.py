@@ -85,9 +85,10 @@ def _read_yaml(path: Path) -> DictConfig:
 
 
 def project_root(recipe: Path) -> Path | None:
-    """The nearest ancestor directory holding the ``callbacks/`` presets."""
+    """The nearest ancestor directory holding the ``callbacks/`` presets (YAML files: the package's
+    own ``lightning_nas/callbacks/`` Python code, above an installed recipe, is no preset folder)."""
     for directory in (recipe.parent, *recipe.parent.parents):
-        if (directory / PRESETS_DIR).is_dir():
+        if any((directory / PRESETS_DIR).glob("*.yaml")):
             return directory
     return None
 

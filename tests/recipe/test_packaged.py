@@ -10,7 +10,7 @@ from conftest import REPO
 
 from lightning_nas.recipe import packaged
 from lightning_nas.recipe.errors import RecipeError
-from lightning_nas.recipe.loader import load_recipe
+from lightning_nas.recipe.loader import load_recipe, project_root
 from lightning_nas.recipe.packaged import (
     find_packaged,
     packaged_recipes,
@@ -90,3 +90,14 @@ def test_a_copied_recipe_loads_its_fragments_from_the_package(tmp_path: Path, mo
     mine = load_recipe(copy, ["data.root=."])
     assert mine.config["space"]["num_classes"] == 7 and mine.config["task"]["space"]["num_classes"] == 7
     assert mine.source_of("space.num_classes") == str(copy.parent / "fragments" / "cifar10_space.yaml")
+
+
+def test_a_folder_of_python_callbacks_is_not_a_preset_folder(tmp_path: Path) -> None:
+    (tmp_path / "callbacks").mkdir()
+    (tmp_path / "callbacks" / "shrinking.py").write_text("")
+    (tmp_path / "recipes").mkdir()
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.write_text("")
+    assert project_root(recipe) is None
+    (tmp_path / "callbacks" / "default.yaml").write_text("")
+    assert project_root(recipe) == tmp_path
