@@ -128,8 +128,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.directory is None:
             print(f"# packaged recipes ({recipes_dir()}): run one by name, `lightning-nas cp NAME DEST` to edit it")
         width = max((len(name) for name, _, _ in rows), default=0)
+        verb_width = max((len(verb) for _, verb, _ in rows), default=0)
         for name, verb, description in rows:
-            print(f"{name:<{width}}  {verb:<7}  {description}")
+            print(f"{name:<{width}}  {verb:<{verb_width}}  {description}")
         return 0
     if args.verb == "cp":
         target = copy_recipe(args.name, args.dest)
