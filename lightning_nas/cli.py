@@ -9,12 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .recipe.errors import USAGE_EXIT_CODE, RecipeError
+from .recipe.packaged import find_packaged, packaged_recipes, presets_dir, recipes_dir, resolve_recipe
 
 OVERRIDES_HELP = "overrides: key=value (nested.key=1, list=[1,2], flag=true), ~key to delete"
 
 
 def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="path to a recipe YAML (see `lightning-nas ls`)")
+    parser.add_argument("recipe", help="a recipe YAML file, or the name of a packaged recipe (`lightning-nas ls`)")
     parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     parser.add_argument("--smoke", action="store_true",
                         help="apply the recipe's `smoke:` overrides: tiny data, a few steps, well under a minute")
@@ -61,8 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--count", type=int, help="runs for the agent started by --start")
     config = verbs.add_parser("config", help="print the resolved recipe")
     _recipe_arguments(config)
-    ls = verbs.add_parser("ls", help="list the recipes with their descriptions")
-    ls.add_argument("directory", nargs="?", default="recipes", help="directory of recipes (default: recipes)")
+    ls = verbs.add_parser("ls", help="list the packaged recipes (or those of a directory) with their descriptions")
+    ls.add_argument("directory", nargs="?", default=None,
+                    help="a directory of recipes to list instead of the packaged ones")
+    cp = verbs.add_parser("cp", help="copy a packaged recipe (or preset, or fragment) to edit it",
+                          description="Copy a packaged recipe to edit. The fragments and stage recipes it names "
+                          "are looked up beside the copy first, then in the package: copy those too to edit them.")
+    cp.add_argument("name", help="a packaged recipe's name (`lightning-nas ls`), a preset, fragments/NAME, or a file")
+    cp.add_argument("dest", help="the file to write, or an existing directory to write NAME.yaml into")
     return parser
 
 
@@ -71,29 +78,64 @@ def recipe_verb(config: dict) -> str:
     return next((verb for verb in VERB_SECTIONS if config.get(verb) is not None), "fit")
 
 
-def list_recipes(directory: str) -> list[tuple[str, str, str]]:
-    """(path, verb, description) of every recipe in ``directory``."""
+def list_recipes(directory: str | None = None) -> list[tuple[str, str, str]]:
+    """(name, verb, description) of every packaged recipe, or (path, verb, description) of every
+    recipe in ``directory``: what to type after the verb either way."""
     import yaml
 
-    folder = Path(directory)
-    if not folder.is_dir():
-        raise RecipeError("directory not found", given=directory, allowed="a directory of recipe YAML files")
+    if directory is None:
+        named = packaged_recipes().items()
+    else:
+        folder = Path(directory)
+        if not folder.is_dir():
+            raise RecipeError("directory not found", given=directory, allowed="a directory of recipe YAML files")
+        named = ((str(path), path) for path in sorted(folder.glob("*.yaml")))
     rows = []
-    for path in sorted(folder.glob("*.yaml")):
+    for name, path in named:
         try:
             content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError:
             content = {"description": "(cannot parse this file)"}
-        rows.append((str(path), recipe_verb(content), str(content.get("description") or "(no description)")))
+        rows.append((name, recipe_verb(content), str(content.get("description") or "(no description)")))
     return rows
+
+
+def copy_recipe(name: str, dest: str | Path) -> Path:
+    """Copy the recipe ``name`` (a file, a packaged recipe, preset or fragment) to ``dest``; never
+    overwrites. The copy keeps its ``defaults:`` and stage names: whatever is not beside it loads
+    from the package (see :mod:`lightning_nas.recipe.packaged`)."""
+    source = Path(name)
+    if not source.is_file():
+        source = find_packaged(name, (recipes_dir(), presets_dir())) or resolve_recipe(name)
+    target = Path(dest)
+    if target.is_dir() or str(dest).endswith(("/", os.sep)):
+        target = target / source.name
+    elif not target.suffix:
+        target = target.with_suffix(source.suffix)
+    if target.exists():
+        raise RecipeError("the destination exists; it is never overwritten", key="dest", given=str(target),
+                          allowed="a new file name, or remove the file first")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_bytes(source.read_bytes())
+    partial.replace(target)  # crash-safe: the destination is whole or absent
+    return target
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.verb == "ls":
         rows = list_recipes(args.directory)
+        if args.directory is None:
+            print(f"# packaged recipes ({recipes_dir()}): run one by name, `lightning-nas cp NAME DEST` to edit it")
         width = max((len(name) for name, _, _ in rows), default=0)
+        verb_width = max((len(verb) for _, verb, _ in rows), default=0)
         for name, verb, description in rows:
-            print(f"{name:<{width}}  {verb:<7}  {description}")
+            print(f"{name:<{width}}  {verb:<{verb_width}}  {description}")
+        return 0
+    if args.verb == "cp":
+        target = copy_recipe(args.name, args.dest)
+        print(f"copied {args.name} to {target}; the fragments and stage recipes it names load from beside it "
+              "first, then from the package")
         return 0
 
     from .stages.pipeline import load_with_stage_overrides

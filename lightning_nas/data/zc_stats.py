@@ -39,7 +39,7 @@ class ZCStatsDataModule(pl.LightningDataModule):
     def __init__(
         self,
         stats_path: str = "runs/benchmarks/nb201_zc_stats.jsonl",
-        accuracy_csv: str = "../shared/benchdata/nb201/nb201_dev.csv",
+        accuracy_csv: str | None = None,
         target_column: str = "CIFAR10TestAccuracy200Epochs",
         proxies: list[str] | None = None,
         num_train: int = 78,
@@ -47,7 +47,7 @@ class ZCStatsDataModule(pl.LightningDataModule):
         seed: int = 0,
         batch_size: int = 0,
         compute_missing: bool = False,
-        images_path: str = "../shared/data/cifar10/train.npz",
+        images_path: str | None = None,
         stats_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -98,6 +98,9 @@ class ZCStatsDataModule(pl.LightningDataModule):
         labelled = sorted(accuracies)
         wanted = len(labelled) if self.num_val is None else min(self.num_train + self.num_val, len(labelled))
         chosen = [labelled[i] for i in np.random.default_rng(self.seed).permutation(len(labelled))[:wanted]]
+        if self.images_path is None:
+            raise RecipeError("computing missing statistics needs the images they are computed on",
+                              key="data.images_path", allowed="a CIFAR-10 .npz (x uint8 NHWC, y int)")
         self.proxies = list(self.proxies or PARZC_PROXIES)
         images, labels = load_cifar10_batch(self.images_path, seed=self.stats_seed, key="data.images_path")
         compute_statistics(chosen, self.proxies, images, labels, seed=self.stats_seed, cache_path=self.stats_path)
@@ -106,6 +109,9 @@ class ZCStatsDataModule(pl.LightningDataModule):
     def _load_file(self) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
         from lightning_nas.predictors.zc_cache import load_statistics
 
+        if self.accuracy_csv is None:  # None only for the in-memory variant, which never reads files
+            raise RecipeError("the architectures' accuracies are needed", key="data.accuracy_csv",
+                              allowed="a NAS-Bench-201 CSV with ArchitectureString and accuracy columns")
         accuracies = read_accuracies(self.accuracy_csv, self.target_column)
         chosen = self._compute_missing(accuracies) if self.compute_missing else None
         if not Path(self.stats_path).is_file():

@@ -15,8 +15,6 @@ from lightning_nas.predictors.zc_cache import DEFAULT_PROXIES, compute_statistic
 from lightning_nas.predictors.zero_cost import PROXIES
 from lightning_nas.recipe.errors import RecipeError
 
-DEFAULT_DATA = "../shared/data/cifar10/train.npz"
-
 
 def available_rankers() -> list[str]:
     return list(PROXIES)
@@ -42,7 +40,7 @@ def score_architectures(
     images: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     seed: int | None = None,
-    data_path: str | Path = DEFAULT_DATA,
+    data_path: str | Path | None = None,
     batch_size: int = 64,
     cache_path: str | Path | None = None,
     progress: bool = False,
@@ -66,6 +64,8 @@ def score_architectures(
         raise RecipeError("neither a proxy nor a checkpoint file", key="rank.ranker", given=ranker,
                           allowed=f"{', '.join(PROXIES)}, or a ParZC checkpoint")
     if images is None or labels is None:
+        if data_path is None:
+            raise ValueError("score_architectures needs images and labels, or the data_path to draw them from")
         images, labels = load_cifar10_batch(data_path, batch_size=batch_size, seed=seed, key="rank.data_path")
     stats = compute_statistics(list(arch_strings), proxies, images, labels, seed=seed,
                                cache_path=cache_path, progress=progress)

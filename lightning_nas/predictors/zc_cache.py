@@ -75,7 +75,7 @@ class _Entry:
 
 
 def load_cifar10_batch(
-    path: str | Path = "../shared/data/cifar10/train.npz", batch_size: int = 64, seed: int = 0,
+    path: str | Path, batch_size: int = 64, seed: int = 0,
     key: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed (by seed) normalised batch from an ``.npz`` with ``x`` uint8 NHWC and ``y`` int."""
@@ -207,9 +207,9 @@ def load_statistics(
 
 def compute_statistics(
     arch_strings: Sequence[str],
-    proxies: Sequence[str] = DEFAULT_PROXIES,
-    images: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
+    proxies: Sequence[str],
+    images: torch.Tensor,
+    labels: torch.Tensor,
     seed: int = 0,
     cache_path: str | Path | None = None,
     progress: bool = True,
@@ -219,10 +219,8 @@ def compute_statistics(
 
     With ``cache_path`` every finished architecture is appended to the cache at once, and
     (architecture, proxy) pairs already there are not recomputed, so an interrupted run resumes
-    where it stopped. Without ``images`` a CIFAR-10 batch of 64 chosen by ``seed`` is used.
+    where it stopped. ``images`` / ``labels``: one batch (see :func:`load_cifar10_batch`).
     """
-    if images is None or labels is None:
-        images, labels = load_cifar10_batch(seed=seed)
     space = space or NB201Space()
     proxies = list(proxies)
     archs = [format_arch(parse_arch(a)) for a in arch_strings]

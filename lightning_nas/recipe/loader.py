@@ -1,7 +1,10 @@
 """Load a recipe: compose its fragments, apply overrides, resolve interpolations, validate.
 
-Composition: a recipe's ``defaults:`` lists fragment files, found relative to the including file
-or in the project's top-level ``callbacks/`` presets (``.yaml`` may be omitted). Fragments merge in
+A recipe is a file path or the name of a packaged recipe (an existing file wins; see
+:mod:`lightning_nas.recipe.packaged`).
+Composition: a recipe's ``defaults:`` lists fragment files, found relative to the including file,
+in the project's top-level ``callbacks/`` presets, then among the packaged presets and recipes
+(``.yaml`` may be omitted), so a recipe copied anywhere still finds the fragments it does not have. Fragments merge in
 order, then the recipe itself on top; mappings merge key by key, lists are replaced, and a mapping
 with ``_replace_: true`` replaces the fragments' mapping at its place instead of merging into it.
 Overrides: ``key=value`` (value parsed as YAML: lists, booleans, numbers, null), ``~key`` deletes.
@@ -24,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
 from .errors import RecipeError
+from .packaged import find_packaged, presets_dir, recipes_dir, resolve_recipe
 from .signature import signature_of
 from .validate import RECIPE_SCHEMA, validate_recipe
 
@@ -81,9 +85,10 @@ def _read_yaml(path: Path) -> DictConfig:
 
 
 def project_root(recipe: Path) -> Path | None:
-    """The nearest ancestor directory holding the ``callbacks/`` presets."""
+    """The nearest ancestor directory holding the ``callbacks/`` presets (YAML files: the package's
+    own ``lightning_nas/callbacks/`` Python code, above an installed recipe, is no preset folder)."""
     for directory in (recipe.parent, *recipe.parent.parents):
-        if (directory / PRESETS_DIR).is_dir():
+        if any((directory / PRESETS_DIR).glob("*.yaml")):
             return directory
     return None
 
@@ -96,13 +101,18 @@ def _find_fragment(entry: str, including: Path, root: Path | None) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    presets = sorted(p.stem for p in (root / PRESETS_DIR).glob("*.yaml")) if root else []
+    packaged = find_packaged(entry, (presets_dir(), recipes_dir()))
+    if packaged is not None:
+        return packaged
+    folders = [root / PRESETS_DIR] if root else []
+    presets = sorted({p.stem for folder in (*folders, presets_dir()) for p in folder.glob("*.yaml")})
     raise RecipeError(
         "fragment not found",
         source=str(including),
         key="defaults",
         given=entry,
-        allowed=f"a path relative to {including.parent} or a preset in {PRESETS_DIR}/: " + ", ".join(presets),
+        allowed=f"a path relative to {including.parent}, a packaged recipe fragment (fragments/...) or a "
+                "preset: " + ", ".join(presets),
     )
 
 
@@ -219,11 +229,7 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = (), smo
     ``edits`` are overrides that change the recipe itself (a pipeline's per-stage overrides): they
     apply before the smoke block, so ``--smoke`` still shrinks the edited recipe.
     """
-    recipe_path = Path(path)
-    if not recipe_path.is_file():
-        available = sorted(str(p) for p in Path("recipes").glob("*.yaml")) if Path("recipes").is_dir() else []
-        raise RecipeError("recipe file not found", source=str(recipe_path),
-                          allowed=", ".join(available) or None)
+    recipe_path = resolve_recipe(path)
     sources: dict[str, str] = {}
     loaded = LoadedRecipe(recipe_path, {}, sources)
     try:

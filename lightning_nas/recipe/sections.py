@@ -78,10 +78,10 @@ class RankSettings:
     ranker: str
     #: A CSV with an ``ArchitectureString`` column; the output repeats its rows with a ``score``.
     archs: ExistingFile
+    #: CIFAR-10 training arrays (``.npz``) the proxies take their batch from.
+    data_path: ExistingFile
     #: Where to write; default ``<run_dir>/ranked.csv``.
     out: str | None = None
-    #: CIFAR-10 training arrays the proxies take their batch from.
-    data_path: ExistingFile = "../shared/data/cifar10/train.npz"
     batch_size: PositiveInt = 64
     seed: int | None = None
     #: Score only the first rows (smoke runs).

@@ -31,6 +31,7 @@ import yaml
 from ..files import RunDirectoryLock, replacing, write_json
 from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe, load_recipe
+from ..recipe.packaged import find_packaged
 from ..recipe.sections import PipelineSettings, PipelineStage
 from ..recipe.validate import validate_recipe
 from .common import CONFIG_FILE, is_global_zero, prepare_run_dir
@@ -38,8 +39,6 @@ from .common import CONFIG_FILE, is_global_zero, prepare_run_dir
 DONE_FILE = "stage_done.json"
 SUMMARY_FILE = "pipeline.csv"
 STAGE_SEPARATOR = "/"
-#: The project's own recipes: where a pipeline copied out of the repository still finds its stages.
-PROJECT_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 #: Keys of an image data section that belong to the stage (batch sizes, held-out split), not to
 #: the data source: a stage keeps them when ``pipeline.data`` replaces its data.
 STAGE_DATA_KEYS = ("batch_size", "eval_batch_size", "num_workers", "holdout_size", "seed", "augment",
@@ -184,13 +183,17 @@ def recipe_hash(config: Mapping[str, Any]) -> str:
 
 def stage_recipe_path(pipeline_recipe: Path, given: str, index: int) -> Path:
     """The stage's recipe, relative to the pipeline recipe's folder first, then to the working
-    directory, then among the project's recipes (a pipeline copied elsewhere still finds them)."""
-    for candidate in (pipeline_recipe.parent / given, Path(given), PROJECT_RECIPES / given):
+    directory, then among the packaged recipes (a pipeline copied elsewhere still finds them; the
+    same lookup as a recipe's fragments)."""
+    for candidate in (pipeline_recipe.parent / given, Path(given)):
         if candidate.is_file():
             return candidate
+    packaged = find_packaged(given)
+    if packaged is not None:
+        return packaged
     raise RecipeError("recipe file not found", key=f"pipeline.stages.{index}.recipe", given=given,
-                      allowed=f"a recipe path relative to {pipeline_recipe.parent}, the working directory "
-                      f"or {PROJECT_RECIPES}")
+                      allowed=f"a recipe path relative to {pipeline_recipe.parent} or the working directory, "
+                      f"or a packaged recipe (`lightning-nas ls`)")
 
 
 def load_stage(pipeline_recipe: Path, path: Path, run_dir: Path, stage: PipelineStage, smoke: bool,

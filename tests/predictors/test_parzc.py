@@ -219,3 +219,20 @@ def test_missing_statistics_file_names_the_key(tmp_path: Path) -> None:
     (tmp_path / "acc.csv").write_text("CIFAR10TestAccuracy200Epochs,ArchitectureString\n")
     with pytest.raises(FileNotFoundError, match="data.stats_path.*compute_missing=true"):
         dm.setup("fit")
+
+
+def test_computing_missing_statistics_needs_an_images_file(tmp_path: Path) -> None:
+    csv_path = tmp_path / "acc.csv"
+    csv_path.write_text(f"CIFAR10TestAccuracy200Epochs,ArchitectureString\n50.0,{ARCHS[0]}\n")
+    dm = ZCStatsDataModule(accuracy_csv=str(csv_path), stats_path=str(tmp_path / "s.jsonl"), compute_missing=True)
+    with pytest.raises(RecipeError, match="data.images_path") as info:
+        dm.setup("fit")
+    assert info.value.key == "data.images_path"
+    assert not (tmp_path / "s.jsonl").exists()
+    with pytest.raises(RecipeError, match="data.accuracy_csv"):
+        ZCStatsDataModule(stats_path=str(tmp_path / "s.jsonl"), images_path=str(csv_path)).setup("fit")
+
+
+def test_scoring_without_images_or_a_data_path_is_refused() -> None:
+    with pytest.raises(ValueError, match="data_path"):
+        score_architectures(ARCHS[:1], "params")

@@ -117,3 +117,15 @@ def test_a_copied_quickstart_runs_on_the_users_npz_to_the_int8_network(tmp_path:
                                            providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, SIZE, SIZE), np.float32)})
     assert logits.shape == (1, CLASSES)
+
+
+def test_a_copied_pipeline_takes_the_stages_beside_it_else_the_packaged_ones(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["cp", "quickstart", str(tmp_path)]) == 0
+    (tmp_path / "pairs_fp32.yaml").write_text((REPO / "recipes" / "pairs_fp32.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    _, _, stages = plan(load_with_stage_overrides("quickstart.yaml", [], smoke=True))
+    paths = {path.stem: path.resolve() for path, *_ in stages}
+    assert paths["pairs_fp32"] == tmp_path / "pairs_fp32.yaml"  # the copy beside the pipeline wins
+    assert paths["ofa_supernet"] == REPO / "recipes" / "ofa_supernet.yaml"
+    assert paths["qat_finetune"] == REPO / "recipes" / "qat_finetune.yaml" and len(paths) == 6
