@@ -23,6 +23,7 @@ from lightning_nas.nn.quantize_model import (
     attach_quantizers,
     calibrate_activation_ranges,
     get_bits,
+    has_bias_grids,
     output_quantizers,
     remove_quantizers,
 )
