@@ -45,11 +45,13 @@ from ..files import replacing, write_text
 from ..nn.bn_recalibration import recalibrate_batchnorm
 from ..nn.quant import ActivationQuantizer
 from ..nn.quantize_model import (
+    attach_bias_grids,
     attach_output_quantizers,
     attach_quantizers,
     calibrate_activation_ranges,
     freeze_batchnorm,
     get_bits,
+    has_bias_grids,
     output_quantizers,
     quantized_layers,
     remove_quantizers,
@@ -367,6 +369,9 @@ class QATTask(pl.LightningModule):
                 self.model, int8_backend or self.target.engine
             )
             attach_output_quantizers(self.model, self.output_points, bits=8, fixed_ranges=self.fixed_ranges)
+        if deploy and self.target.runtime == "onnxruntime":
+            # ONNX Runtime adds conv/linear biases as int32 codes of step s_in * s_w
+            attach_bias_grids(self.model)
         self._teacher: list[nn.Module] = []  # a list keeps it out of the state dict
         self._bn_frozen_at: int | None = None
         self._bn_frozen_here = False  # whether this process has frozen batch norm (a resumed one must again)
@@ -585,6 +590,7 @@ class QATTask(pl.LightningModule):
             "bits": {k: list(v) for k, v in get_bits(self.model).items()},
             "output_points": self.output_points,
             "fixed_ranges": self.fixed_ranges,
+            "bias_grids": has_bias_grids(self.model),
             "state_dict": {
                 k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in self.model.state_dict().items()
             },
@@ -724,5 +730,7 @@ def load_qat_subnet(path: str | Path) -> nn.Module:
             bits=8,
             fixed_ranges={k: tuple(v) for k, v in saved["fixed_ranges"].items()},
         )
+    if saved.get("bias_grids", False):  # absent in files written before bias grids
+        attach_bias_grids(model)
     model.load_state_dict(saved["state_dict"])
     return model.eval()

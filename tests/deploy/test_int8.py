@@ -4,7 +4,9 @@ import copy
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -19,6 +21,7 @@ from lightning_nas.deploy import (
     top1_agreement,
 )
 from lightning_nas.nn.quantize_model import (
+    attach_bias_grids,
     attach_quantizers,
     calibrate_activation_ranges,
     quantized_layers,
@@ -311,3 +314,83 @@ def test_avx2_kernels_saturate_8_bit_weights_and_not_7_bit_ones() -> None:
                          check=True, timeout=120)
     full, reduced = map(float, out.stdout.split())
     assert full > 10 and reduced <= 0.5 + 1e-6, (full, reduced)
+
+
+def _onnx_constant(model: Any, name: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    node = next(n for n in model.graph.node if name in n.output)
+    if node.op_type == "Identity":
+        return _onnx_constant(model, node.input[0])
+    assert node.op_type == "Constant"
+    return numpy_helper.to_array(node.attribute[0].t)
+
+
+def test_onnx_export_rounds_int32_bias_codes(tmp_path: Path) -> None:
+    """torch's exporter casts ``bias / (s_in * s_w)`` to int32, truncating; the export rounds."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 36, 5)).eval()
+    with torch.no_grad():
+        model[0].bias.uniform_(-0.5, 0.5)
+    images = torch.randn(64, 3, 6, 6)
+    int8 = convert_to_int8(model, [images])
+    exported = onnx.load(str(export_onnx(int8, images[:1], tmp_path / "m.onnx")))
+    producer = {out: node for node in exported.graph.node for out in node.output}
+    checked, truncation_differs = 0, 0
+    for name, node in zip(("0", "3"), [n for n in exported.graph.node if n.op_type in ("Conv", "Gemm")]):
+        dequantize = producer[node.input[2]]
+        codes = _onnx_constant(exported, dequantize.input[0])
+        scale = _onnx_constant(exported, dequantize.input[1]).astype(np.float64)
+        layer = int8.get_submodule(name)
+        # the bias grid is s_in * s_w per output channel
+        input_scale = float(_onnx_constant(exported, producer[node.input[0]].input[1]))
+        np.testing.assert_allclose(scale, input_scale * layer.weight().q_per_channel_scales().double().numpy(), rtol=1e-6)
+        exact = layer.bias().detach().double().numpy() / scale
+        np.testing.assert_array_equal(codes, np.round(exact))
+        truncation_differs += int((np.trunc(exact) != np.round(exact)).sum())
+        checked += 1
+    assert checked == 2 and truncation_differs > 0
+    session = onnx_session(tmp_path / "m.onnx", threads=1)
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnx(session, images), int8(images).numpy(), atol=0.05)
+
+
+def test_bias_grids_reach_torch_and_onnx_biases(tmp_path: Path) -> None:
+    """A model trained with int32 bias grids (ONNX Runtime targets) deploys those biases exactly."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4)
+    )
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 2.0)
+        model[1].bias.uniform_(-0.5, 0.5)
+        model[1].running_mean.uniform_(-0.3, 0.3)
+        model[4].bias.uniform_(-0.5, 0.5)
+    attach_quantizers(model, {"0": (8, 8), "4": (8, 8)})
+    images = torch.randn(64, 3, 6, 6)
+    calibrate_activation_ranges(model.eval(), [images])
+    assert attach_bias_grids(model) == ["1", "4"]
+    int8 = convert_to_int8(model, [images], target="x86_vnni/onnxruntime")
+    exported = onnx.load(str(export_onnx(int8, images[:1], tmp_path / "m.onnx")))
+    producer = {out: node for node in exported.graph.node for out in node.output}
+    for name, node in zip(("0", "4"), [n for n in exported.graph.node if n.op_type in ("Conv", "Gemm")]):
+        layer = int8.get_submodule(name)
+        step = model.get_submodule(name).input_quantizer.scale().detach().double() * layer.weight().q_per_channel_scales().double()
+        in_steps = layer.bias().detach().double() / step
+        # float32 holds a code near 4e4 to about 0.003 step
+        torch.testing.assert_close(in_steps, in_steps.round(), atol=0.01, rtol=0)  # torch adds the grid bias
+        dequantize = producer[node.input[2]]
+        codes = _onnx_constant(exported, dequantize.input[0])
+        np.testing.assert_array_equal(codes, in_steps.round().numpy())  # and ONNX Runtime the same codes
+    with torch.no_grad():
+        fake, real = model(images), int8(images)
+    onnx_logits = run_onnx(onnx_session(tmp_path / "m.onnx", threads=1), images)
+    np.testing.assert_allclose(onnx_logits, real.numpy(), atol=0.05)
+    assert top1_agreement(real, fake) >= 0.95

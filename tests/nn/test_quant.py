@@ -13,10 +13,12 @@ from lightning_nas.nn.quant import (
     fake_quantize,
 )
 from lightning_nas.nn.quantize_model import (
+    attach_bias_grids,
     attach_quantizers,
     calibrate_activation_ranges,
     freeze_batchnorm,
     get_bits,
+    has_bias_grids,
     quantized_layers,
     remove_quantizers,
     set_bits,
@@ -296,3 +298,51 @@ def test_calibration_agrees_across_ddp_ranks(tmp_path) -> None:  # noqa: ANN001
     mp.spawn(_calibrate_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "ranges")), nprocs=2)
     first, second = (torch.load(tmp_path / f"ranges.{r}") for r in range(2))
     assert first == second
+
+
+def _conv_bn_model() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    with torch.no_grad():
+        bn = model[1]
+        bn.weight.copy_(torch.tensor([-1.5, -0.7, -0.2, 0.4, 0.9, 1.3, 1.7, 2.0]))  # a negative gain flips the folded grid's sign
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.3, 0.3)
+        bn.running_var.uniform_(0.5, 2.0)
+    attach_quantizers(model, {"0": (8, 8)})
+    images = torch.randn(16, 3, 6, 6)
+    calibrate_activation_ranges(model.eval(), [images])
+    return model, images
+
+
+def _folded_bias_in_steps(model: nn.Module) -> torch.Tensor:
+    """The bias the batch norm output holds (a zero input gives a zero accumulator), in grid steps."""
+    conv, bn = model[0], model[1]
+    seen = []
+    handle = bn.register_forward_hook(lambda m, a, o: seen.append(o))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 6, 6))
+    handle.remove()
+    gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    wq = conv.parametrizations.weight[0]
+    step = conv.input_quantizer.scale() * wq.scale(conv.parametrizations.weight.original).flatten() * gain.abs()
+    return (seen[0][0, :, 2, 2] / step).detach()
+
+
+def test_bias_grid_puts_folded_bias_on_int32_grid() -> None:
+    model, _ = _conv_bn_model()
+    without = copy.deepcopy(model)
+    before = _folded_bias_in_steps(model)
+    assert (before - before.round()).abs().max() > 0.05  # the float bias is off the grid
+    assert attach_bias_grids(model) == ["1"]  # the hook sits on the batch norm after the conv
+    assert attach_bias_grids(model) == [] and has_bias_grids(model)
+    after = _folded_bias_in_steps(model)
+    torch.testing.assert_close(after, before.round(), atol=1e-3, rtol=0)
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        assert not torch.equal(model(x), without(x))
+        model[1].train()  # batch statistics: no folded bias to round
+        without[1].train()
+        torch.testing.assert_close(model(x), without(x), atol=0, rtol=0)
+    remove_quantizers(model)
+    assert not has_bias_grids(model) and "_bias_grid_layer" not in model[1].__dict__
