@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .recipe.errors import USAGE_EXIT_CODE, RecipeError
+from .errors import USAGE_EXIT_CODE, RecipeError
 from .stages.verbs import STAGE_VERBS, recipe_verb
 
 OVERRIDES_HELP = "overrides: key=value (nested.key=1, list=[1,2], flag=true), ~key to delete"

@@ -21,10 +21,10 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from ..errors import RecipeError
 from ..files import write_json
 from ..nn.bn_recalibration import recalibrate_batchnorm
 from ..predictors.pair_store import Pair, PairStore, plan_key
-from ..recipe.errors import RecipeError
 from ..recipe.markers import BitChoices
 from ..targets import TargetName, check_same_target, resolve_target
 

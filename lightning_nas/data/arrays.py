@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..recipe.errors import RecipeError
+from ..errors import RecipeError
 from ..recipe.markers import ExistingFile, Fraction, PositiveInt
 from .base import ArrayImageDataset, ImageClassificationDataModule
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from lightning_nas.errors import RecipeError
 from lightning_nas.nn.safe_load import load_torch_file, pickle_allowed, require_mapping
 from lightning_nas.predictors.zc_cache import DEFAULT_PROXIES, compute_statistics, load_cifar10_batch
 from lightning_nas.predictors.zero_cost import PROXIES
-from lightning_nas.recipe.errors import RecipeError
 
 DEFAULT_DATA = "../shared/data/cifar10/train.npz"
 

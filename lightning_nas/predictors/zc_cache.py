@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_nas.recipe.errors import RecipeError
+from lightning_nas.errors import RecipeError
 from lightning_nas.spaces.nb201 import NB201Space, format_arch, parse_arch
 
 CACHE_FORMAT = "lightning-nas/zc-stats"

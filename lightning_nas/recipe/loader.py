@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
-from .errors import RecipeError
+from ..errors import RecipeError
 from .signature import signature_of
 from .validate import RECIPE_SCHEMA, validate_recipe
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
+from ..errors import RecipeError
 from ..files import RunDirectoryLock, replacing, write_json
-from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe, load_recipe
 from ..recipe.sections import PipelineSettings, PipelineStage
 from ..recipe.validate import validate_recipe

@@ -6,8 +6,8 @@ import csv
 import time
 from pathlib import Path
 
+from ..errors import RecipeError
 from ..files import replacing
-from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import prepare_run_dir

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import RecipeError
 from ..files import replacing, write_text
-from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import build_loggers, prepare_run_dir

@@ -34,8 +34,8 @@ from typing import Any
 
 import yaml
 
+from ..errors import RecipeError
 from ..files import write_text
-from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import CONFIG_FILE

@@ -9,7 +9,7 @@ from torchmetrics.regression import KendallRankCorrCoef, SpearmanCorrCoef
 from lightning_nas.predictors.losses import LOSSES, RankingLoss
 from lightning_nas.predictors.parzc import ParZC
 
-from ..recipe.errors import RecipeError
+from ..errors import RecipeError
 from ..recipe.markers import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 

@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import RecipeError
 from ..files import append_line, replacing, write_text
-from ..recipe.errors import RecipeError
 from ..recipe.markers import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, SpaceSpec
 from ..spaces.proxyless import ZERO, ProxylessSpace, derived_arch_record, parse_op
 from .optim import warmup_cosine

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..callbacks.pairs import evaluate
+from ..errors import RecipeError
 from ..files import replacing, write_text
 from ..nn.bn_recalibration import recalibrate_batchnorm
 from ..nn.quant import ActivationQuantizer
@@ -56,7 +57,6 @@ from ..nn.quantize_model import (
 )
 from ..nn.safe_load import load_torch_file, require_mapping
 from ..nn.shrinking import soft_cross_entropy
-from ..recipe.errors import RecipeError
 from ..recipe.markers import (
     BitChoices,
     ExistingFile,

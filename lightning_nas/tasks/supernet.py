@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..callbacks.phases import ShrinkingPhase
+from ..errors import RecipeError
 from ..files import append_line, replacing
 from ..nn.bn_recalibration import recalibrate_batchnorm
 from ..nn.safe_load import load_torch_file, require_mapping
 from ..nn.shrinking import shrinking_step
-from ..recipe.errors import RecipeError
 from ..recipe.markers import (
     ExistingFile,
     Fraction,

@@ -18,10 +18,10 @@ import pytest
 import torch
 from conftest import REPO, write_recipe
 
+from lightning_nas.errors import RecipeError
 from lightning_nas.hardware.cost_models import BitFusionCostModel, CountsCostModel
 from lightning_nas.predictors.accuracy import AccuracyPredictor, QuantAccuracyPredictor, save_predictor
 from lightning_nas.predictors.encoding import encode_pairs
-from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.recipe.loader import load_recipe
 from lightning_nas.recipe.signature import signature_of
 from lightning_nas.recipe.validate import validate_arguments
@@ -251,7 +251,7 @@ def test_wandb_gets_the_table_and_the_plot(tmp_path: Path, predictors, monkeypat
 def test_a_predictor_of_another_target_is_not_mixed_in(tmp_path: Path, predictors) -> None:
     import torch
 
-    from lightning_nas.recipe.errors import RecipeError
+    from lightning_nas.errors import RecipeError
     from lightning_nas.search.settings import SearchSettings
     from lightning_nas.targets import resolve_target
 
