@@ -82,7 +82,7 @@ import numpy as np
 
 from lightning_nas.files import locked, write_text
 from lightning_nas.hardware.counts import BlockDecomposition
-from lightning_nas.hardware.layers import LayerSpec
+from lightning_nas.spaces.layers import LayerSpec
 
 __all__ = [
     "PRECISIONS",

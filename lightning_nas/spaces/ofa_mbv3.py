@@ -12,7 +12,7 @@ expand ratio, per-stage depth (the first ``d`` blocks of a stage run) and the in
 Entries of skipped blocks do not change the network; :meth:`OFAMobileNetV3Space.canonical` maps
 them to the smallest choices so that equal networks have equal configs.
 
-Module naming contract: every :class:`~lightning_nas.hardware.layers.LayerSpec` returned by
+Module naming contract: every :class:`~lightning_nas.spaces.layers.LayerSpec` returned by
 :meth:`OFAMobileNetV3Space.layer_specs` is named after the qualified module name (as in
 ``model.named_modules()``) of its convolution / linear module, and that name is the same in the
 supernet and in the extracted subnet::
@@ -35,7 +35,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lightning_nas.hardware.layers import LayerSpec
+from lightning_nas.spaces.layers import LayerSpec
 
 __all__ = [
     "ACTIVATIONS",

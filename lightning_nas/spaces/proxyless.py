@@ -20,7 +20,7 @@ layer: ``["3x3_MBConv3", "zero", "7x7_MBConv6", ...]``. A derived-architecture f
 at least ``{"space": {"name": ..., <constructor args>}, "ops": [...]}``; the search adds the
 probabilities and the expected cost (see :func:`derived_arch_record`).
 
-Module naming contract: every :class:`~lightning_nas.hardware.layers.LayerSpec` from
+Module naming contract: every :class:`~lightning_nas.spaces.layers.LayerSpec` from
 :meth:`ProxylessSpace.layer_specs` is named after its convolution / linear module in the derived
 standalone network (:class:`lightning_nas.nn.proxyless_net.ProxylessNet`)::
 
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_nas.hardware.layers import LayerSpec
+from lightning_nas.spaces.layers import LayerSpec
 from lightning_nas.spaces.ofa_mbv3 import make_divisible
 
 __all__ = [

@@ -19,7 +19,7 @@ TABLE_FILE = "latency_table.json"
 
 def run(recipe: LoadedRecipe) -> Path:
     from ..hardware.latency_table import LatencyTable, LatencyTableError, profile_space
-    from ..hardware.settings import ProfileSettings
+    from ..recipe.profile_settings import ProfileSettings
     from ..registry import SPACES
 
     config = recipe.config

@@ -26,7 +26,7 @@ def test_hardware_count_modules_import_without_torch() -> None:
     code = (
         "import sys\n"
         "import lightning_nas.hardware.counts, lightning_nas.hardware.accelerator\n"
-        "import lightning_nas.hardware.cost_models, lightning_nas.hardware.settings\n"
+        "import lightning_nas.hardware.cost_models, lightning_nas.recipe.profile_settings\n"
         "import lightning_nas.hardware.latency_table\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

@@ -243,7 +243,7 @@ def test_profile_recipe_smoke_writes_and_resumes_a_table(cifar, tmp_path: Path,
     run_dir = tmp_path / "run"
     recipe = load_recipe("recipes/latency_lut_cpu.yaml", [f"run_dir={run_dir}"], smoke=True, validate=False)
     assert recipe.config["description"]
-    validate_arguments(signature_of("lightning_nas.hardware.settings:ProfileSettings"), recipe.config["profile"],
+    validate_arguments(signature_of("lightning_nas.recipe.profile_settings:ProfileSettings"), recipe.config["profile"],
                        "profile")
     assert profile.run(recipe) == run_dir
     table = LatencyTable.load(run_dir / "latency_table.json")

@@ -138,7 +138,7 @@ def read_csv(path: Path) -> list[dict]:
 def test_search_settings_validate_from_source(predictors) -> None:
     config = load_recipe(REPO / "recipes" / "apq_int8.yaml", [f"vars.runs={predictors['quant'].parents[1]}"],
                          smoke=True, validate=False).config
-    signature = signature_of("lightning_nas.search.settings:SearchSettings")
+    signature = signature_of("lightning_nas.recipe.search_settings:SearchSettings")
     validate_arguments(signature, config["search"], "search")
     with pytest.raises(RecipeError, match="unknown key") as caught:
         validate_arguments(signature, {**config["search"], "evaluation": 5}, "search")
@@ -252,7 +252,7 @@ def test_a_predictor_of_another_target_is_not_mixed_in(tmp_path: Path, predictor
     import torch
 
     from lightning_nas.errors import RecipeError
-    from lightning_nas.search.settings import SearchSettings
+    from lightning_nas.recipe.search_settings import SearchSettings
     from lightning_nas.targets import resolve_target
 
     host = resolve_target("auto").name
