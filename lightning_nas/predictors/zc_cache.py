@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from lightning_nas.errors import RecipeError
+from lightning_nas.nn.builders import build_subnet
 from lightning_nas.spaces.nb201 import NB201Space, format_arch, parse_arch
 
 CACHE_FORMAT = "lightning-nas/zc-stats"
@@ -120,7 +121,7 @@ def architecture_statistics(
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = space.build(arch)
+        model = build_subnet(space, arch)
     results = compute_proxies(list(proxies), model, images, labels, seed)
     return {
         "arch": arch,

@@ -387,20 +387,6 @@ class ProxylessSpace:
         """Cost of the layers every architecture has, by the same cost model."""
         return float(layer_cost(self.fixed_layer_specs(resolution)))
 
-    # ------------------------------------------------------------------ networks
-
-    def build_supernet(self, mixed_op: str = "binary"):  # -> lightning_nas.nn.proxyless_net.ProxylessSupernet
-        """The over-parameterised network (imports torch); ``mixed_op`` is ``binary`` or ``all_paths``."""
-        from lightning_nas.nn.proxyless_net import ProxylessSupernet
-
-        return ProxylessSupernet(self, mixed_op=mixed_op)
-
-    def build_net(self, arch: Sequence[str] | Mapping[str, Any]):  # -> lightning_nas.nn.proxyless_net.ProxylessNet
-        """A freshly initialised standalone network of plain torch layers (imports torch)."""
-        from lightning_nas.nn.proxyless_net import ProxylessNet
-
-        return ProxylessNet(self, self.validate(arch))
-
 
 class ProxylessCifarSpace(ProxylessSpace):
     """The ProxylessNAS space for 32x32 inputs: stride-1 stem and first stage, 10 classes.

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_nas.nn.builders import build_subnet
+
 from ..callbacks.pairs import evaluate
 from ..errors import RecipeError
 from ..files import replacing, write_text
@@ -713,7 +715,7 @@ def load_qat_subnet(path: str | Path) -> nn.Module:
                             ("space", "config", "bits", "output_points", "fixed_ranges", "state_dict"),
                             path=path, key=None, what="a qat_subnet.pt of a QAT run")
     space = SPACES.build(saved["space"])
-    model = space.build_subnet(saved["config"])
+    model = build_subnet(space, saved["config"])
     # files from before deployment targets were trained on the full 8-bit weight grid
     reduced = resolve_target(saved["target"]).reduced_weights if saved.get("target") else False
     attach_quantizers(model, {name: tuple(bits) for name, bits in saved["bits"].items()}, reduce_weight_range=reduced)

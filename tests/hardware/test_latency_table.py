@@ -19,6 +19,7 @@ from lightning_nas.hardware.latency_table import (
     space_units,
     strip_int8_boundaries,
 )
+from lightning_nas.nn.builders import build_subnet
 from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace, OFAMobileNetV3Space
 
 # Keys exactly as once-for-all's MobileNetV3 tables spell them (ImageNet layout, 224x224).
@@ -167,7 +168,7 @@ def test_stripped_int8_unit_runs_int8_to_int8(cifar) -> None:
 
     from lightning_nas.deploy.int8 import convert_to_int8
 
-    subnet = cifar.build_subnet(cifar.smallest()).eval()
+    subnet = build_subnet(cifar, cifar.smallest()).eval()
     block = subnet.blocks["4"]  # a squeeze-excite block with a residual connection
     x = torch.randn(1, cifar.blocks[4].in_channels, 8, 8)
     converted = convert_to_int8(block, [x], example_input=x)
