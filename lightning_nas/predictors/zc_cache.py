@@ -80,7 +80,7 @@ def load_cifar10_batch(
     key: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed (by seed) normalised batch from an ``.npz`` with ``x`` uint8 NHWC and ``y`` int."""
-    from ..data.arrays import load_npz
+    from ..npz import load_npz
 
     x_all, y_all = load_npz(path, key)  # ``key``: the recipe key that named the file, for its errors
     if batch_size > len(y_all):

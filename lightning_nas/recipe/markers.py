@@ -80,7 +80,7 @@ MAPPING_MARKERS = {
     "MQBenchSettings": "signature:lightning_nas.recipe.sections:MQBenchSettings",
     "EMQSearchSettings": "signature:lightning_nas.recipe.sections:EMQSearchSettings",
     "AllocateSettings": "signature:lightning_nas.recipe.sections:AllocateSettings",
-    "ShrinkingPhase": "signature:lightning_nas.callbacks.phases:ShrinkingPhase",
+    "ShrinkingPhase": "signature:lightning_nas.tasks.phases:ShrinkingPhase",
     "PipelineSettings": "signature:lightning_nas.recipe.sections:PipelineSettings",
     "PipelineStage": "signature:lightning_nas.recipe.sections:PipelineStage",
 }

@@ -27,7 +27,7 @@ def read_architectures(path: str, limit: int | None) -> tuple[list[str], list[di
 
 
 def run(recipe: LoadedRecipe) -> Path:
-    from ..predictors.ranking import score_architectures
+    from ..tasks.ranking import score_architectures
 
     config = recipe.config
     require_sections(config, ("rank",), "rank")

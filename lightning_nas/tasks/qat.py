@@ -42,10 +42,10 @@ from torch import nn
 
 from lightning_nas.nn.builders import build_subnet
 
-from ..callbacks.pairs import evaluate
 from ..errors import RecipeError
 from ..files import replacing, write_text
 from ..nn.bn_recalibration import recalibrate_batchnorm
+from ..nn.evaluation import evaluate
 from ..nn.quant import ActivationQuantizer
 from ..nn.quantize_model import (
     attach_output_quantizers,

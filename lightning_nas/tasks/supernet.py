@@ -23,7 +23,6 @@ from torch import nn
 
 from lightning_nas.nn.builders import build_subnet, build_supernet
 
-from ..callbacks.phases import ShrinkingPhase
 from ..errors import RecipeError
 from ..files import append_line, replacing
 from ..nn.bn_recalibration import recalibrate_batchnorm
@@ -39,6 +38,7 @@ from ..recipe.markers import (
     SpaceSpec,
 )
 from .optim import build_optimizer, warmup_cosine
+from .phases import ShrinkingPhase
 
 SUBNETS_CSV = "subnets.csv"
 TEACHER_KEY = "teacher"

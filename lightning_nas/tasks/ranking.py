@@ -23,7 +23,7 @@ def available_rankers() -> list[str]:
 
 
 def _load_task(checkpoint: str | Path):
-    from lightning_nas.tasks.parzc import ParZCTask
+    from .parzc import ParZCTask
 
     what = "a checkpoint of `lightning-nas fit` with a ParZC recipe"
     # Read and checked without pickle first, so a bad file is refused with a clear error.
