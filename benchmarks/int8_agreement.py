@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_nas.nn.builders import build_subnet
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SPACE = {"name": "ofa_mbv3_cifar", "num_classes": 10}
@@ -84,7 +86,7 @@ def _train_fp32(data, steps: int, path: Path, subnet: str) -> None:  # noqa: ANN
 
     space = SPACES.build(SPACE)
     config = space.canonical(getattr(space, subnet)())
-    model = space.build_subnet(config)
+    model = build_subnet(space, config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-5)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=steps, pct_start=0.15)
     model.train()

@@ -98,11 +98,12 @@ def measure_subnets(space, configs: list[dict], precisions: list[str], args: arg
 
     from lightning_nas.deploy.int8 import convert_to_int8, export_onnx, onnx_session
     from lightning_nas.deploy.latency import measure_latency
+    from lightning_nas.nn.builders import build_subnet
 
     torch.set_num_threads(args.threads)
     prepared = []
     for i, config in enumerate(configs):
-        net = space.build_subnet(config).eval()
+        net = build_subnet(space, config).eval()
         x = torch.randn(args.batch_size, 3, config["r"], config["r"], generator=torch.Generator().manual_seed(i))
         runners = {}
         for precision in precisions:

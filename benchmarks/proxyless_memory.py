@@ -65,6 +65,7 @@ def child(mode: str, candidates: int, batch_size: int, steps: int, space_args: d
     import torch
     import torch.nn.functional as F
 
+    from lightning_nas.nn.builders import build_supernet
     from lightning_nas.spaces.proxyless import ProxylessCifarSpace
     from lightning_nas.tasks.proxyless import flops_table
 
@@ -72,7 +73,7 @@ def child(mode: str, candidates: int, batch_size: int, steps: int, space_args: d
     torch.manual_seed(0)
     libc = ctypes.CDLL("libc.so.6")
     space = ProxylessCifarSpace(**space_args, candidate_ops=CANDIDATE_SETS[candidates])
-    net = space.build_supernet(mode)
+    net = build_supernet(space, mode)
     table = flops_table(space)
     costs = [torch.tensor(row) for row in table.costs]
     target = 0.8 * (table.fixed + sum(sum(r) / len(r) for r in table.costs))

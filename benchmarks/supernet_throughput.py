@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lightning_nas.nn.builders import build_supernet
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_nas.nn.shrinking import shrinking_step  # noqa: E402
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
     space = OFAMobileNetV3Space(num_classes=args.num_classes)
-    supernet = space.build_supernet().to(device=device, memory_format=memory_format).train()
+    supernet = build_supernet(space).to(device=device, memory_format=memory_format).train()
     model = torch.compile(supernet) if args.compile else supernet
     optimizer = torch.optim.SGD(supernet.param_groups(3e-5), lr=0.01, momentum=0.9, nesterov=True)
     images = torch.randn(args.batch, 3, args.res, args.res, device=device).contiguous(

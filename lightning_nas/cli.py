@@ -8,8 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .recipe.errors import USAGE_EXIT_CODE, RecipeError
+from .errors import USAGE_EXIT_CODE, RecipeError
 from .recipe.packaged import find_packaged, packaged_recipes, presets_dir, recipes_dir, resolve_recipe
+from .stages.verbs import STAGE_VERBS, recipe_verb
 
 OVERRIDES_HELP = "overrides: key=value (nested.key=1, list=[1,2], flag=true), ~key to delete"
 
@@ -21,23 +22,6 @@ def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="apply the recipe's `smoke:` overrides: tiny data, a few steps, well under a minute")
 
 
-#: verb -> (stage module running it, help). The stage module has ``run(recipe) -> Path``.
-STAGE_VERBS = {
-    "fit": ("lightning_nas.stages.fit", "train the recipe's task (supernet, QAT, predictor, ...)"),
-    "search": ("lightning_nas.stages.search", "run the recipe's joint architecture/pruning/quantization search"),
-    "export": ("lightning_nas.stages.export", "extract and export a subnet from a trained supernet"),
-    "profile": ("lightning_nas.stages.profile", "measure a latency table of a space on this machine"),
-    "rank": ("lightning_nas.stages.rank", "score NAS-Bench-201 architectures of a CSV with a proxy or ParZC "
-             "(`archs=IN.csv out=OUT.csv` set rank.archs / rank.out)"),
-    "mqbench": ("lightning_nas.stages.mqbench", "build a mixed-precision quantization benchmark: random per-layer "
-                "bits, post-training quantization, top-1 pairs (resumable)"),
-    "emq": ("lightning_nas.stages.emq", "evolve a training-free mixed-precision proxy (EMQ) on a benchmark"),
-    "allocate": ("lightning_nas.stages.allocate", "allocate bits per layer with an integer program per proxy, "
-                 "checked by post-training quantization"),
-    "pipeline": ("lightning_nas.stages.pipeline", "run a list of recipes in order, reusing stages already finished"),
-}
-#: Top-level sections that make a recipe belong to a verb other than ``fit``.
-VERB_SECTIONS = ("search", "export", "profile", "rank", "mqbench", "emq", "allocate", "pipeline")
 #: Bare keys a verb accepts as shorthand for keys of its section (`rank archs=x.csv`).
 SECTION_SHORTHANDS = {"rank": ("archs", "out", "ranker", "limit"), "pipeline": ("data",)}
 
@@ -71,11 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("name", help="a packaged recipe's name (`lightning-nas ls`), a preset, fragments/NAME, or a file")
     cp.add_argument("dest", help="the file to write, or an existing directory to write NAME.yaml into")
     return parser
-
-
-def recipe_verb(config: dict) -> str:
-    """The verb that runs a recipe: the one whose section it has, else ``fit``."""
-    return next((verb for verb in VERB_SECTIONS if config.get(verb) is not None), "fit")
 
 
 def list_recipes(directory: str | None = None) -> list[tuple[str, str, str]]:

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .recipe.errors import RecipeError
+from .errors import RecipeError
 
 PAUSE_AT_ENV = "LIGHTNING_NAS_PAUSE_AT"
 PAUSE_FILE_ENV = "LIGHTNING_NAS_PAUSE_FILE"

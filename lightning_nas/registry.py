@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .recipe.errors import RecipeError, close_match
+from .errors import RecipeError, close_match
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from .recipe.errors import RecipeError
+from .errors import RecipeError
 
 ISAS = ("x86_vnni", "x86_avx2", "arm")
 RUNTIMES = ("torch", "onnxruntime")

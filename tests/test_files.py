@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+from lightning_nas.errors import RecipeError
 from lightning_nas.files import (
     PAUSE_AT_ENV,
     PAUSE_FILE_ENV,
@@ -21,7 +22,6 @@ from lightning_nas.files import (
     write_json,
     write_text,
 )
-from lightning_nas.recipe.errors import RecipeError
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:

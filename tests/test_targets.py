@@ -5,7 +5,7 @@ import inspect
 
 import pytest
 
-from lightning_nas.recipe.errors import RecipeError
+from lightning_nas.errors import RecipeError
 from lightning_nas.recipe.sections import DeploySettings
 from lightning_nas.targets import (
     TARGET_CHOICES,

@@ -13,7 +13,6 @@ import hashlib
 import math
 import random
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,11 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from ..errors import RecipeError
 from ..files import write_json
 from ..nn.bn_recalibration import recalibrate_batchnorm
+from ..nn.evaluation import evaluate
 from ..predictors.pair_store import Pair, PairStore, plan_key
-from ..recipe.errors import RecipeError
 from ..recipe.markers import BitChoices
 from ..targets import TargetName, check_same_target, resolve_target
 
@@ -38,19 +38,6 @@ def state_hash(module: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-    """(top-1 in percent, mean cross-entropy) over normalised batches."""
-    model.eval()
-    correct, loss, total = 0, 0.0, 0
-    for images, labels in batches:
-        logits = model(images)
-        correct += int((logits.argmax(1) == labels).sum())
-        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-        total += len(labels)
-    return 100.0 * correct / total, loss / total
 
 
 def split_holdout(datamodule: Any, bn_images: int, eval_images: int, batch_size: int) -> tuple[list, list]:

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..files import replacing
-from .phases import ShrinkingPhase, parse_phases, phase_at_epoch
+from ..tasks.phases import ShrinkingPhase, parse_phases, phase_at_epoch
 
 
 class ProgressiveShrinking(pl.Callback):

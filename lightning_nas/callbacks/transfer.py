@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..recipe.errors import RecipeError
+from ..errors import RecipeError
 from ..recipe.markers import ExistingFile, SpaceSpec
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from ..recipe.errors import RecipeError
+from ..errors import RecipeError
 from ..recipe.markers import NonNegativeInt, PositiveInt
 from .subsets import dataset_labels, evaluation_subset
 

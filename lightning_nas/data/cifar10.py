@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..recipe.errors import RecipeError
+from ..errors import RecipeError
 from ..recipe.markers import DownloadableDir
 from .arrays import load_npz
 from .base import ArrayImageDataset, ImageClassificationDataModule

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..errors import RecipeError
 from ..predictors.encoding import encode_pairs
 from ..predictors.pair_store import Pair, PairStore
-from ..recipe.errors import RecipeError
 from ..recipe.markers import BitChoices, ExistingFile, Fraction, PositiveInt, SpaceSpec
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nas.spaces.nb201 import format_arch, parse_arch
 
-from ..recipe.errors import RecipeError
+from ..errors import RecipeError
 
 
 def read_accuracies(csv_path: str | Path, target_column: str) -> dict[str, float]:

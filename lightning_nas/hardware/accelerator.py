@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lightning_nas.hardware.layers import LayerSpec
+from lightning_nas.spaces.layers import LayerSpec
 
 __all__ = ["BitFusionModel", "LayerCost"]
 

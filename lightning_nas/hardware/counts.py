@@ -1,6 +1,6 @@
 """Counts of a network from its config alone: MACs, parameters, BitOps and model size.
 
-Nothing is built: everything is read from the space's :class:`~lightning_nas.hardware.layers.LayerSpec`
+Nothing is built: everything is read from the space's :class:`~lightning_nas.spaces.layers.LayerSpec`
 list (``space.layer_specs(config)``) and, for mixed precision, from the bit widths that
 :meth:`QuantPolicySpace.bits_for_layers <lightning_nas.spaces.quant_policy.QuantPolicySpace.bits_for_layers>`
 binds to every layer. Definitions:
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_nas.hardware.layers import LayerSpec
+from lightning_nas.spaces.layers import LayerSpec
 from lightning_nas.spaces.quant_policy import FULL_PRECISION_BITS, POLICY_KEYS, ROLE_TO_KIND, QuantPolicySpace
 
 __all__ = [

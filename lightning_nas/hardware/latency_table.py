@@ -82,7 +82,7 @@ import numpy as np
 
 from lightning_nas.files import locked, write_text
 from lightning_nas.hardware.counts import BlockDecomposition
-from lightning_nas.hardware.layers import LayerSpec
+from lightning_nas.spaces.layers import LayerSpec
 
 __all__ = [
     "PRECISIONS",
@@ -904,8 +904,10 @@ def _profile_networks(space: Any, decomposition: UnitDecomposition, table: Laten
 
     def prepare() -> Iterator[tuple[_Network, str, list[Any], Any, set[str]]]:
         """Build every network's units once per precision (int8 conversion is the slow part)."""
+        from lightning_nas.nn.builders import build_subnet
+
         for network in networks:
-            subnet = space.build_subnet(network.config).eval()
+            subnet = build_subnet(space, network.config).eval()
             modules = [_unit_module(subnet, unit).eval() for unit in network.units]
             generator = torch.Generator().manual_seed(seed)
             x = torch.randn(batch_size, 3, network.resolution, network.resolution, generator=generator)
@@ -989,8 +991,10 @@ def _profile_isolated(space: Any, units: Sequence[Unit], table: LatencyTable, ou
 
 def _subnet_for(space: Any, kernel: int | None, expand: int | None) -> Any:
     """A subnet running every block with ``kernel`` and ``expand`` (all blocks, random weights)."""
+    from lightning_nas.nn.builders import build_subnet
+
     kernel = min(space.kernel_choices) if kernel is None else kernel
     expand = min(space.expand_choices) if expand is None else expand
     config = {"ks": [kernel] * space.num_blocks, "e": [expand] * space.num_blocks,
               "d": [space.max_depth] * space.num_stages, "r": space.resolutions[0]}
-    return space.build_subnet(config).eval()
+    return build_subnet(space, config).eval()

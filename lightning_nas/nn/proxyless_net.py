@@ -96,7 +96,7 @@ class ProxylessNet(_MobileNetV2Body):
 
     ``blocks[i]`` is the MBConv of searchable layer ``i`` (with its shortcut where the layer has
     one) or ``nn.Identity`` for a zero layer. ``space`` and ``ops`` are plain attributes, so
-    ``torch.save(net)`` keeps them and ``space.build_net(net.ops)`` rebuilds the architecture.
+    ``torch.save(net)`` keeps them and :func:`~lightning_nas.nn.builders.build_subnet` ``(space, net.ops)`` rebuilds the architecture.
     """
 
     def __init__(self, space: ProxylessSpace, ops: Sequence[str]) -> None:

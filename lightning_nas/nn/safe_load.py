@@ -7,7 +7,7 @@ package reads goes through :func:`load_torch_file`, which loads with ``weights_o
 teacher network, an exported subnet) is stored as its config and state dict and rebuilt.
 
 A file that only pickle can read (written by an older version, or holding objects) is refused
-with a :class:`~lightning_nas.recipe.errors.RecipeError` that names the file and the recipe key
+with a :class:`~lightning_nas.errors.RecipeError` that names the file and the recipe key
 ``allow_pickle: true``; a user who trusts the file sets it, and the file is then loaded with
 pickle after a warning. The choice is process-wide (:func:`set_allow_pickle`), set by each stage
 from its recipe.
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..recipe.errors import RecipeError
+from ..errors import RecipeError
 
 ALLOW_PICKLE_KEY = "allow_pickle"
 _allow_pickle = False

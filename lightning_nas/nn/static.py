@@ -166,7 +166,7 @@ class MobileNetV3Subnet(nn.Module):
     supernet weights. Elastic blocks live in ``blocks`` (an ``nn.ModuleDict``) under their supernet
     block index, so module names match the supernet's. ``config`` and ``space`` are kept as plain
     attributes: ``torch.save(subnet)`` stores them with the weights, and
-    ``space.build_subnet(subnet.config)`` rebuilds the architecture for a ``state_dict``.
+    :func:`~lightning_nas.nn.builders.build_subnet` ``(space, subnet.config)`` rebuilds the architecture for a ``state_dict``.
     """
 
     def __init__(self, space: OFAMobileNetV3Space, config: Mapping[str, Any]) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import RecipeError
 from ..nn.safe_load import load_torch_file, require_mapping
-from ..recipe.errors import RecipeError
 
 
 class AccuracyPredictor(nn.Module):

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..recipe.errors import RecipeError
+from ..errors import RecipeError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairs (

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_nas.recipe.errors import RecipeError
+from lightning_nas.errors import RecipeError
+from lightning_nas.nn.builders import build_subnet
 from lightning_nas.spaces.nb201 import NB201Space, format_arch, parse_arch
 
 CACHE_FORMAT = "lightning-nas/zc-stats"
@@ -79,7 +80,7 @@ def load_cifar10_batch(
     key: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed (by seed) normalised batch from an ``.npz`` with ``x`` uint8 NHWC and ``y`` int."""
-    from ..data.arrays import load_npz
+    from ..npz import load_npz
 
     x_all, y_all = load_npz(path, key)  # ``key``: the recipe key that named the file, for its errors
     if batch_size > len(y_all):
@@ -120,7 +121,7 @@ def architecture_statistics(
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = space.build(arch)
+        model = build_subnet(space, arch)
     results = compute_proxies(list(proxies), model, images, labels, seed)
     return {
         "arch": arch,

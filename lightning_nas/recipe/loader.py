@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
-from .errors import RecipeError
+from ..errors import RecipeError
 from .packaged import find_packaged, presets_dir, recipes_dir, resolve_recipe
 from .signature import signature_of
 from .validate import RECIPE_SCHEMA, validate_recipe

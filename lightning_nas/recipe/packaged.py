@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from .errors import RecipeError
+from ..errors import RecipeError
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 RECIPE_SUFFIXES = (".yaml", ".yml")

@@ -21,8 +21,8 @@ from .markers import (
 )
 
 if TYPE_CHECKING:
-    from ..hardware.settings import ProfileSettings
-    from ..search.settings import SearchSettings
+    from .profile_settings import ProfileSettings
+    from .search_settings import SearchSettings
 
 
 @dataclass

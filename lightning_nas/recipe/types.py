@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import RecipeError
+from ..errors import RecipeError
 from .markers import MAPPING_MARKERS, NAME_MARKERS, PATH_MARKERS, RANGE_MARKERS, VALUE_CHECKS
 
 _ANY = ast.Name(id="Any")

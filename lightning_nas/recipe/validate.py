@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import RecipeError, close_match
 from ..registry import REGISTRIES
-from .errors import RecipeError, close_match
 from .markers import PATH_MARKERS
 from .signature import Signature, TargetNotFound, signature_of
 from .types import check_value

@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from ..recipe.errors import RecipeError
+from ..errors import RecipeError
 from .joint_space import JointSpace
 from .scoring import Scorer, Scores, SearchHistory, probe_feasible
 

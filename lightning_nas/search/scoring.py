@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..recipe.errors import RecipeError
+from ..errors import RecipeError
 from .joint_space import Candidate, JointSpace
 
 __all__ = [
@@ -147,7 +147,7 @@ class Scorer:
         self.constraints: dict[str, float] = {}
         for metric, limit in (constraints or {}).items():
             if metric not in self.metrics:
-                from ..recipe.errors import close_match
+                from ..errors import close_match
 
                 hint = close_match(str(metric), self.metrics)
                 raise RecipeError(

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from lightning_nas.nn.nb201 import NB201Network
+from typing import Any
 
 OPS: tuple[str, ...] = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 NUM_NODES = 4
@@ -173,16 +170,6 @@ class NB201Space:
 
     def weight_slots(self) -> list[str]:
         return weight_slot_names(self.cells_per_stage)
-
-    def build(self, arch_str: str) -> NB201Network:
-        from lightning_nas.nn.nb201 import NB201Network  # lazy: keeps this module torch-free
-
-        return NB201Network(
-            arch_str,
-            num_classes=self.num_classes,
-            init_channels=self.init_channels,
-            cells_per_stage=self.cells_per_stage,
-        )
 
     def __repr__(self) -> str:
         return (f"NB201Space(num_classes={self.num_classes}, init_channels={self.init_channels}, "

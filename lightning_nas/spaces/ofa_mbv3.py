@@ -4,7 +4,7 @@ This module is the single source of truth for the OFA MobileNetV3 layout: the su
 (:mod:`lightning_nas.nn.ofa_mbv3`), the extracted static subnets, the accuracy-predictor encoding,
 the evolutionary operators and the cost models all read their shapes from here. It must stay
 importable without torch because recipe validation and search scoring run on it; the network is
-only built on demand by :meth:`OFAMobileNetV3Space.build_supernet`.
+built by :mod:`lightning_nas.nn.builders`.
 
 A subnet config is a plain dict ``{"ks": [B ints], "e": [B ints], "d": [S ints], "r": int}`` with
 ``S`` stages of at most ``D`` blocks each (``B = S * D``): per-block depthwise kernel size and
@@ -12,7 +12,7 @@ expand ratio, per-stage depth (the first ``d`` blocks of a stage run) and the in
 Entries of skipped blocks do not change the network; :meth:`OFAMobileNetV3Space.canonical` maps
 them to the smallest choices so that equal networks have equal configs.
 
-Module naming contract: every :class:`~lightning_nas.hardware.layers.LayerSpec` returned by
+Module naming contract: every :class:`~lightning_nas.spaces.layers.LayerSpec` returned by
 :meth:`OFAMobileNetV3Space.layer_specs` is named after the qualified module name (as in
 ``model.named_modules()``) of its convolution / linear module, and that name is the same in the
 supernet and in the extracted subnet::
@@ -35,7 +35,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lightning_nas.hardware.layers import LayerSpec
+from lightning_nas.spaces.layers import LayerSpec
 
 __all__ = [
     "ACTIVATIONS",
@@ -667,23 +667,6 @@ class OFAMobileNetV3Space:
         return sum(spec.params for spec in self.layer_specs(config)) + 2 * sum(
             self.batchnorm_channels(config)
         )
-
-    # ------------------------------------------------------------------ networks
-
-    def build_supernet(self):  # -> lightning_nas.nn.ofa_mbv3.OFAMobileNetV3 (torch imported lazily)
-        """The elastic supernet for this space (imports torch)."""
-        from lightning_nas.nn.ofa_mbv3 import OFAMobileNetV3
-
-        return OFAMobileNetV3(self)
-
-    def build_subnet(self, config: Mapping[str, Any]):  # -> lightning_nas.nn.static.MobileNetV3Subnet
-        """A freshly initialised standalone network for ``config`` (imports torch).
-
-        Use :meth:`OFAMobileNetV3.extract` to get one with the supernet's weights.
-        """
-        from lightning_nas.nn.static import MobileNetV3Subnet
-
-        return MobileNetV3Subnet(self, self.canonical(config))
 
 
 class OFAMobileNetV3CifarSpace(OFAMobileNetV3Space):

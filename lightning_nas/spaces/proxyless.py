@@ -20,7 +20,7 @@ layer: ``["3x3_MBConv3", "zero", "7x7_MBConv6", ...]``. A derived-architecture f
 at least ``{"space": {"name": ..., <constructor args>}, "ops": [...]}``; the search adds the
 probabilities and the expected cost (see :func:`derived_arch_record`).
 
-Module naming contract: every :class:`~lightning_nas.hardware.layers.LayerSpec` from
+Module naming contract: every :class:`~lightning_nas.spaces.layers.LayerSpec` from
 :meth:`ProxylessSpace.layer_specs` is named after its convolution / linear module in the derived
 standalone network (:class:`lightning_nas.nn.proxyless_net.ProxylessNet`)::
 
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_nas.hardware.layers import LayerSpec
+from lightning_nas.spaces.layers import LayerSpec
 from lightning_nas.spaces.ofa_mbv3 import make_divisible
 
 __all__ = [
@@ -386,20 +386,6 @@ class ProxylessSpace:
     def fixed_cost(self, layer_cost: Callable[[list[LayerSpec]], float], resolution: int | None = None) -> float:
         """Cost of the layers every architecture has, by the same cost model."""
         return float(layer_cost(self.fixed_layer_specs(resolution)))
-
-    # ------------------------------------------------------------------ networks
-
-    def build_supernet(self, mixed_op: str = "binary"):  # -> lightning_nas.nn.proxyless_net.ProxylessSupernet
-        """The over-parameterised network (imports torch); ``mixed_op`` is ``binary`` or ``all_paths``."""
-        from lightning_nas.nn.proxyless_net import ProxylessSupernet
-
-        return ProxylessSupernet(self, mixed_op=mixed_op)
-
-    def build_net(self, arch: Sequence[str] | Mapping[str, Any]):  # -> lightning_nas.nn.proxyless_net.ProxylessNet
-        """A freshly initialised standalone network of plain torch layers (imports torch)."""
-        from lightning_nas.nn.proxyless_net import ProxylessNet
-
-        return ProxylessNet(self, self.validate(arch))
 
 
 class ProxylessCifarSpace(ProxylessSpace):

@@ -28,8 +28,8 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # only attributes are read; avoids importing the hardware package at run time
-    from lightning_nas.hardware.layers import LayerSpec
+if TYPE_CHECKING:  # only attributes are read; the module stays loadable on its own, without its package
+    from lightning_nas.spaces.layers import LayerSpec
 
 #: Policy keys, in the order they appear in the encoding.
 POLICY_KEYS: tuple[str, ...] = ("pw_w", "pw_a", "dw_w", "dw_a")

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import RecipeError
 from ..predictors.pair_store import Pair, PairStore, file_hash
-from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import prepare_run_dir, seed_everything

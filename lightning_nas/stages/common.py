@@ -10,8 +10,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ..errors import RecipeError
 from ..files import write_text
-from ..recipe.errors import RecipeError
 from ..recipe.loader import RUN_DIR_ENV, LoadedRecipe
 
 CONFIG_FILE = "config.yaml"

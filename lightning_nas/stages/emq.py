@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import RecipeError
 from ..predictors.pair_store import PairStore
-from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import prepare_run_dir

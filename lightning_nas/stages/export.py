@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import RecipeError, close_match
 from ..files import replacing, write_text
-from ..recipe.errors import RecipeError, close_match
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import prepare_run_dir, seed_everything

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import RecipeError
 from ..nn.safe_load import pickle_allowed
-from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import build_trainer, prepare_run_dir, resume_checkpoint, seed_everything, write_config

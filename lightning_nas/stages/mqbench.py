@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import RecipeError
 from ..predictors.pair_store import Pair, PairStore, file_hash, plan_key
-from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import build_loggers, prepare_run_dir, seed_everything

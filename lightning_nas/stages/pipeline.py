@@ -28,13 +28,14 @@ from typing import Any
 
 import yaml
 
+from ..errors import RecipeError
 from ..files import RunDirectoryLock, replacing, write_json
-from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe, load_recipe
 from ..recipe.packaged import find_packaged
 from ..recipe.sections import PipelineSettings, PipelineStage
 from ..recipe.validate import validate_recipe
 from .common import CONFIG_FILE, is_global_zero, prepare_run_dir
+from .verbs import STAGE_VERBS, recipe_verb
 
 DONE_FILE = "stage_done.json"
 SUMMARY_FILE = "pipeline.csv"
@@ -259,8 +260,6 @@ PlannedStage = tuple[Path, PipelineStage, LoadedRecipe, str, list[str]]
 
 def plan(recipe: LoadedRecipe) -> tuple[PipelineSettings, Path, list[PlannedStage]]:
     """Load and validate every stage first: a typo in the last stage fails before hours of training."""
-    from ..cli import recipe_verb
-
     given = recipe.config["pipeline"]
     settings = PipelineSettings(**{**given, "stages": [PipelineStage(**stage) for stage in given["stages"]]})
     run_dir = Path(recipe.config["run_dir"])
@@ -295,8 +294,6 @@ def run(recipe: LoadedRecipe) -> Path:
 
 
 def _run(recipe: LoadedRecipe) -> Path:
-    from ..cli import STAGE_VERBS
-
     settings, run_dir, stages = plan(recipe)
     prepare_run_dir(recipe)
     deploy = pipeline_deploy(recipe.config)  # as plan() resolved it: the host does not change

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..recipe.errors import RecipeError
+from ..errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import prepare_run_dir
@@ -19,7 +19,7 @@ TABLE_FILE = "latency_table.json"
 
 def run(recipe: LoadedRecipe) -> Path:
     from ..hardware.latency_table import LatencyTable, LatencyTableError, profile_space
-    from ..hardware.settings import ProfileSettings
+    from ..recipe.profile_settings import ProfileSettings
     from ..registry import SPACES
 
     config = recipe.config

@@ -6,8 +6,8 @@ import csv
 import time
 from pathlib import Path
 
+from ..errors import RecipeError
 from ..files import replacing
-from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import prepare_run_dir
@@ -27,7 +27,7 @@ def read_architectures(path: str, limit: int | None) -> tuple[list[str], list[di
 
 
 def run(recipe: LoadedRecipe) -> Path:
-    from ..predictors.ranking import score_architectures
+    from ..tasks.ranking import score_architectures
 
     config = recipe.config
     require_sections(config, ("rank",), "rank")

@@ -1,6 +1,6 @@
 """``lightning-nas search``: joint architecture / channel-pruning / quantization search.
 
-Reads the recipe's ``search:`` section (:class:`~lightning_nas.search.settings.SearchSettings`),
+Reads the recipe's ``search:`` section (:class:`~lightning_nas.recipe.search_settings.SearchSettings`),
 scores candidates with the accuracy predictor and the cost models under hard constraints, and
 writes into ``<run_dir>/search/``:
 
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import RecipeError
 from ..files import replacing, write_text
-from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import build_loggers, prepare_run_dir
@@ -48,7 +48,7 @@ NNI_DIR = "nni"
 
 
 def load_settings(config: Mapping[str, Any]) -> Any:
-    from ..search.settings import SearchSettings
+    from ..recipe.search_settings import SearchSettings
 
     require_sections(config, ("search",), "search")
     try:

@@ -34,12 +34,13 @@ from typing import Any
 
 import yaml
 
+from ..errors import RecipeError
 from ..files import write_text
-from ..recipe.errors import RecipeError
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import CONFIG_FILE
 from .pipeline import load_with_stage_overrides, plan, split_stage_overrides
+from .verbs import STAGE_VERBS, recipe_verb
 
 STATE_FILE = "trials.json"
 TABLE_FILE = "trials.csv"
@@ -95,8 +96,6 @@ def _check_key(recipe: LoadedRecipe, overrides: Sequence[str], key: str, spec: d
 
 
 def sweep_definition(recipe: LoadedRecipe, overrides: Sequence[str] = (), smoke: bool = False) -> dict[str, Any]:
-    from ..cli import recipe_verb
-
     config = recipe.config
     require_sections(config, ("sweep",), "sweep")
     settings = config["sweep"]
@@ -223,7 +222,6 @@ def run_trial(recipe: LoadedRecipe, overrides: Sequence[str], smoke: bool, trial
     """Run one trial in this process as a W&B run; records its status, metric and time in ``trial``."""
     import wandb
 
-    from ..cli import STAGE_VERBS, recipe_verb
     from ..loggers import wandb_offline
 
     trial_dir = Path(trial["run_dir"])

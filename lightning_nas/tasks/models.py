@@ -14,7 +14,7 @@ def timm_model(arch: str, num_classes: int = 10, drop_rate: float = 0.0, pretrai
     import timm
 
     if arch not in timm.list_models():
-        from ..recipe.errors import RecipeError, close_match
+        from ..errors import RecipeError, close_match
 
         raise RecipeError("unknown timm architecture", key="task.model.arch", given=arch,
                           allowed="a name from timm.list_models()", suggestion=close_match(arch, timm.list_models()))

@@ -9,7 +9,7 @@ from torchmetrics.regression import KendallRankCorrCoef, SpearmanCorrCoef
 from lightning_nas.predictors.losses import LOSSES, RankingLoss
 from lightning_nas.predictors.parzc import ParZC
 
-from ..recipe.errors import RecipeError
+from ..errors import RecipeError
 from ..recipe.markers import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 
@@ -19,7 +19,7 @@ class ParZCTask(pl.LightningModule):
     ``num_nodes`` / ``num_stats`` / ``proxies`` / ``stats_seed`` may be left ``None`` and are
     then read from the datamodule (:class:`lightning_nas.data.zc_stats.ZCStatsDataModule`) at
     setup and written back into the hyper-parameters, so a checkpoint is self-describing:
-    :mod:`lightning_nas.predictors.ranking` recomputes the same statistics from it. The min-max
+    :mod:`lightning_nas.tasks.ranking` recomputes the same statistics from it. The min-max
     scaler is fit on the training split at setup and saved with the weights.
     """
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional import kendall_rank_corrcoef, spearman_corrcoef
 
+from ..errors import RecipeError
 from ..files import replacing, write_text
 from ..predictors.accuracy import AccuracyPredictor, QuantAccuracyPredictor, load_predictor, save_predictor
-from ..recipe.errors import RecipeError
 from ..recipe.markers import ExistingFile, NonNegativeFloat, PositiveFloat, PositiveInt
 
 METRICS_FILE = "predictor_metrics.json"

@@ -51,8 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_nas.nn.builders import build_subnet, build_supernet
+
+from ..errors import RecipeError
 from ..files import append_line, replacing, write_text
-from ..recipe.errors import RecipeError
 from ..recipe.markers import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, SpaceSpec
 from ..spaces.proxyless import ZERO, ProxylessSpace, derived_arch_record, parse_op
 from .optim import warmup_cosine
@@ -353,7 +355,7 @@ class ProxylessSearchTask(pl.LightningModule):
         self.space: ProxylessSpace = SPACES.build(space)
         if not isinstance(self.space, ProxylessSpace):
             raise RecipeError(f"the proxyless task needs a ProxylessNAS space, got {type(self.space).__name__}", key="task.space")
-        self.supernet = self.space.build_supernet(mixed_op)
+        self.supernet = build_supernet(self.space, mixed_op)
         self.automatic_optimization = False
         self.ddp_find_unused_parameters = True  # one path per layer runs
         self.table: CostTable | None = None
@@ -624,6 +626,6 @@ def load_derived_model(path: str | Path, key: str | None = None) -> nn.Module:
     if isinstance(saved, dict) and isinstance(saved.get("model"), nn.Module) and "state_dict" not in saved:
         return saved["model"].eval()  # an older file, read with allow_pickle: the module itself
     require_mapping(saved, ("ops", "space", "state_dict"), path=path, key=key, what=what)
-    net = SPACES.build(saved["space"]).build_net(saved["ops"])
+    net = build_subnet(SPACES.build(saved["space"]), saved["ops"])
     net.load_state_dict(saved["state_dict"])
     return net.eval()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_nas.nn.builders import build_subnet
+
 from ..recipe.markers import ExistingFile
 
 
@@ -25,4 +27,4 @@ def proxyless_derived(arch_path: ExistingFile, num_classes: int = 10, width_mult
         if dropout is not None:
             arguments["dropout"] = dropout
         space = space_from_record({"space": arguments})
-    return space.build_net(ops)
+    return build_subnet(space, ops)

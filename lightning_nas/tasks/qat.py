@@ -40,9 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..callbacks.pairs import evaluate
+from lightning_nas.nn.builders import build_subnet
+
+from ..errors import RecipeError
 from ..files import replacing, write_text
 from ..nn.bn_recalibration import recalibrate_batchnorm
+from ..nn.evaluation import evaluate
 from ..nn.quant import ActivationQuantizer
 from ..nn.quantize_model import (
     attach_bias_grids,
@@ -58,7 +61,6 @@ from ..nn.quantize_model import (
 )
 from ..nn.safe_load import load_torch_file, require_mapping
 from ..nn.shrinking import soft_cross_entropy
-from ..recipe.errors import RecipeError
 from ..recipe.markers import (
     BitChoices,
     ExistingFile,
@@ -719,7 +721,7 @@ def load_qat_subnet(path: str | Path) -> nn.Module:
                             ("space", "config", "bits", "output_points", "fixed_ranges", "state_dict"),
                             path=path, key=None, what="a qat_subnet.pt of a QAT run")
     space = SPACES.build(saved["space"])
-    model = space.build_subnet(saved["config"])
+    model = build_subnet(space, saved["config"])
     # files from before deployment targets were trained on the full 8-bit weight grid
     reduced = resolve_target(saved["target"]).reduced_weights if saved.get("target") else False
     attach_quantizers(model, {name: tuple(bits) for name, bits in saved["bits"].items()}, reduce_weight_range=reduced)

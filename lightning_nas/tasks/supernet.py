@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..callbacks.phases import ShrinkingPhase
+from lightning_nas.nn.builders import build_subnet, build_supernet
+
+from ..errors import RecipeError
 from ..files import append_line, replacing
 from ..nn.bn_recalibration import recalibrate_batchnorm
 from ..nn.safe_load import load_torch_file, require_mapping
 from ..nn.shrinking import shrinking_step
-from ..recipe.errors import RecipeError
 from ..recipe.markers import (
     ExistingFile,
     Fraction,
@@ -37,6 +38,7 @@ from ..recipe.markers import (
     SpaceSpec,
 )
 from .optim import build_optimizer, warmup_cosine
+from .phases import ShrinkingPhase
 
 SUBNETS_CSV = "subnets.csv"
 TEACHER_KEY = "teacher"
@@ -94,7 +96,7 @@ class SupernetTask(pl.LightningModule):
         from ..registry import SPACES
 
         self.space = SPACES.build(space)
-        self.supernet = self.space.build_supernet()
+        self.supernet = build_supernet(self.space)
         if init_checkpoint:
             self.load_supernet_weights(init_checkpoint)
         if channels_last:
@@ -351,7 +353,7 @@ def rebuild_network(saved: Any, *, path: str, key: str) -> tuple[nn.Module, dict
     except (ValueError, TypeError, KeyError) as error:  # the file's data, not the code, is wrong
         raise RecipeError(f"the file's space or config cannot be built ({error})", key=key, given=str(path),
                           allowed=SUBNET_FILE_DESCRIPTION) from None
-    model = space.build_subnet(config)
+    model = build_subnet(space, config)
     try:
         model.load_state_dict(saved["state_dict"])
     except RuntimeError as error:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_nas.callbacks.phases import parse_phases, phase_at_epoch
 from lightning_nas.cli import main
+from lightning_nas.tasks.phases import parse_phases, phase_at_epoch
 
 RECIPE = "recipes/ofa_supernet.yaml"
 PHASES = [

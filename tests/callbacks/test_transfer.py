@@ -10,8 +10,8 @@ import pytest
 from conftest import fill_store
 
 from lightning_nas.callbacks.transfer import PredictorTransfer
+from lightning_nas.errors import RecipeError
 from lightning_nas.predictors.accuracy import AccuracyPredictor, save_predictor
-from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
 from lightning_nas.tasks.predictor import METRICS_FILE, PREDICTOR_FILE
 

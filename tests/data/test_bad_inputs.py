@@ -12,8 +12,8 @@ import pytest
 from lightning_nas.cli import main
 from lightning_nas.data.arrays import load_npz
 from lightning_nas.data.pairs import PairsDataModule
+from lightning_nas.errors import RecipeError
 from lightning_nas.predictors.pair_store import Pair, PairStore
-from lightning_nas.recipe.errors import RecipeError
 
 SUPERNET = "recipes/ofa_supernet.yaml"
 

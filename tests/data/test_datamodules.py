@@ -14,7 +14,7 @@ from lightning_nas.data.base import holdout_split, step_resolution
 from lightning_nas.data.cifar10 import CIFAR10DataModule
 from lightning_nas.data.digits import DigitsDataModule
 from lightning_nas.data.folders import ImageFolderDataModule
-from lightning_nas.recipe.errors import RecipeError
+from lightning_nas.errors import RecipeError
 
 
 def labels_of(dataset) -> list[int]:

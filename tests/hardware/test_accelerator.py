@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lightning_nas.hardware.accelerator import BitFusionModel
-from lightning_nas.hardware.layers import LayerSpec
+from lightning_nas.spaces.layers import LayerSpec
 
 BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
+from lightning_nas.errors import RecipeError
 from lightning_nas.hardware.accelerator import BitFusionModel
 from lightning_nas.hardware.cost_models import (
     BitFusionCostModel,
@@ -18,7 +19,6 @@ from lightning_nas.hardware.cost_models import (
 )
 from lightning_nas.hardware.counts import count_network, layer_bits
 from lightning_nas.hardware.latency_table import LatencyTable, UnitDecomposition, space_units
-from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.recipe.signature import signature_of
 from lightning_nas.recipe.validate import validate_arguments
 from lightning_nas.spaces.quant_policy import QuantPolicySpace

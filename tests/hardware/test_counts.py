@@ -8,6 +8,7 @@ import time
 import pytest
 
 from lightning_nas.hardware.counts import BYTES_PER_FLOAT, CountTable, count_network, layer_bits
+from lightning_nas.nn.builders import build_subnet
 from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace, OFAMobileNetV3Space
 from lightning_nas.spaces.quant_policy import QuantPolicySpace
 
@@ -26,7 +27,7 @@ def test_hardware_count_modules_import_without_torch() -> None:
     code = (
         "import sys\n"
         "import lightning_nas.hardware.counts, lightning_nas.hardware.accelerator\n"
-        "import lightning_nas.hardware.cost_models, lightning_nas.hardware.settings\n"
+        "import lightning_nas.hardware.cost_models, lightning_nas.recipe.profile_settings\n"
         "import lightning_nas.hardware.latency_table\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
@@ -40,7 +41,7 @@ def independent_counts(space, config: dict, policy: dict | None, policy_space: Q
     from torch import nn
     from torch.utils.flop_counter import FlopCounterMode
 
-    net = space.build_subnet(config).eval()
+    net = build_subnet(space, config).eval()
     bits = layer_bits(space.layer_specs(config), policy, policy_space)
     bitops = 0.0
     size_bits = 0.0

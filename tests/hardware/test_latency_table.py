@@ -19,6 +19,7 @@ from lightning_nas.hardware.latency_table import (
     space_units,
     strip_int8_boundaries,
 )
+from lightning_nas.nn.builders import build_subnet
 from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace, OFAMobileNetV3Space
 
 # Keys exactly as once-for-all's MobileNetV3 tables spell them (ImageNet layout, 224x224).
@@ -167,7 +168,7 @@ def test_stripped_int8_unit_runs_int8_to_int8(cifar) -> None:
 
     from lightning_nas.deploy.int8 import convert_to_int8
 
-    subnet = cifar.build_subnet(cifar.smallest()).eval()
+    subnet = build_subnet(cifar, cifar.smallest()).eval()
     block = subnet.blocks["4"]  # a squeeze-excite block with a residual connection
     x = torch.randn(1, cifar.blocks[4].in_channels, 8, 8)
     converted = convert_to_int8(block, [x], example_input=x)
@@ -243,7 +244,7 @@ def test_profile_recipe_smoke_writes_and_resumes_a_table(cifar, tmp_path: Path,
     run_dir = tmp_path / "run"
     recipe = load_recipe("recipes/latency_lut_cpu.yaml", [f"run_dir={run_dir}"], smoke=True, validate=False)
     assert recipe.config["description"]
-    validate_arguments(signature_of("lightning_nas.hardware.settings:ProfileSettings"), recipe.config["profile"],
+    validate_arguments(signature_of("lightning_nas.recipe.profile_settings:ProfileSettings"), recipe.config["profile"],
                        "profile")
     assert profile.run(recipe) == run_dir
     table = LatencyTable.load(run_dir / "latency_table.json")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_nas.nn.builders import build_supernet
 from lightning_nas.nn.mixed_op import (
     AllPathsMixedOp,
     BinaryGateMixedOp,
@@ -227,7 +228,7 @@ def test_supernet_starts_shortcut_layers_as_identity_and_extracts_the_chosen_ops
     from lightning_nas.spaces.proxyless import ProxylessCifarSpace
 
     space = ProxylessCifarSpace(width_mult=0.25, stage_depths=[1, 2, 1, 1, 1, 1])
-    net = space.build_supernet().eval()
+    net = build_supernet(space).eval()
     net.fix([1] * space.num_layers)
     for block, layer in zip(net.blocks, space.layers):
         h = torch.randn(2, layer.in_channels, 8, 8)

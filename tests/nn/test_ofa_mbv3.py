@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_nas.nn import static
+from lightning_nas.nn.builders import build_subnet, build_supernet
 from lightning_nas.nn.elastic import DynamicBatchNorm2d, DynamicDepthwiseConv2d
 from lightning_nas.nn.ofa_mbv3 import OFAMobileNetV3
 from lightning_nas.nn.shrinking import shrinking_step, soft_cross_entropy
@@ -64,13 +65,13 @@ def _randomise(net: nn.Module, seed: int = 0) -> nn.Module:
 @pytest.fixture(scope="module")
 def imagenet() -> tuple[OFAMobileNetV3Space, OFAMobileNetV3]:
     space = OFAMobileNetV3Space(num_classes=10, resolutions=[32, 48, 64])
-    return space, _randomise(space.build_supernet().eval())
+    return space, _randomise(build_supernet(space).eval())
 
 
 @pytest.fixture(scope="module")
 def cifar() -> tuple[OFAMobileNetV3Space, OFAMobileNetV3]:
     space = OFAMobileNetV3CifarSpace()
-    return space, _randomise(space.build_supernet().eval(), seed=1)
+    return space, _randomise(build_supernet(space).eval(), seed=1)
 
 
 def _configs(space: OFAMobileNetV3Space, n: int, seed: int) -> list[dict]:
@@ -122,7 +123,7 @@ def test_extracted_subnet_roundtrips_through_torch_save(cifar) -> None:
     assert loaded.config == config
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), subnet(x))
-        rebuilt = space.build_subnet(config).eval()
+        rebuilt = build_subnet(space, config).eval()
         rebuilt.load_state_dict(subnet.state_dict())
         torch.testing.assert_close(rebuilt(x), subnet(x))
 
@@ -131,7 +132,7 @@ def test_channels_last_supernet_matches_extracted(imagenet) -> None:
     space, supernet = imagenet
     config = space.sample(random.Random(5))
     subnet = supernet.extract(config)
-    fast = _randomise(space.build_supernet(), seed=0).to(memory_format=torch.channels_last).eval()
+    fast = _randomise(build_supernet(space), seed=0).to(memory_format=torch.channels_last).eval()
     fast.load_state_dict(supernet.state_dict())
     fast.set_active(config)
     x = torch.randn(3, 3, 48, 48)
@@ -200,7 +201,7 @@ def _block_importance(block) -> torch.Tensor:
 
 def test_reorder_channels_keeps_full_network_and_sorts_importance(cifar) -> None:
     space, _ = cifar
-    supernet = _randomise(space.build_supernet(), seed=3).eval()
+    supernet = _randomise(build_supernet(space), seed=3).eval()
     x = torch.randn(2, 3, 32, 32)
     supernet.set_max()
     with torch.no_grad():
@@ -219,7 +220,7 @@ def test_reorder_channels_keeps_full_network_and_sorts_importance(cifar) -> None
 
 def test_reorder_with_kept_ratio_preserves_that_subnet_and_optimizer_state(cifar) -> None:
     space, _ = cifar
-    supernet = _randomise(space.build_supernet(), seed=4).eval()
+    supernet = _randomise(build_supernet(space), seed=4).eval()
     optimizer = torch.optim.SGD(supernet.parameters(), lr=0.1, momentum=0.9)
     supernet.set_max()
     F.cross_entropy(supernet(torch.randn(2, 3, 32, 32)), torch.tensor([1, 2])).backward()
@@ -269,7 +270,7 @@ def test_soft_cross_entropy_matches_probability_targets() -> None:
 
 def test_shrinking_step_accumulates_subnet_gradients() -> None:
     space = OFAMobileNetV3CifarSpace(dropout=0.0)
-    supernet = space.build_supernet().train()
+    supernet = build_supernet(space).train()
     rng = random.Random(8)
     configs = [space.sample(rng) for _ in range(3)]
     images, labels = torch.randn(4, 3, 24, 24), torch.randint(0, 10, (4,))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_nas.errors import RecipeError
 from lightning_nas.nn.safe_load import load_torch_file, needs_pickle, require_mapping, set_allow_pickle
-from lightning_nas.recipe.errors import RecipeError
 
 
 @pytest.fixture(autouse=True)

@@ -87,7 +87,7 @@ def test_quantized_pairs_keep_their_target_and_old_stores_gain_the_column(tmp_pa
     import sqlite3
 
     from lightning_nas.data.pairs import PairsDataModule
-    from lightning_nas.recipe.errors import RecipeError
+    from lightning_nas.errors import RecipeError
 
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as connection:  # the schema before deployment targets

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from lightning_nas.data.zc_stats import ZCStatsDataModule
+from lightning_nas.errors import RecipeError
 from lightning_nas.predictors import zc_cache
 from lightning_nas.predictors.losses import kendall_tau
 from lightning_nas.predictors.parzc import BayesLinear, ParZC
-from lightning_nas.predictors.ranking import score_architectures
-from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.spaces.nb201 import all_archs, weight_slot_names
 from lightning_nas.tasks.parzc import ParZCTask
+from lightning_nas.tasks.ranking import score_architectures
 
 ARCHS = random.Random(0).sample(all_archs(), 5)
 PROXIES = ["snip", "synflow", "params"]

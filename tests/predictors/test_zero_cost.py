@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_nas.nn.builders import build_subnet
 from lightning_nas.predictors.zero_cost import (
     PROXIES,
     ProxyResult,
@@ -40,7 +41,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _net(arch: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return SMALL.build(arch)
+    return build_subnet(SMALL, arch)
 
 
 def _finite(r: ProxyResult) -> bool:
@@ -149,8 +150,8 @@ def test_flops_match_published_nb201_range() -> None:
     # By hand: every 3x3 cell edge costs 1024 x 16 x 16 x 9 MACs at each stage (resolution halves
     # as width doubles); stem 32x32x16x27; each reduction 2 convs + 1x1 shortcut; linear 64x10.
     stem, edge, reduction, head = 32 * 32 * 16 * 27, 1024 * 16 * 16 * 9, 256 * 32 * (16 * 9 + 32 * 9 + 16), 640
-    big = compute_proxy("flops", NB201Space().build(conv3), x, y, 0).score
-    small = compute_proxy("flops", NB201Space().build(ALL_NONE), x, y, 0).score
+    big = compute_proxy("flops", build_subnet(NB201Space(), conv3), x, y, 0).score
+    small = compute_proxy("flops", build_subnet(NB201Space(), ALL_NONE), x, y, 0).score
     assert big == stem + 3 * 5 * 6 * edge + 2 * reduction + head
     assert small == stem + 2 * reduction + head
     assert round(big / 1e6, 1) == 220.1 and round(small / 1e6, 2) == 7.78

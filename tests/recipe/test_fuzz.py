@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lightning_nas.cli import main
-from lightning_nas.recipe.errors import USAGE_EXIT_CODE, RecipeError
+from lightning_nas.errors import USAGE_EXIT_CODE, RecipeError
 from lightning_nas.recipe.loader import load_recipe
 
 FUZZ = settings(max_examples=80, deadline=None, database=None,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import write_recipe
 
-from lightning_nas.recipe.errors import RecipeError
+from lightning_nas.errors import RecipeError
 from lightning_nas.recipe.loader import load_recipe, parse_override
 
 BASE = """

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_nas.errors import RecipeError
 from lightning_nas.hardware.cost_models import BitFusionCostModel, CountsCostModel
 from lightning_nas.predictors.accuracy import AccuracyPredictor, QuantAccuracyPredictor
-from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.search.evolution import APQEvolution
 from lightning_nas.search.joint_space import Candidate, JointSpace
 from lightning_nas.search.scoring import InfeasibleConstraintsError, Scorer, pareto_mask, probe_feasible

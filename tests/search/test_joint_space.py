@@ -162,7 +162,7 @@ def test_full_precision_space_has_no_policy() -> None:
 
 
 def test_modules_read_by_validation_import_neither_torch_nor_nni() -> None:
-    code = ("import sys, lightning_nas.search.joint_space, lightning_nas.search.settings; "
+    code = ("import sys, lightning_nas.search.joint_space, lightning_nas.recipe.search_settings; "
             "print(sorted(m for m in ('torch', 'nni') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

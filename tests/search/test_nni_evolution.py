@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_evolution import CONSTRAINTS, linear_predictor, truth
 
+from lightning_nas.errors import RecipeError
 from lightning_nas.hardware.cost_models import BitFusionCostModel, CountsCostModel
-from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.search.evolution import APQEvolution
 from lightning_nas.search.joint_space import JointSpace
 from lightning_nas.search.nni_strategies import NNISearch

@@ -18,10 +18,10 @@ import pytest
 import torch
 from conftest import REPO, write_recipe
 
+from lightning_nas.errors import RecipeError
 from lightning_nas.hardware.cost_models import BitFusionCostModel, CountsCostModel
 from lightning_nas.predictors.accuracy import AccuracyPredictor, QuantAccuracyPredictor, save_predictor
 from lightning_nas.predictors.encoding import encode_pairs
-from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.recipe.loader import load_recipe
 from lightning_nas.recipe.signature import signature_of
 from lightning_nas.recipe.validate import validate_arguments
@@ -138,7 +138,7 @@ def read_csv(path: Path) -> list[dict]:
 def test_search_settings_validate_from_source(predictors) -> None:
     config = load_recipe(REPO / "recipes" / "apq_int8.yaml", [f"vars.runs={predictors['quant'].parents[1]}"],
                          smoke=True, validate=False).config
-    signature = signature_of("lightning_nas.search.settings:SearchSettings")
+    signature = signature_of("lightning_nas.recipe.search_settings:SearchSettings")
     validate_arguments(signature, config["search"], "search")
     with pytest.raises(RecipeError, match="unknown key") as caught:
         validate_arguments(signature, {**config["search"], "evaluation": 5}, "search")
@@ -251,8 +251,8 @@ def test_wandb_gets_the_table_and_the_plot(tmp_path: Path, predictors, monkeypat
 def test_a_predictor_of_another_target_is_not_mixed_in(tmp_path: Path, predictors) -> None:
     import torch
 
-    from lightning_nas.recipe.errors import RecipeError
-    from lightning_nas.search.settings import SearchSettings
+    from lightning_nas.errors import RecipeError
+    from lightning_nas.recipe.search_settings import SearchSettings
     from lightning_nas.targets import resolve_target
 
     host = resolve_target("auto").name

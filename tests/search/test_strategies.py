@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_nas.errors import RecipeError
 from lightning_nas.hardware.cost_models import BitFusionCostModel, CountsCostModel
 from lightning_nas.predictors.accuracy import QuantAccuracyPredictor
-from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.search.joint_space import JointSpace
 from lightning_nas.search.nni_strategies import STRATEGIES, NNISearch, make_strategy
 from lightning_nas.search.scoring import InfeasibleConstraintsError, Scorer

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lightning_nas.nn.builders import build_subnet
 from lightning_nas.spaces import nb201
 from lightning_nas.spaces.nb201 import (
     NB201Space,
@@ -115,28 +116,28 @@ def test_network_parameters_match_hand_count(seed: int) -> None:
     space = NB201Space()
     archs = [ALL_CONV3, ALL_NONE, EXAMPLE] if seed == 0 else [space.sample(rng) for _ in range(3)]
     for arch in archs:
-        assert count_parameters(space.build(arch)) == hand_count(arch), arch
-    assert count_parameters(NB201Space(num_classes=100).build(ALL_CONV3)) == hand_count(ALL_CONV3, 100)
+        assert count_parameters(build_subnet(space, arch)) == hand_count(arch), arch
+    assert count_parameters(build_subnet(NB201Space(num_classes=100), ALL_CONV3)) == hand_count(ALL_CONV3, 100)
 
 
 def test_network_forward_and_weight_slots() -> None:
     import torch
 
     space = NB201Space()
-    net = space.build(ALL_CONV3)
+    net = build_subnet(space, ALL_CONV3)
     layers = [n for n, m in net.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert layers == weight_slot_names() == space.weight_slots()
     assert len(layers) == 98
-    small = NB201Space(num_classes=7, init_channels=4, cells_per_stage=1).build(EXAMPLE)
+    small = build_subnet(NB201Space(num_classes=7, init_channels=4, cells_per_stage=1), EXAMPLE)
     assert small(torch.randn(2, 3, 16, 16)).shape == (2, 7)
     # Every layer of a partial cell is one of the slots.
-    sub = [n for n, m in space.build(EXAMPLE).named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    sub = [n for n, m in build_subnet(space, EXAMPLE).named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert set(sub) <= set(layers) and len(sub) == 1 + 15 * 3 + 6 + 1
 
 
 def test_all_none_network_outputs_bias_only() -> None:
     import torch
 
-    net = NB201Space(init_channels=4, cells_per_stage=1).build(ALL_NONE).eval()
+    net = build_subnet(NB201Space(init_channels=4, cells_per_stage=1), ALL_NONE).eval()
     out = net(torch.randn(3, 3, 8, 8))
     assert torch.allclose(out, net.classifier.bias.expand(3, -1))

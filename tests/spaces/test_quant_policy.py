@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_nas.hardware.layers import LayerSpec
+from lightning_nas.spaces.layers import LayerSpec
 from lightning_nas.spaces.quant_policy import POLICY_KEYS, QuantPolicySpace
 
 MODULE = Path(__file__).resolve().parents[2] / "lightning_nas" / "spaces" / "quant_policy.py"

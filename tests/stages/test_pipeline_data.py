@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 
 from lightning_nas.cli import main
-from lightning_nas.recipe.errors import RecipeError
+from lightning_nas.errors import RecipeError
 from lightning_nas.stages.pipeline import data_section, load_with_stage_overrides, plan
 
 CLASSES, SIZE = 7, 20  # neither digits nor CIFAR-10

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_nas.recipe.errors import RecipeError
+from lightning_nas.errors import RecipeError
 from lightning_nas.tasks.models import timm_model
 
 

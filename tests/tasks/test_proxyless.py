@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from lightning_nas.recipe.errors import RecipeError
+from lightning_nas.errors import RecipeError
 from lightning_nas.spaces.proxyless import ZERO, ProxylessSpace, expected_cost
 from lightning_nas.tasks.proxyless import (
     CostTable,

@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_nas.data.digits import DigitsDataModule
 from lightning_nas.deploy.int8 import convert_to_int8, fixed_output_range
+from lightning_nas.errors import RecipeError
 from lightning_nas.nn.quantize_model import (
     attach_output_quantizers,
     attach_quantizers,
@@ -27,7 +28,6 @@ from lightning_nas.nn.quantize_model import (
     output_quantizers,
     remove_quantizers,
 )
-from lightning_nas.recipe.errors import RecipeError
 from lightning_nas.targets import host_can_run, resolve_target
 from lightning_nas.tasks.qat import (
     LATENCY_FILE,
@@ -352,7 +352,7 @@ def test_a_search_candidate_gives_the_architecture_and_optionally_its_policy(tmp
 
 
 def test_a_candidate_searched_for_another_target_is_refused(checkpoint: str, tmp_path: Path) -> None:
-    from lightning_nas.recipe.errors import RecipeError
+    from lightning_nas.errors import RecipeError
 
     host = resolve_target("auto").name
     other = "x86_avx2/torch" if host != "x86_avx2/torch" else "x86_vnni/torch"

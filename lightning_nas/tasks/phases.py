@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..recipe.errors import RecipeError
+from ..errors import RecipeError
 from ..recipe.markers import NonNegativeFloat, PositiveFloat, PositiveInt
 
 

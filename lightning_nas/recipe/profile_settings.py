@@ -1,12 +1,12 @@
-"""Recipe settings of the hardware stages (read by recipe validation: no torch here)."""
+"""Recipe settings of `lightning-nas profile` (read by recipe validation: no torch here)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lightning_nas.recipe.markers import NonNegativeInt, PositiveInt, SpaceSpec
-from lightning_nas.targets import TargetName
+from ..targets import TargetName
+from .markers import NonNegativeInt, PositiveInt, SpaceSpec
 
 __all__ = ["ProfileSettings"]
 

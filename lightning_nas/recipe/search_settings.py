@@ -5,10 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lightning_nas.recipe.markers import BitChoices, CostModelSpec, ExistingFile, FixedBits, SpaceSpec
-from lightning_nas.targets import TargetName
-
-from ..recipe.markers import Fraction, NonNegativeInt, PositiveInt
+from ..targets import TargetName
+from .markers import (
+    BitChoices,
+    CostModelSpec,
+    ExistingFile,
+    FixedBits,
+    Fraction,
+    NonNegativeInt,
+    PositiveInt,
+    SpaceSpec,
+)
 
 __all__ = ["SEARCH_STRATEGIES", "SearchSettings"]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from lightning_nas.errors import RecipeError
 from lightning_nas.nn.safe_load import load_torch_file, pickle_allowed, require_mapping
 from lightning_nas.predictors.zc_cache import DEFAULT_PROXIES, compute_statistics, load_cifar10_batch
 from lightning_nas.predictors.zero_cost import PROXIES
-from lightning_nas.recipe.errors import RecipeError
 
 
 def available_rankers() -> list[str]:
@@ -21,7 +21,7 @@ def available_rankers() -> list[str]:
 
 
 def _load_task(checkpoint: str | Path):
-    from lightning_nas.tasks.parzc import ParZCTask
+    from .parzc import ParZCTask
 
     what = "a checkpoint of `lightning-nas fit` with a ParZC recipe"
     # Read and checked without pickle first, so a bad file is refused with a clear error.

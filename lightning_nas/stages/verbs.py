@@ -1,0 +1,30 @@
+"""The verbs of the command line and the stage module that runs each.
+
+The table lives with the stages, not in the CLI, because the pipeline and sweep stages dispatch
+recipes to their stages too; the CLI only turns it into subcommands. Torch-free.
+"""
+
+from __future__ import annotations
+
+#: verb -> (stage module running it, help). The stage module has ``run(recipe) -> Path``.
+STAGE_VERBS = {
+    "fit": ("lightning_nas.stages.fit", "train the recipe's task (supernet, QAT, predictor, ...)"),
+    "search": ("lightning_nas.stages.search", "run the recipe's joint architecture/pruning/quantization search"),
+    "export": ("lightning_nas.stages.export", "extract and export a subnet from a trained supernet"),
+    "profile": ("lightning_nas.stages.profile", "measure a latency table of a space on this machine"),
+    "rank": ("lightning_nas.stages.rank", "score NAS-Bench-201 architectures of a CSV with a proxy or ParZC "
+             "(`archs=IN.csv out=OUT.csv` set rank.archs / rank.out)"),
+    "mqbench": ("lightning_nas.stages.mqbench", "build a mixed-precision quantization benchmark: random per-layer "
+                "bits, post-training quantization, top-1 pairs (resumable)"),
+    "emq": ("lightning_nas.stages.emq", "evolve a training-free mixed-precision proxy (EMQ) on a benchmark"),
+    "allocate": ("lightning_nas.stages.allocate", "allocate bits per layer with an integer program per proxy, "
+                 "checked by post-training quantization"),
+    "pipeline": ("lightning_nas.stages.pipeline", "run a list of recipes in order, reusing stages already finished"),
+}
+#: Top-level sections that make a recipe belong to a verb other than ``fit``.
+VERB_SECTIONS = ("search", "export", "profile", "rank", "mqbench", "emq", "allocate", "pipeline")
+
+
+def recipe_verb(config: dict) -> str:
+    """The verb that runs a recipe: the one whose section it has, else ``fit``."""
+    return next((verb for verb in VERB_SECTIONS if config.get(verb) is not None), "fit")
