@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -27,6 +32,55 @@ def _few_threads() -> None:
     import torch
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module of tiny tensors (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    A second OpenMP thread only adds synchronisation there, and stalls badly when the machine is
+    shared; results do not depend on the thread count.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cifar_space() -> Any:
+    """The once-for-all MobileNetV3 space in its CIFAR layout."""
+    from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+
+    return OFAMobileNetV3CifarSpace()
+
+
+@pytest.fixture(scope="module")
+def joint() -> Any:
+    """The joint once-for-all CIFAR x quantization-policy space."""
+    from lightning_nas.search.joint_space import JointSpace
+    from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+    from lightning_nas.spaces.quant_policy import QuantPolicySpace
+
+    return JointSpace(OFAMobileNetV3CifarSpace(), QuantPolicySpace())
+
+
+@pytest.fixture(scope="module")
+def models(joint: Any) -> dict:
+    """The two cost models the search tests score with, on the joint space's network space."""
+    from lightning_nas.hardware.cost_models import BitFusionCostModel, CountsCostModel
+
+    return {"counts": CountsCostModel(joint.space), "bitfusion": BitFusionCostModel(joint.space)}
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module: the scripts are not a package, their tests import them by path."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_recipe(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
@@ -93,3 +147,91 @@ def code_payload():
         return path
 
     return write
+
+
+@dataclass
+class SmokeRun:
+    """One recipe's ``--smoke`` run: how it ended and how long it took by itself (its upstream runs apart)."""
+
+    stem: str
+    run_dir: Path
+    exit_code: int | None = None
+    seconds: float = 0.0
+    skipped: str | None = None
+    error: Exception | None = None
+    #: an upstream run that failed or raised, so this one did not start
+    blocked_by: str | None = None
+
+
+class SmokeRuns:
+    """Every recipe's ``--smoke`` run under one ``vars.runs`` folder, each at most once per session.
+
+    A recipe reads an earlier stage's artifacts through ``${vars.runs}/<stage>/...``; :meth:`get` finds
+    those stages in the resolved recipe and runs them first, so any one recipe's smoke can run alone and
+    a whole-file run still builds each artifact once.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.runs: dict[str, SmokeRun] = {}
+        self._running: list[str] = []
+
+    def overrides(self, path: Path) -> list[str]:
+        from lightning_nas.recipe.loader import load_recipe
+
+        overrides = [f"run_dir={self.root / path.stem}"]
+        if "runs" in load_recipe(path, overrides, smoke=True, validate=False).config.get("vars", {}):
+            overrides.append(f"vars.runs={self.root}")
+        return overrides
+
+    def upstream(self, path: Path) -> tuple[str, list[str]]:
+        """The resolved recipe (as text) and the stages whose run directories it reads."""
+        from lightning_nas.recipe.loader import load_recipe
+
+        resolved = repr(load_recipe(path, self.overrides(path), smoke=True, validate=False).config)
+        stems = sorted(other.stem for other in (REPO / "recipes").glob("*.yaml")
+                       if other.stem != path.stem and f"{self.root / other.stem}/" in resolved)
+        return resolved, stems
+
+    def get(self, stem: str) -> SmokeRun:
+        if stem in self.runs:
+            return self.runs[stem]
+        if stem in self._running:
+            raise RuntimeError(f"recipes read each other's artifacts in a cycle: {' -> '.join(self._running)}")
+        from lightning_nas.cli import main, recipe_verb
+        from lightning_nas.recipe.loader import load_recipe
+
+        path = REPO / "recipes" / f"{stem}.yaml"
+        run = SmokeRun(stem, self.root / stem)
+        resolved, needed = self.upstream(path)
+        self._running.append(stem)
+        try:
+            if "../shared/" in resolved and not SHARED.is_dir():
+                run.skipped = "reads ../shared (benchmark data beside the repository)"
+            for other in needed:
+                before = self.get(other)
+                if before.skipped:
+                    run.skipped = f"reads the artifacts of {other}, skipped"
+                elif before.exit_code != 0:
+                    run.blocked_by = other
+                if run.skipped or run.blocked_by:
+                    break
+            if not (run.skipped or run.blocked_by):
+                overrides = self.overrides(path)
+                verb = recipe_verb(load_recipe(path, overrides, smoke=True, validate=False).config)
+                started = time.perf_counter()
+                try:
+                    run.exit_code = main([verb, str(path), "--smoke", *overrides])
+                except Exception as error:  # kept for the recipe's own test, which re-raises it
+                    run.error = error
+                run.seconds = time.perf_counter() - started
+        finally:
+            self._running.pop()
+        self.runs[stem] = run
+        return run
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> SmokeRuns:
+    """Recipe smoke runs on demand, cached for the session (see :class:`SmokeRuns`)."""
+    return SmokeRuns(tmp_path_factory.mktemp("runs"))

@@ -4,22 +4,14 @@ evolution beats random sampling at the same budget."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
 
 import torch
-from conftest import REPO
+from conftest import load_benchmark
 
 SPACE = {"name": "ofa_mbv3_cifar", "num_classes": 10}
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("joint_search_quality", REPO / "benchmarks" / "joint_search_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def save_predictors(tmp_path: Path) -> tuple[Path, Path]:
@@ -39,7 +31,7 @@ def save_predictors(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_methods_respect_the_budgets_and_evolution_beats_random(tmp_path: Path) -> None:
     fp32, quant = save_predictors(tmp_path)
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("joint_search_quality")
     assert benchmark.main(["--quant-predictor", str(quant), "--fp32-predictor", str(fp32), "--space",
                            json.dumps(SPACE), "--evaluations", "1000", "--seeds", "2", "--no-finetune",
                            "--out", str(tmp_path / "out")]) == 0
@@ -62,7 +54,7 @@ def test_fixed_architecture_search_changes_only_the_policy() -> None:
     from lightning_nas.search.scoring import Scorer
     from lightning_nas.spaces.quant_policy import QuantPolicySpace
 
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("joint_search_quality")
     space, policies = SPACES.build(SPACE), QuantPolicySpace()
     config = space.canonical(space.sample(random.Random(3)))
     joint = JointSpace(benchmark.FixedArchitecture(space, config), policies)
@@ -75,7 +67,7 @@ def test_fixed_architecture_search_changes_only_the_policy() -> None:
 
 
 def test_a_rerun_reuses_only_the_finetuning_of_the_same_candidate(tmp_path: Path) -> None:
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("joint_search_quality")
     candidate = {"config": {"ks": [3], "r": 32}, "policy": {"pw_w": [8]}}
     assert benchmark.finished_qat(tmp_path, candidate) is None
     (tmp_path / "qat_metrics.json").write_text(json.dumps({**candidate, "test_top1": 57.5}))

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-from conftest import REPO, fill_store
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("predictor_transfer", REPO / "benchmarks" / "predictor_transfer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import fill_store, load_benchmark
 
 
 def test_transfer_and_scratch_curves_are_written(tmp_path: Path) -> None:
     fill_store(tmp_path / "pairs.sqlite", 300, "fp32")
     fill_store(tmp_path / "pairs.sqlite", 90, "quant", seed=1)
-    report = load_benchmark().main(["--store", str(tmp_path / "pairs.sqlite"), "--sizes", "20,40", "--seeds", "2",
+    report = load_benchmark("predictor_transfer").main(["--store", str(tmp_path / "pairs.sqlite"), "--sizes", "20,40", "--seeds", "2",
                                     "--test-pairs", "50", "--epochs", "40", "--hidden", "32", "--layers", "2",
                                     "--lr", "3e-3", "--out", str(tmp_path / "out")])
     summary = report["summary"]

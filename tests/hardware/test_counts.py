@@ -14,13 +14,8 @@ from lightning_nas.spaces.quant_policy import QuantPolicySpace
 
 
 @pytest.fixture(scope="module")
-def cifar() -> OFAMobileNetV3CifarSpace:
-    return OFAMobileNetV3CifarSpace()
-
-
-@pytest.fixture(scope="module")
-def table(cifar: OFAMobileNetV3CifarSpace) -> CountTable:
-    return CountTable(cifar, QuantPolicySpace())
+def table(cifar_space: OFAMobileNetV3CifarSpace) -> CountTable:
+    return CountTable(cifar_space, QuantPolicySpace())
 
 
 def test_hardware_count_modules_import_without_torch() -> None:
@@ -102,40 +97,40 @@ def test_known_totals_of_the_once_for_all_layout() -> None:
     assert largest.size_bytes == largest.params * BYTES_PER_FLOAT
 
 
-def test_quantization_lowers_bitops_and_size_by_the_bit_ratio(cifar) -> None:
+def test_quantization_lowers_bitops_and_size_by_the_bit_ratio(cifar_space) -> None:
     policy_space = QuantPolicySpace(bit_choices=[4, 8], fixed_bits=8)
-    config = cifar.largest()
-    eight = count_network(cifar, config, policy_space.uniform(8, cifar.num_blocks), policy_space)
-    four = count_network(cifar, config, policy_space.uniform(4, cifar.num_blocks), policy_space)
-    full = count_network(cifar, config)
+    config = cifar_space.largest()
+    eight = count_network(cifar_space, config, policy_space.uniform(8, cifar_space.num_blocks), policy_space)
+    four = count_network(cifar_space, config, policy_space.uniform(4, cifar_space.num_blocks), policy_space)
+    full = count_network(cifar_space, config)
     assert eight.macs == four.macs == full.macs
     assert eight.bitops == full.macs * 64
-    specs = cifar.layer_specs(config)
+    specs = cifar_space.layer_specs(config)
     in_policy = sum(s.macs for s in specs if s.block is not None and s.role in ("pw_expand", "dw", "pw_project"))
     assert eight.bitops - four.bitops == in_policy * (64 - 16)
     assert four.size_bytes < eight.size_bytes < full.size_bytes
 
 
-def test_batched_counts_equal_the_per_config_definition(cifar, table) -> None:
+def test_batched_counts_equal_the_per_config_definition(cifar_space, table) -> None:
     policy_space = table.policy_space
     rng = random.Random(11)
-    configs = [cifar.sample(rng) for _ in range(60)] + [cifar.largest(), cifar.smallest()]
-    policies = [policy_space.sample(rng, cifar.num_blocks) if i % 2 else None for i in range(len(configs))]
+    configs = [cifar_space.sample(rng) for _ in range(60)] + [cifar_space.largest(), cifar_space.smallest()]
+    policies = [policy_space.sample(rng, cifar_space.num_blocks) if i % 2 else None for i in range(len(configs))]
     out = table.evaluate(configs, policies)
     assert set(out) == {"macs", "params", "bitops", "size_bytes"}
     for i, (config, policy) in enumerate(zip(configs, policies)):
-        reference = count_network(cifar, config, policy, policy_space)
+        reference = count_network(cifar_space, config, policy, policy_space)
         assert out["macs"][i] == reference.macs
         assert out["params"][i] == reference.params
         assert out["bitops"][i] == reference.bitops
         assert out["size_bytes"][i] == pytest.approx(reference.size_bytes, abs=1e-6)
     # without policies every candidate is full precision
     plain = table.evaluate(configs[:5])
-    assert list(plain["bitops"]) == [count_network(cifar, c).bitops for c in configs[:5]]
+    assert list(plain["bitops"]) == [count_network(cifar_space, c).bitops for c in configs[:5]]
 
 
-def test_batched_counts_reject_bad_candidates_by_index(cifar, table) -> None:
-    good = cifar.smallest()
+def test_batched_counts_reject_bad_candidates_by_index(cifar_space, table) -> None:
+    good = cifar_space.smallest()
     bad = {**good, "ks": list(good["ks"])}
     bad["ks"][3] = 4
     with pytest.raises(ValueError, match=r"candidate 1: ks\[3\] = 4 is not allowed; choose from \[3, 5, 7\]"):
@@ -144,7 +139,7 @@ def test_batched_counts_reject_bad_candidates_by_index(cifar, table) -> None:
         table.evaluate([{**good, "r": 30}])
     with pytest.raises(ValueError, match="ks must have 20 entries"):
         table.evaluate([{**good, "ks": [3] * 19}])
-    policy = table.policy_space.uniform(8, cifar.num_blocks)
+    policy = table.policy_space.uniform(8, cifar_space.num_blocks)
     policy["dw_a"][0] = 5
     with pytest.raises(ValueError, match=r"candidate 0: policy\['dw_a'\]\[0\] = 5 is not allowed"):
         table.evaluate([good], [policy])
@@ -152,10 +147,10 @@ def test_batched_counts_reject_bad_candidates_by_index(cifar, table) -> None:
         table.evaluate([good, good], [policy])
 
 
-def test_batched_counts_score_over_ten_thousand_candidates_per_second(cifar, table) -> None:
+def test_batched_counts_score_over_ten_thousand_candidates_per_second(cifar_space, table) -> None:
     rng = random.Random(0)
-    configs = [cifar.sample(rng) for _ in range(200)] * 25
-    policies = [table.policy_space.sample(rng, cifar.num_blocks) for _ in range(200)] * 25
+    configs = [cifar_space.sample(rng) for _ in range(200)] * 25
+    policies = [table.policy_space.sample(rng, cifar_space.num_blocks) for _ in range(200)] * 25
     table.evaluate(configs[:10], policies[:10])
     started = time.perf_counter()
     table.evaluate(configs, policies)

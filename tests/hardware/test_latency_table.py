@@ -39,11 +39,6 @@ Logits-input:1x1x1280-output:1000:
 """
 
 
-@pytest.fixture(scope="module")
-def cifar() -> OFAMobileNetV3CifarSpace:
-    return OFAMobileNetV3CifarSpace()
-
-
 def test_keys_follow_the_once_for_all_format() -> None:
     space = OFAMobileNetV3Space(resolutions=[224])
     config = space.canonical({"ks": [3] * 20, "e": [4] * 20, "d": [2] * 5, "r": 224})
@@ -125,21 +120,21 @@ def test_latency_model_sums_units_of_an_ofa_yaml_table(tmp_path: Path) -> None:
     assert [k for k, _ in model.breakdown(configs[0])] == [u.key for u in decomposition.units(configs[0])]
 
 
-def test_latency_model_names_missing_entries(cifar, tmp_path: Path) -> None:
-    units = space_units(cifar, [32])
+def test_latency_model_names_missing_entries(cifar_space, tmp_path: Path) -> None:
+    units = space_units(cifar_space, [32])
     table = LatencyTable({"threads": 1}, {"fp32": {u.key: {"median": 1.0} for u in units[:-1]}})
     with pytest.raises(ValueError, match=r"lacks 1 'fp32' entries the space needs, e.g. \['expanded_conv-"):
-        TableLatencyModel(cifar, table, resolutions=[32])
+        TableLatencyModel(cifar_space, table, resolutions=[32])
     with pytest.raises(ValueError, match=r"has no 'int8' entries; it has \['fp32'\]"):
-        TableLatencyModel(cifar, table, precision="int8")
+        TableLatencyModel(cifar_space, table, precision="int8")
     full = LatencyTable({}, {"fp32": {u.key: {"median": 1.0, "mean": 2.0} for u in units}})
-    model = TableLatencyModel(cifar, full, resolutions=[32])
-    smallest = cifar.smallest()
+    model = TableLatencyModel(cifar_space, full, resolutions=[32])
+    smallest = cifar_space.smallest()
     with pytest.raises(ValueError, match="candidate 0: resolution 24 is not in the latency model"):
         model.evaluate([smallest])
     config = {**smallest, "r": 32}
-    assert model.predict(config) == len(UnitDecomposition(cifar).units(config))
-    assert TableLatencyModel(cifar, full, stat="mean", resolutions=[32]).predict(config) == 2 * model.predict(config)
+    assert model.predict(config) == len(UnitDecomposition(cifar_space).units(config))
+    assert TableLatencyModel(cifar_space, full, stat="mean", resolutions=[32]).predict(config) == 2 * model.predict(config)
 
 
 def test_table_file_round_trip_and_format_errors(tmp_path: Path) -> None:
@@ -153,24 +148,24 @@ def test_table_file_round_trip_and_format_errors(tmp_path: Path) -> None:
         LatencyTable.load(tmp_path / "other.json")
 
 
-def test_onnxruntime_call_overhead_is_taken_off_once_per_extra_unit(cifar) -> None:
-    units = space_units(cifar, [32])
+def test_onnxruntime_call_overhead_is_taken_off_once_per_extra_unit(cifar_space) -> None:
+    units = space_units(cifar_space, [32])
     entries = {u.key: {"median": 1.0} for u in units}
     table = LatencyTable({}, {"int8": {**entries, OVERHEAD_KEY: {"median": 0.25}}})
-    model = TableLatencyModel(cifar, table, precision="int8", resolutions=[32])
-    config = {**cifar.smallest(), "r": 32}
-    n = len(UnitDecomposition(cifar).units(config))
+    model = TableLatencyModel(cifar_space, table, precision="int8", resolutions=[32])
+    config = {**cifar_space.smallest(), "r": 32}
+    n = len(UnitDecomposition(cifar_space).units(config))
     assert model.predict(config) == pytest.approx(n - (n - 1) * 0.25)
 
 
-def test_stripped_int8_unit_runs_int8_to_int8(cifar) -> None:
+def test_stripped_int8_unit_runs_int8_to_int8(cifar_space) -> None:
     import torch
 
     from lightning_nas.deploy.int8 import convert_to_int8
 
-    subnet = build_subnet(cifar, cifar.smallest()).eval()
+    subnet = build_subnet(cifar_space, cifar_space.smallest()).eval()
     block = subnet.blocks["4"]  # a squeeze-excite block with a residual connection
-    x = torch.randn(1, cifar.blocks[4].in_channels, 8, 8)
+    x = torch.randn(1, cifar_space.blocks[4].in_channels, 8, 8)
     converted = convert_to_int8(block, [x], example_input=x)
     reference = converted(x)
     stripped, scale, zero_point = strip_int8_boundaries(copy.deepcopy(converted), True, True)
@@ -190,22 +185,22 @@ def fake_chain(calls: list[int], interrupt_at: int | None = None):
     return chain
 
 
-def test_interrupted_profile_resumes_where_it_stopped(cifar, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_profile_resumes_where_it_stopped(cifar_space, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     output = tmp_path / "table.json"
     calls: list[int] = []
     monkeypatch.setattr(latency_table, "_time_chain", fake_chain(calls, interrupt_at=3))
     arguments = {"resolutions": [32], "precisions": ["fp32"], "warmup": 0, "repeats": 3, "progress": False}
     with pytest.raises(KeyboardInterrupt):
-        profile_space(cifar, output, **arguments)
+        profile_space(cifar_space, output, **arguments)
     first = LatencyTable.load(output)
     done = first.keys("fp32")
-    all_keys = {u.key for u in space_units(cifar, [32])}
+    all_keys = {u.key for u in space_units(cifar_space, [32])}
     assert 0 < len(done) < len(all_keys)  # two profiling networks finished before the interruption
     assert first.meta["threads"] == 1 and first.meta["batch_size"] == 1 and first.meta["context"] == "network"
 
     calls.clear()
     monkeypatch.setattr(latency_table, "_time_chain", fake_chain(calls))
-    result = profile_space(cifar, output, **arguments)
+    result = profile_space(cifar_space, output, **arguments)
     assert result.skipped == len(done) and result.remaining == 0
     assert result.measured == len(all_keys) - len(done)
     assert len(calls) == 9 - 2  # the finished networks are not run again
@@ -217,11 +212,11 @@ def test_interrupted_profile_resumes_where_it_stopped(cifar, tmp_path: Path, mon
     assert set(entry) == {"count", "mean", "median", "std"} and entry["count"] % 3 == 0
 
     with pytest.raises(ValueError, match=r"measured with other settings \(threads: table 1 vs now 2\)"):
-        profile_space(cifar, output, **{**arguments, "threads": 2})
+        profile_space(cifar_space, output, **{**arguments, "threads": 2})
 
 
-def test_isolated_profile_times_units_alone(cifar, tmp_path: Path) -> None:
-    result = profile_space(cifar, tmp_path / "t.json", resolutions=[32], precisions=["fp32", "int8"],
+def test_isolated_profile_times_units_alone(cifar_space, tmp_path: Path) -> None:
+    result = profile_space(cifar_space, tmp_path / "t.json", resolutions=[32], precisions=["fp32", "int8"],
                            context="isolated", warmup=1, repeats=3, limit=4, progress=False)
     assert result.measured == 4
     table = LatencyTable.load(tmp_path / "t.json")
@@ -232,7 +227,7 @@ def test_isolated_profile_times_units_alone(cifar, tmp_path: Path) -> None:
             assert entry["count"] == 3 and 0 < entry["median"] < 1000 and entry["std"] >= 0
 
 
-def test_profile_recipe_smoke_writes_and_resumes_a_table(cifar, tmp_path: Path,
+def test_profile_recipe_smoke_writes_and_resumes_a_table(cifar_space, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     # The recipe is run through its stage directly: the top-level `profile:` section and the CLI verb
     # are wired into the recipe schema separately.
@@ -248,8 +243,8 @@ def test_profile_recipe_smoke_writes_and_resumes_a_table(cifar, tmp_path: Path,
                        "profile")
     assert profile.run(recipe) == run_dir
     table = LatencyTable.load(run_dir / "latency_table.json")
-    decomposition = UnitDecomposition(cifar)
-    first = {u.key for u in decomposition.units(profiling_configs(cifar, decomposition, 32)[0])}
+    decomposition = UnitDecomposition(cifar_space)
+    first = {u.key for u in decomposition.units(profiling_configs(cifar_space, decomposition, 32)[0])}
     assert table.keys("fp32") == table.keys("int8") == first  # one profiling network, both precisions
     assert table.meta["threads"] == 1 and table.meta["batch_size"] == 1 and table.meta["torch"]
     assert table.meta["device"] == latency_table.cpu_name()
@@ -267,8 +262,8 @@ def test_profile_recipe_smoke_writes_and_resumes_a_table(cifar, tmp_path: Path,
     assert len(LatencyTable.load(run_dir / "latency_table.json").keys("fp32")) > len(first)
 
 
-def test_onnxruntime_backend_records_its_call_overhead(cifar, tmp_path: Path) -> None:
-    result = profile_space(cifar, tmp_path / "t.json", resolutions=[32], precisions=["int8"],
+def test_onnxruntime_backend_records_its_call_overhead(cifar_space, tmp_path: Path) -> None:
+    result = profile_space(cifar_space, tmp_path / "t.json", resolutions=[32], precisions=["int8"],
                            int8_backend="onnxruntime", context="isolated", warmup=1, repeats=3, limit=1,
                            progress=False)
     table = LatencyTable.load(tmp_path / "t.json")
@@ -277,13 +272,13 @@ def test_onnxruntime_backend_records_its_call_overhead(cifar, tmp_path: Path) ->
     assert 0 < table.value("int8", OVERHEAD_KEY) < table.value("int8", "Conv-input:32x32x3-output:32x32x16")
 
 
-def test_rounds_pool_later_passes_over_the_profiling_networks(cifar, tmp_path: Path,
+def test_rounds_pool_later_passes_over_the_profiling_networks(cifar_space, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     monkeypatch.setattr(latency_table, "_time_chain", fake_chain(calls))
     arguments = {"resolutions": [32], "precisions": ["fp32"], "warmup": 0, "repeats": 3, "limit": 2, "progress": False}
-    profile_space(cifar, tmp_path / "one.json", **arguments)
-    profile_space(cifar, tmp_path / "two.json", rounds=2, **arguments)
+    profile_space(cifar_space, tmp_path / "one.json", **arguments)
+    profile_space(cifar_space, tmp_path / "two.json", rounds=2, **arguments)
     assert len(calls) == 2 + 2 * 2
     one, two = LatencyTable.load(tmp_path / "one.json"), LatencyTable.load(tmp_path / "two.json")
     assert one.keys("fp32") == two.keys("fp32")

@@ -12,14 +12,7 @@ from lightning_nas.nn.bn_recalibration import recalibrate_batchnorm
 from lightning_nas.nn.builders import build_supernet
 from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny batches: a second OpenMP thread only adds synchronisation
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net() -> nn.Sequential:

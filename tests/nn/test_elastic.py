@@ -18,15 +18,7 @@ from lightning_nas.nn.elastic import (
 )
 from lightning_nas.nn.static import SqueezeExcite
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny batches: a second OpenMP thread only adds synchronisation (and stalls badly when the
-    # machine is shared), while results do not depend on the thread count
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _grads(fn, *tensors: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -18,14 +18,7 @@ from lightning_nas.nn.mixed_op import (
 )
 from lightning_nas.nn.static import MBConv
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Scale(nn.Module):

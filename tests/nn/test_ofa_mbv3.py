@@ -36,14 +36,7 @@ PLAIN = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny batches: a second OpenMP thread only adds synchronisation (and stalls badly when the
-    # machine is shared), while results do not depend on the thread count
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(net: nn.Module, seed: int = 0) -> nn.Module:

@@ -6,13 +6,7 @@ from torch import nn
 
 from lightning_nas.nn.ptq import PTQEvaluator, adaround, clipped_quantize, evaluate_top1
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_net() -> nn.Module:

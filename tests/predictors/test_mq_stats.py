@@ -13,12 +13,7 @@ from lightning_nas.spaces.emq_programs import bitops_table, hand_made_table
 BITS = (2, 3, 4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_hutchinson_is_exact_on_a_diagonal_quadratic() -> None:

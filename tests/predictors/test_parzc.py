@@ -24,12 +24,7 @@ ARCHS = random.Random(0).sample(all_archs(), 5)
 PROXIES = ["snip", "synflow", "params"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

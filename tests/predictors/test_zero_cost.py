@@ -24,13 +24,7 @@ SMALL = NB201Space(num_classes=10, init_channels=4, cells_per_stage=1)
 EXPECTED = {"grad_norm", "snip", "grasp", "fisher", "jacov", "synflow", "nwot", "zen", "params", "flops"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny networks: extra threads only add synchronisation cost on a shared machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_nas.errors import RecipeError
-from lightning_nas.hardware.cost_models import BitFusionCostModel, CountsCostModel
+from lightning_nas.hardware.cost_models import BitFusionCostModel
 from lightning_nas.predictors.accuracy import AccuracyPredictor, QuantAccuracyPredictor
 from lightning_nas.search.evolution import APQEvolution
 from lightning_nas.search.joint_space import Candidate, JointSpace
@@ -57,23 +57,7 @@ def truth(joint: JointSpace, c: Candidate) -> float:
     return value
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices: one intra-op thread is faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def joint() -> JointSpace:
-    return JointSpace(OFAMobileNetV3CifarSpace(), QuantPolicySpace())
-
-
-@pytest.fixture(scope="module")
-def models(joint: JointSpace) -> dict:
-    return {"counts": CountsCostModel(joint.space), "bitfusion": BitFusionCostModel(joint.space)}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scorer_for(joint, models, constraints=None, **kwargs) -> Scorer:

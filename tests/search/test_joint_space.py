@@ -15,11 +15,6 @@ from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
 from lightning_nas.spaces.quant_policy import POLICY_KEYS, QuantPolicySpace
 
 
-@pytest.fixture(scope="module")
-def joint() -> JointSpace:
-    return JointSpace(OFAMobileNetV3CifarSpace(), QuantPolicySpace())
-
-
 def assert_canonical(joint: JointSpace, c: Candidate) -> None:
     again = joint.canonical(c)
     assert again.config == c.config and again.policy == c.policy

@@ -15,13 +15,6 @@ from lightning_nas.search.nni_engine import (
     JointModelSpace,
     use_joint_deduplication,
 )
-from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
-from lightning_nas.spaces.quant_policy import QuantPolicySpace
-
-
-@pytest.fixture(scope="module")
-def joint() -> JointSpace:
-    return JointSpace(OFAMobileNetV3CifarSpace(), QuantPolicySpace())
 
 
 @pytest.fixture()

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from test_evolution import CONSTRAINTS, linear_predictor, truth
 
 from lightning_nas.errors import RecipeError
-from lightning_nas.hardware.cost_models import BitFusionCostModel, CountsCostModel
+from lightning_nas.hardware.cost_models import CountsCostModel
 from lightning_nas.search.evolution import APQEvolution
 from lightning_nas.search.joint_space import JointSpace
 from lightning_nas.search.nni_strategies import NNISearch
@@ -22,22 +21,7 @@ from lightning_nas.spaces.quant_policy import QuantPolicySpace
 OPTIONS = {"population_size": 40, "parents": 10, "mutations": 20}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def joint() -> JointSpace:
-    return JointSpace(OFAMobileNetV3CifarSpace(), QuantPolicySpace())
-
-
-@pytest.fixture(scope="module")
-def models(joint: JointSpace) -> dict:
-    return {"counts": CountsCostModel(joint.space), "bitfusion": BitFusionCostModel(joint.space)}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scorer_for(joint, models, constraints=CONSTRAINTS) -> Scorer:

@@ -12,13 +12,10 @@ import pytest
 import torch
 
 from lightning_nas.errors import RecipeError
-from lightning_nas.hardware.cost_models import BitFusionCostModel, CountsCostModel
 from lightning_nas.predictors.accuracy import QuantAccuracyPredictor
 from lightning_nas.search.joint_space import JointSpace
 from lightning_nas.search.nni_strategies import STRATEGIES, NNISearch, make_strategy
 from lightning_nas.search.scoring import InfeasibleConstraintsError, Scorer
-from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
-from lightning_nas.spaces.quant_policy import QuantPolicySpace
 
 #: about a third of random candidates meet both
 CONSTRAINTS = {"latency_ms": 0.5, "bitops": 8.0e8}
@@ -29,23 +26,7 @@ OPTIONS = {"regularized_evolution": {"population_size": 10, "sample_size": 3},
 RUNNABLE = ["apq_evolution", "random", "regularized_evolution", "tpe", "grid"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices: one intra-op thread is faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def joint() -> JointSpace:
-    return JointSpace(OFAMobileNetV3CifarSpace(), QuantPolicySpace())
-
-
-@pytest.fixture(scope="module")
-def models(joint: JointSpace) -> dict:
-    return {"counts": CountsCostModel(joint.space), "bitfusion": BitFusionCostModel(joint.space)}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_scorer(joint: JointSpace, models: dict, constraints: dict) -> Scorer:

@@ -8,7 +8,6 @@ the way ``lightning-nas fit`` does, and runs one deploying QAT fit from it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -67,15 +66,6 @@ def trainer(root: Path, **kwargs) -> pl.Trainer:
         enable_model_summary=False,
         **kwargs,
     )
-
-
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    # One thread: on a shared 2-core machine two OpenMP threads thrash.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
