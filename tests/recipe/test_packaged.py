@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from lightning_nas.recipe import packaged
 from lightning_nas.errors import RecipeError
+from lightning_nas.recipe import packaged
 from lightning_nas.recipe.loader import load_recipe, project_root
 from lightning_nas.recipe.packaged import (
     find_packaged,
