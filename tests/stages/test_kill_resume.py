@@ -285,8 +285,9 @@ def search_command(runs: Path, run_dir: Path) -> list[str]:
 
 def search_outputs(run_dir: Path) -> tuple[dict, str]:
     topk = json.loads((run_dir / "search" / "topk.json").read_text())
-    for timing in ("seconds", "candidates_per_second"):
-        topk.pop(timing)
+    # timings, and NNI's experiment directory (inside the run directory, named by a random id)
+    for varying in ("seconds", "candidates_per_second", "nni_experiment_dir"):
+        topk.pop(varying)
     return topk, (run_dir / "search" / "pareto.csv").read_text()
 
 
