@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bn_recalibration import recalibrate_batchnorm
+from .evaluation import evaluate
 from .quant import fake_quantize, symmetric_qrange
 from .quantize_model import attach_quantizers, calibrate_activation_ranges
 
@@ -92,19 +93,6 @@ def adaround(module: nn.Module, weight: torch.Tensor, bits: int, ratio: torch.Te
             optimizer.step()
     with torch.no_grad():
         return scale * torch.clamp(floor + (v >= 0).to(w.dtype), qmin, qmax)
-
-
-@torch.no_grad()
-def evaluate_top1(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-    """(top-1 in percent, mean cross-entropy) in eval mode."""
-    model.eval()
-    correct, loss, total = 0, 0.0, 0
-    for images, labels in batches:
-        logits = model(images)
-        correct += int((logits.argmax(1) == labels).sum())
-        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-        total += len(labels)
-    return 100.0 * correct / total, loss / total
 
 
 def _original_weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -183,4 +171,4 @@ class PTQEvaluator:
             for name, b in zip(self.layers, bits):
                 _original_weight(self.model, name).copy_(self.quantized_weight(name, int(b)))
         recalibrate_batchnorm(self.model, self.bn_images)
-        return evaluate_top1(self.model, self.test_batches)
+        return evaluate(self.model, self.test_batches)

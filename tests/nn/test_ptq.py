@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_nas.nn.ptq import PTQEvaluator, adaround, clipped_quantize, evaluate_top1
+from lightning_nas.nn.evaluation import evaluate
+from lightning_nas.nn.ptq import PTQEvaluator, adaround, clipped_quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,7 +62,7 @@ def test_8_bit_ptq_stays_close_to_the_float_network() -> None:
     from lightning_nas.nn.bn_recalibration import recalibrate_batchnorm
 
     recalibrate_batchnorm(model, bn)
-    _, float_loss = evaluate_top1(model, tests)
+    _, float_loss = evaluate(model, tests)
     _, loss = PTQEvaluator(model, ["3"], ["0", "8"], bn, tests).evaluate([8])
     assert loss == pytest.approx(float_loss, rel=0.02)
 
