@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RecipeError
+from ..files import replacing, write_json
 from ..predictors.pair_store import Pair, PairStore, file_hash
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
@@ -90,7 +91,8 @@ def _plot(path: Path, rows: list[dict[str, Any]], budgets: list[float]) -> None:
     axis.set_ylabel("top-1 after PTQ (%)")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with replacing(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
     plt.close(figure)
 
 
@@ -182,17 +184,16 @@ def run(recipe: LoadedRecipe) -> Path:
                          "mean_bits": float(np.mean([r["mean_bits"] for r in randoms]))})
     rows.sort(key=lambda r: (r["budget_bits"], r["method"]))
     columns = ["budget_bits", "method", "mean_bits", "size_bytes", "bitops", "proxy_score", "top1", "loss", "bits"]
-    with (run_dir / "allocation.csv").open("w", newline="", encoding="utf-8") as stream:
+    with replacing(run_dir / "allocation.csv") as temporary, temporary.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(columns)
         for r in rows:
             writer.writerow([" ".join(map(str, r[c])) if c == "bits" and c in r else
                              (f"{r[c]:.6g}" if isinstance(r.get(c), float) else r.get(c, "")) for c in columns])
-    (run_dir / "allocation.json").write_text(json.dumps(
+    write_json(run_dir / "allocation.json",
         {"budget_metric": settings.budget_metric, "layers": ptq.layers,
          "rows": [{k: v for k, v in r.items() if k != "choice"} for r in rows],
-         "random": [{k: v for k, v in r.items() if k != "choice"} for r in planned if r["method"].startswith("random")]},
-        indent=2) + "\n", encoding="utf-8")
+         "random": [{k: v for k, v in r.items() if k != "choice"} for r in planned if r["method"].startswith("random")]})
     _plot(run_dir / "allocation.png", [r for r in rows if not r["method"].startswith("random_mean")],
           list(settings.budgets))
     log_summary(config, run_dir, {f"{r['method']}_{r['budget_bits']}": r["top1"] for r in rows}, "allocate",

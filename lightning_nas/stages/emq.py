@@ -14,7 +14,6 @@ same split. Writes into ``<run_dir>/emq/``:
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RecipeError
+from ..files import replacing, write_json
 from ..predictors.pair_store import PairStore
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
@@ -63,7 +63,8 @@ def _plot(path: Path, histories: list[list[float]]) -> None:
     axis.set_ylabel("best Spearman (training configs)")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with replacing(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
     plt.close(figure)
 
 
@@ -110,15 +111,15 @@ def run(recipe: LoadedRecipe) -> Path:
     evolved = {"proxy": "emq", **{f"train_{k}": v for k, v in rank_correlations(best.table, train).items()},
                **{f"heldout_{k}": v for k, v in rank_correlations(best.table, held).items()}}
     rows.append(evolved)
-    with (out / "proxies.csv").open("w", newline="", encoding="utf-8") as stream:
+    with replacing(out / "proxies.csv") as temporary, temporary.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
     program = {"program": best.program.to_dict(), **{k: v for k, v in evolved.items() if k != "proxy"},
                "train_configs": len(train), "heldout_configs": len(held), "stats": str(settings.stats),
                "seed": seed}
-    (out / PROGRAM_FILE).write_text(json.dumps(program, indent=2) + "\n", encoding="utf-8")
-    with (out / "evolution.csv").open("w", newline="", encoding="utf-8") as stream:
+    write_json(out / PROGRAM_FILE, program)
+    with replacing(out / "evolution.csv") as temporary, temporary.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(["restart", "generation", "best_train_spearman"])
         for restart, history in enumerate(histories):
@@ -134,7 +135,7 @@ def run(recipe: LoadedRecipe) -> Path:
                "heldout_kendall": evolved["heldout_kendall"],
                "best_hand_made": max(rows[:-1], key=lambda r: r["heldout_spearman"]
                                      if np.isfinite(r["heldout_spearman"]) else -2)["proxy"]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "summary.json", summary)
     log_summary(config, run_dir, {k: v for k, v in summary.items() if k != "rejected"}, "emq",
                 (list(rows[0]), [list(r.values()) for r in rows]), out / "evolution.png")
     print(f"emq: {settings.generations} generations x {settings.restarts} in {seconds:.1f} s; best program "

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RecipeError
+from ..files import replacing, write_json
 from ..predictors.pair_store import Pair, PairStore, file_hash, plan_key
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
@@ -184,8 +185,8 @@ def write_outputs(run_dir: Path, stats: Any, pairs: Sequence[Pair], check: Mappi
                   extra: Mapping[str, Any]) -> dict[str, Any]:
     summary = {k: v for k, v in check.items() if not k.startswith("_")}
     summary.update(extra)
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    with (run_dir / CSV_FILE).open("w", newline="", encoding="utf-8") as stream:
+    write_json(run_dir / SUMMARY_FILE, summary)
+    with replacing(run_dir / CSV_FILE) as temporary, temporary.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(["pair_key", "w_bits", "mean_bits", "size_bytes", "bitops", "top1", "loss", "seconds"])
         for p, size, bitops in zip(pairs, check["_size"], check["_bitops"]):
@@ -202,7 +203,8 @@ def write_outputs(run_dir: Path, stats: Any, pairs: Sequence[Pair], check: Mappi
     axis.set_ylabel("top-1 after PTQ (%)")
     axis.set_title(f"{len(pairs)} configurations; Spearman(size, top-1) = {summary['spearman_size']:.3f}")
     figure.tight_layout()
-    figure.savefig(run_dir / PLOT_FILE, dpi=120)
+    with replacing(run_dir / PLOT_FILE) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
     plt.close(figure)
     return summary
 
