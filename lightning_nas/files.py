@@ -184,3 +184,14 @@ def locked(path: str | os.PathLike[str]) -> Iterator[None]:
         yield
     finally:
         os.close(descriptor)
+
+
+def save_png(figure: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+    """A matplotlib figure as a PNG at ``path`` (laid out, temporary name then rename), then closed."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    with replacing(path) as temporary:
+        figure.savefig(temporary, dpi=dpi, format="png")
+    plt.close(figure)
+    return Path(path)

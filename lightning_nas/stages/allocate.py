@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RecipeError
-from ..files import replacing, write_json
+from ..files import replacing, save_png, write_json
 from ..predictors.pair_store import Pair, PairStore, file_hash
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
@@ -90,10 +90,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], budgets: list[float]) -> None:
     axis.set_xlabel("budget (parameter-weighted mean weight bits)")
     axis.set_ylabel("top-1 after PTQ (%)")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    with replacing(path) as temporary:
-        figure.savefig(temporary, dpi=120, format="png")
-    plt.close(figure)
+    save_png(figure, path)
 
 
 def run(recipe: LoadedRecipe) -> Path:

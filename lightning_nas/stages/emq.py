@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RecipeError
-from ..files import replacing, write_json
+from ..files import replacing, save_png, write_json
 from ..predictors.pair_store import PairStore
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
@@ -62,10 +62,7 @@ def _plot(path: Path, histories: list[list[float]]) -> None:
     axis.set_xlabel("generation")
     axis.set_ylabel("best Spearman (training configs)")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    with replacing(path) as temporary:
-        figure.savefig(temporary, dpi=120, format="png")
-    plt.close(figure)
+    save_png(figure, path)
 
 
 def run(recipe: LoadedRecipe) -> Path:

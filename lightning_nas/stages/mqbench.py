@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RecipeError
-from ..files import replacing, write_json
+from ..files import replacing, save_png, write_json
 from ..predictors.pair_store import Pair, PairStore, file_hash, plan_key
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
@@ -202,10 +202,7 @@ def write_outputs(run_dir: Path, stats: Any, pairs: Sequence[Pair], check: Mappi
     axis.set_xlabel("weight size of the searchable layers (KiB)")
     axis.set_ylabel("top-1 after PTQ (%)")
     axis.set_title(f"{len(pairs)} configurations; Spearman(size, top-1) = {summary['spearman_size']:.3f}")
-    figure.tight_layout()
-    with replacing(run_dir / PLOT_FILE) as temporary:
-        figure.savefig(temporary, dpi=120, format="png")
-    plt.close(figure)
+    save_png(figure, run_dir / PLOT_FILE)
     return summary
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RecipeError
-from ..files import replacing, write_text
+from ..files import replacing, save_png, write_text
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import build_loggers, prepare_run_dir
@@ -270,10 +270,7 @@ def _plot(path: Path, scores: Any, front: np.ndarray, metric: str | None, limit:
     axis.set_ylabel("predicted top-1 (%)")
     axis.set_title(f"{summary.get('strategy')}: {len(scores)} candidates, {int(front.sum())} on the front")
     axis.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    with replacing(path) as temporary:
-        figure.savefig(temporary, dpi=120, format="png")
-    plt.close(figure)
+    save_png(figure, path)
 
 
 def log_results(config: Mapping[str, Any], run_dir: Path, outputs: dict[str, Any], history: Any, scorer: Any,

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from ..errors import RecipeError
-from ..files import write_text
+from ..files import save_png, write_text
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import CONFIG_FILE
@@ -358,9 +358,7 @@ def plot_trials(sweep_dir: Path, trials: Sequence[Mapping[str, Any]], definition
     ax.set_xlim(-0.2, len(names) - 0.6)
     ax.set_title(f"{len(finished)} finished trials, coloured by {metric}")
     figure.colorbar(plt.cm.ScalarMappable(cmap=colour, norm=plt.Normalize(low, high)), ax=ax, label=metric)
-    figure.tight_layout()
-    paths.append(_save(figure, sweep_dir / PARALLEL_PNG))
-    plt.close(figure)
+    paths.append(save_png(figure, sweep_dir / PARALLEL_PNG, dpi=110))
 
     figure, grid = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(grid[0], keys):
@@ -378,17 +376,8 @@ def plot_trials(sweep_dir: Path, trials: Sequence[Mapping[str, Any]], definition
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     figure.suptitle(f"{metric} against each swept parameter")
-    figure.tight_layout()
-    paths.append(_save(figure, sweep_dir / METRIC_PNG))
-    plt.close(figure)
+    paths.append(save_png(figure, sweep_dir / METRIC_PNG, dpi=110))
     return paths
-
-
-def _save(figure: Any, path: Path) -> Path:
-    partial = path.with_name(f".{path.name}.partial")
-    figure.savefig(partial, format="png", dpi=110)
-    partial.replace(path)
-    return path
 
 
 def log_summary(recipe: LoadedRecipe, sweep_dir: Path, group: str, definition: Mapping[str, Any],

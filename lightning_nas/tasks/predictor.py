@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torchmetrics.functional import kendall_rank_corrcoef, spearman_corrcoef
 
 from ..errors import RecipeError
-from ..files import replacing, write_text
+from ..files import save_png, write_text
 from ..predictors.accuracy import AccuracyPredictor, QuantAccuracyPredictor, load_predictor, save_predictor
 from ..recipe.markers import ExistingFile, NonNegativeFloat, PositiveFloat, PositiveInt
 
@@ -129,10 +129,7 @@ class PredictorTask(pl.LightningModule):
         axis.set_xlabel("measured top-1 (%)")
         axis.set_ylabel("predicted top-1 (%)")
         axis.set_title(f"{summary['kind']}: RMSE {summary['rmse']:.2f}, tau {summary['kendall_tau']:.3f}")
-        figure.tight_layout()
-        with replacing(path) as temporary:
-            figure.savefig(temporary, dpi=120, format="png")
-        plt.close(figure)
+        save_png(figure, path)
         for logger in self.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.log_image(key="val/predicted_vs_measured", images=[str(path)])
