@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ..errors import RecipeError
 from ..recipe.markers import NonNegativeInt, PositiveInt
+from .augment import BatchCropFlip
 from .subsets import dataset_labels, evaluation_subset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -87,10 +88,12 @@ class SeededTrainingSubset(Dataset):
     epoch and the sample alone: identical after a resume and independent of worker processes.
     """
 
-    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable | None, seed: int) -> None:
+    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable | None, seed: int,
+                 batch_transform: BatchCropFlip | None = None) -> None:
         self.dataset = dataset
         self.indices = list(indices)
         self.transform = transform
+        self.batch_transform = batch_transform
         self.seed = seed
 
     def __len__(self) -> int:
@@ -105,6 +108,26 @@ class SeededTrainingSubset(Dataset):
                 torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
                 image = self.transform(image)
         return image, label
+
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch, collated, with the batch augmentation drawn from ``(seed, epoch, first key)``.
+
+        A batch is a function of its keys: a resumed run, any worker count and every rank of a
+        multi-node run see the same augmented images for the same batch.
+        """
+        samples = [self[key] for key in keys]
+        images = torch.stack([image for image, _ in samples])
+        labels = torch.as_tensor([int(label) for _, label in samples], dtype=torch.long)
+        if self.batch_transform is not None and samples:
+            position, epoch = keys[0] if isinstance(keys[0], tuple) else (keys[0], 0)
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + position)
+            images = self.batch_transform(images, generator)
+        return images, labels
+
+
+def collated_batch(batch: Any) -> Any:
+    """The collate function of loaders over a dataset whose ``__getitems__`` already collates."""
+    return batch
 
 
 def holdout_split(num_train: int, holdout_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,14 +199,12 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def train_transform(self) -> Callable | None:
-        """Augmentation on one uint8 CHW tensor; CIFAR-style crop and flip by default."""
-        if not self.augment:
-            return None
-        from torchvision.transforms import v2
+        """Per-image work on one training image (decoding, resizing); none for in-memory arrays."""
+        return None
 
-        size = self.image_size
-        return v2.Compose([v2.RandomCrop(size, padding=size // 8, padding_mode="reflect"),
-                           v2.RandomHorizontalFlip()])
+    def train_batch_transform(self) -> BatchCropFlip | None:
+        """Augmentation on each uint8 training batch; CIFAR-style crop and flip by default."""
+        return BatchCropFlip(self.image_size // 8, "reflect", flip=True) if self.augment else None
 
     def eval_transform(self) -> Callable | None:
         return None
@@ -204,7 +225,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             chosen = evaluation_subset(None if labels is None else labels[train_idx], self.train_subset, self.seed,
                                        len(train_idx))
             train_idx = np.sort(train_idx[chosen])
-        self.train_set = SeededTrainingSubset(full_train, train_idx.tolist(), self.train_transform(), self.seed)
+        self.train_set = SeededTrainingSubset(full_train, train_idx.tolist(), self.train_transform(), self.seed,
+                                              self.train_batch_transform())
         self.holdout_set = Subset(self.load_train(self.eval_transform()), holdout_idx.tolist())
         val = self.load_test(self.eval_transform())
         # Kept in stratified order: val_subset, and anything reading only the first batches (smoke
@@ -226,8 +248,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         if dataset is None:
             raise RuntimeError("call setup() before asking for a data loader")
         sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
+        collate = collated_batch if isinstance(dataset, SeededTrainingSubset) else None
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=shuffle)
+                          persistent_workers=self.num_workers > 0, drop_last=shuffle, collate_fn=collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True, self.batch_size)

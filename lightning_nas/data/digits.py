@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..recipe.markers import Fraction, PositiveInt
+from .augment import BatchCropFlip
 from .base import ArrayImageDataset, ImageClassificationDataModule
 
 
@@ -55,13 +56,9 @@ class DigitsDataModule(ImageClassificationDataModule):
                             "train": (images[order[cut:]], labels[order[cut:]])}
         return self._splits[which]
 
-    def train_transform(self) -> Callable | None:
-        if not self.augment:
-            return None
-        from torchvision.transforms import v2
-
+    def train_batch_transform(self) -> BatchCropFlip | None:
         # Digits are not mirror-symmetric: shift-and-crop only.
-        return v2.RandomCrop(self._image_size, padding=self._image_size // 8, padding_mode="constant")
+        return BatchCropFlip(self._image_size // 8, "constant", flip=False) if self.augment else None
 
     def load_train(self, transform: Callable | None) -> ArrayImageDataset:
         return ArrayImageDataset(*self._split("train"), transform)

@@ -43,6 +43,9 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             steps.append(v2.RandomHorizontalFlip())
         return v2.Compose([*steps, v2.ToDtype(torch.uint8)])
 
+    def train_batch_transform(self) -> None:
+        return None  # the per-image transform above already crops and flips
+
     def eval_transform(self) -> Callable:
         from torchvision.transforms import v2
 

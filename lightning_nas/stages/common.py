@@ -104,6 +104,8 @@ def build_trainer(config: Mapping[str, Any], run_dir: Path, **overrides: Any):
 
     arguments = {**config.get("trainer", {}), **overrides}
     arguments.setdefault("plugins", [atomic_checkpoint_io()])
+    if isinstance(arguments.get("profiler"), Mapping):  # {class_path, init_args}, like a callback
+        arguments["profiler"] = instantiate(arguments["profiler"])
     loggers = build_loggers(config, run_dir)
     callbacks = build_callbacks(config)
     try:

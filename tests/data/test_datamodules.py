@@ -77,9 +77,9 @@ def test_an_epoch_is_the_same_however_many_epochs_came_before() -> None:
     # augmentation is really on: the same image in two epochs is shifted differently
     dm = DigitsDataModule(num_workers=0, seed=5, augment=True)
     dm.setup()
-    views = [dm.train_set[(0, epoch)][0] for epoch in range(6)]
+    views = [dm.train_set.__getitems__([(0, epoch)])[0][0] for epoch in range(6)]
     assert any(not torch.equal(views[0], view) for view in views[1:])
-    assert torch.equal(views[1], dm.train_set[(0, 1)][0])
+    assert torch.equal(views[1], dm.train_set.__getitems__([(0, 1)])[0][0])
 
 
 def test_step_resolution_is_a_function_of_the_step() -> None:
