@@ -21,6 +21,7 @@ an order of magnitude and hides the differences being measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import random
@@ -37,7 +38,7 @@ from lightning_nas.nn.builders import build_supernet
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_nas.nn.shrinking import shrinking_step  # noqa: E402
-from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space  # noqa: E402
+from lightning_nas.spaces.ofa_mbv3 import SPACES  # noqa: E402
 
 MODES = ("max", "random", "ps")
 
@@ -64,6 +65,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--compile", action="store_true", help="torch.compile the supernet (recompiles per shape)"
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=("32", "bf16-mixed"), default="32",
+                        help="bf16-mixed: forward and loss under torch.autocast(bfloat16), as Lightning's")
+    parser.add_argument("--space", choices=("ofa_mbv3", "ofa_mbv3_cifar"), default="ofa_mbv3",
+                        help="the ImageNet layout or the CIFAR-sized one (stride-1 stem)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     return parser.parse_args(argv)
@@ -89,7 +94,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
-    space = OFAMobileNetV3Space(num_classes=args.num_classes)
+    space = SPACES[args.space](num_classes=args.num_classes)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed"
+                else contextlib.nullcontext())
     supernet = build_supernet(space).to(device=device, memory_format=memory_format).train()
     model = torch.compile(supernet) if args.compile else supernet
     optimizer = torch.optim.SGD(supernet.param_groups(3e-5), lr=0.01, momentum=0.9, nesterov=True)
@@ -107,7 +114,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         def step(i: int) -> None:
             supernet.set_active(config_for_step(i))
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
+            with autocast:
+                loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
             loss.backward()
             optimizer.step()
 
@@ -116,10 +124,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     def step_ps(i: int) -> None:
         rng = random.Random(i)
         configs = [space.sample(rng) for _ in range(args.subnets)]
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             teacher_logits = teacher(images)
         optimizer.zero_grad(set_to_none=True)
-        shrinking_step(model, images, labels, configs, teacher_logits, kd_ratio=1.0, label_smoothing=0.1)
+        with autocast:
+            shrinking_step(model, images, labels, configs, teacher_logits, kd_ratio=1.0, label_smoothing=0.1)
         optimizer.step()
 
     steps = {
@@ -144,6 +153,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "threads": args.threads,
                 "channels_last": args.channels_last,
                 "compile": args.compile,
+                "device": str(device),
+                "precision": args.precision,
+                "space": args.space,
             }
         )
     return results

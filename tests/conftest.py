@@ -180,8 +180,16 @@ class SmokeRuns:
         from lightning_nas.recipe.loader import load_recipe
 
         overrides = [f"run_dir={self.root / path.stem}"]
-        if "runs" in load_recipe(path, overrides, smoke=True, validate=False).config.get("vars", {}):
+        config = load_recipe(path, overrides, smoke=True, validate=False).config
+        if "runs" in config.get("vars", {}):
             overrides.append(f"vars.runs={self.root}")
+        # benchmarks/gpu_check.sh: the same smoke runs on a GPU, reading a small CIFAR-10 copy
+        accelerator = os.environ.get("LIGHTNING_NAS_SMOKE_ACCELERATOR")
+        if accelerator and "trainer" in config:
+            overrides.append(f"trainer.accelerator={accelerator}")
+        cifar10 = os.environ.get("LIGHTNING_NAS_SMOKE_CIFAR10")
+        if cifar10 and str((config.get("data") or {}).get("root", "")).endswith("shared/data/cifar10"):
+            overrides.append(f"data.root={cifar10}")
         return overrides
 
     def upstream(self, path: Path) -> tuple[str, list[str]]:

@@ -23,8 +23,9 @@ class ProgressiveShrinking(pl.Callback):
     already trained. The index of the last phase entered is saved in checkpoints, so a resumed
     run continues in the same phase without re-sorting.
 
-    The wall time of every phase (training and validation) goes to ``run_dir/phases.csv`` after
-    each epoch; it is kept in checkpoints, so a resumed run adds to it.
+    The wall time of every phase (training and validation) and the training images it read go to
+    ``run_dir/phases.csv`` after each epoch (``images_per_s``: input images, whatever the number of
+    subnets per step); both are kept in checkpoints, so a resumed run adds to them.
     """
 
     def __init__(self, phases: list[ShrinkingPhase]) -> None:
@@ -32,6 +33,7 @@ class ProgressiveShrinking(pl.Callback):
         self.entered = -1
         self.wall_seconds = [0.0] * len(self.phases)
         self.epochs_done = [0] * len(self.phases)
+        self.images = [0] * len(self.phases)
         self._epoch_started: tuple[int, float] | None = None  # (phase index, clock)
 
     @property
@@ -59,6 +61,11 @@ class ProgressiveShrinking(pl.Callback):
         pl_module.set_phase(index, phase, start)
         self._epoch_started = (index, time.perf_counter())
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._epoch_started is not None:
+            self.images[self._epoch_started[0]] += len(batch[1])
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._epoch_started is None:
             return
@@ -72,10 +79,12 @@ class ProgressiveShrinking(pl.Callback):
         start = 0
         with replacing(path) as temporary, temporary.open("w", newline="", encoding="utf-8") as stream:
             writer = csv.writer(stream)
-            writer.writerow(["index", "name", "first_epoch", "epochs", "epochs_done", "wall_s"])
+            writer.writerow(["index", "name", "first_epoch", "epochs", "epochs_done", "wall_s", "images",
+                             "images_per_s"])
             for index, phase in enumerate(self.phases):
-                writer.writerow([index, phase.name, start, phase.epochs, self.epochs_done[index],
-                                 round(self.wall_seconds[index], 2)])
+                seconds = self.wall_seconds[index]
+                writer.writerow([index, phase.name, start, phase.epochs, self.epochs_done[index], round(seconds, 2),
+                                 self.images[index], round(self.images[index] / seconds, 1) if seconds else ""])
                 start += phase.epochs
 
     def _totals(self) -> tuple[list[float], list[int]]:
@@ -90,10 +99,11 @@ class ProgressiveShrinking(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         # Checkpoints are written at the end of validation, before this epoch's on_train_epoch_end.
         seconds, done = self._totals()
-        return {"entered": self.entered, "wall_seconds": seconds, "epochs_done": done}
+        return {"entered": self.entered, "wall_seconds": seconds, "epochs_done": done, "images": list(self.images)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.entered = state_dict["entered"]
         if len(state_dict.get("wall_seconds", [])) == len(self.phases):
             self.wall_seconds = list(state_dict["wall_seconds"])
             self.epochs_done = list(state_dict["epochs_done"])
+            self.images = list(state_dict.get("images", self.images))

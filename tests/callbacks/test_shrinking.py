@@ -19,6 +19,7 @@ PHASES = [
     {"name": "depth", "epochs": 1, "lr": 0.05, "kernel": [3, 5, 7], "depth": [2, 3, 4], "subnets_per_step": 2},
 ]
 STEPS_PER_EPOCH = 2  # the smoke block's trainer.limit_train_batches
+BATCH = 16  # the smoke block's data.batch_size
 
 
 def fit(run_dir: Path, *extra: str) -> None:
@@ -69,6 +70,10 @@ def test_phases_switch_at_their_epochs(uninterrupted: Path) -> None:
     assert [(r["name"], int(r["first_epoch"]), int(r["epochs_done"])) for r in table] == \
         [("full", 0, 1), ("kernel", 1, 2), ("depth", 3, 1)]
     assert all(float(r["wall_s"]) > 0 for r in table)
+    # every training image counted once per epoch, and the rate is images over wall time
+    assert [int(r["images"]) for r in table] == [n * STEPS_PER_EPOCH * BATCH for n in (1, 2, 1)]
+    assert all(float(r["images_per_s"]) == pytest.approx(int(r["images"]) / float(r["wall_s"]), rel=0.01)
+               for r in table)
 
 
 def test_resume_in_the_middle_of_a_phase_continues_identically(uninterrupted: Path, tmp_path: Path) -> None:
@@ -91,3 +96,4 @@ def test_resume_in_the_middle_of_a_phase_continues_identically(uninterrupted: Pa
     # The resumed run's phase table carries the epochs run before the checkpoint.
     table = list(csv.DictReader((resumed / "phases.csv").open()))
     assert [int(r["epochs_done"]) for r in table] == [1, 2, 1]
+    assert [int(r["images"]) for r in table] == [n * STEPS_PER_EPOCH * BATCH for n in (1, 2, 1)]
