@@ -11,11 +11,11 @@ Training is plain cross-entropy (optionally distilled from the float subnet) wit
 learning rate; batch-norm statistics are frozen for the last ``freeze_bn_fraction`` of the steps.
 
 When fit ends, the fake-quantized model is evaluated on the test split and written with the run's
-figures to ``qat_metrics.json`` (``fp32_top1``, ``initial_top1``, ``test_top1``), and its weights with quantizers to ``qat_subnet.pt``
-(:func:`load_qat_subnet`). With ``deploy`` (uniform 8-bit policies only) it is converted to real
-int8 kernels (:func:`~lightning_nas.deploy.int8.convert_to_int8`) and exported to ONNX (QDQ); the
-top-1 agreement of both with the fake-quantized model, and fp32 / int8 / onnxruntime latency, go
-to ``latency.json``.
+figures to ``qat_metrics.json`` (``fp32_top1``, ``initial_top1``, ``test_top1``), and its weights
+with quantizers to ``qat_subnet.pt`` (:func:`load_qat_subnet`). With ``deploy`` (uniform 8-bit
+policies only) it is converted to real int8 kernels (:func:`~lightning_nas.deploy.int8.convert_to_int8`)
+and exported to ONNX (QDQ); the top-1 agreement of both with the fake-quantized model, and fp32 /
+int8 / onnxruntime latency, go to ``latency.json``.
 
 Every accuracy here is top-1 in percent: the logged ``train/acc`` (the batch), ``val/acc`` (the
 validation set) and ``test/top1``, the ``*_top1`` figures, and int8 / ONNX agreement (the share of

@@ -178,6 +178,7 @@ def test_progress_bar_counts_the_scored_candidates_on_stderr(tmp_path: Path, pre
     printed = capsys.readouterr()
     assert "search (apq_evolution)" in printed.err and "100/100 cand" in printed.err
     assert "search (apq_evolution)" not in printed.out
+    (tmp_path / "quiet").mkdir()
     run_stage(tmp_path / "quiet", predictors["quant"], evaluations=100)
     assert "search (" not in capsys.readouterr().err
 
