@@ -125,6 +125,7 @@ def _finetune(data, subnet_path: Path, target: str, steps: int, out: Path) -> No
 
 def _evaluate(args: argparse.Namespace) -> list[dict]:
     from lightning_nas.deploy.int8 import convert_to_int8, export_onnx, onnx_session, run_onnx, top1_agreement
+    from lightning_nas.nn.metrics import percent_accuracy
     from lightning_nas.targets import resolve_target
     from lightning_nas.tasks.qat import QAT_SUBNET_FILE, load_qat_subnet
 
@@ -154,8 +155,8 @@ def _evaluate(args: argparse.Namespace) -> list[dict]:
                     "network": f"{name} {args.subnet}", "target": target.name, "runtime": runtime,
                     "deployed": runtime == target.runtime, "images": len(labels),
                     "agreement": top1_agreement(out, fake_logits),
-                    "top1_fake_quant": 100 * float((fake_logits.argmax(1) == labels).float().mean()),
-                    "top1_int8": 100 * float((out.argmax(1) == labels).float().mean()),
+                    "top1_fake_quant": float(percent_accuracy(fake_logits, labels)),
+                    "top1_int8": float(percent_accuracy(out, labels)),
                     "torch_isa_limit": os.environ.get("ONEDNN_MAX_CPU_ISA") if runtime == "torch" else None,
                 })
     return rows
@@ -180,7 +181,7 @@ def _ort_levels(path: Path, x: torch.Tensor, fake_logits: torch.Tensor, network:
         fused = [op for op in ops if op.startswith("QLinear") or op in ("QGemm", "MatMulInteger", "ConvInteger")]
         latency = measure_latency(lambda b, s=session, n=name: s.run(None, {n: b}), x[:1].numpy(), warmup=5,
                                   repeats=30)
-        print(f"ORT levels | {network} | {target} | {level} | {100 * top1_agreement(logits, fake_logits):.1f} % "
+        print(f"ORT levels | {network} | {target} | {level} | {top1_agreement(logits, fake_logits):.1f} % "
               f"| {latency['median_ms']:.2f} ms | fused int8 ops: {', '.join(fused) or 'none'}", flush=True)
 
 
@@ -206,7 +207,7 @@ def _print(rows: list[dict]) -> None:
         kernels = f"ISA limit {r['torch_isa_limit']}" if r["torch_isa_limit"] else "host"
         mark = "" if r["deployed"] else " (not its runtime)"
         print(f"| {r['network']} | {r['target']} | {r['runtime']}{mark} | {kernels} | {r['images']} "
-              f"| {100 * r['agreement']:.1f} % | {r['top1_fake_quant']:.2f} | {r['top1_int8']:.2f} |")
+              f"| {r['agreement']:.1f} % | {r['top1_fake_quant']:.2f} | {r['top1_int8']:.2f} |")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"agreement": top1_agreement(int8_logits, fake_logits), "flipped": int(flipped.sum()),
               "median_margin": float(margin.median()), "flipped_margins": sorted(margin[flipped].tolist()),
               "calibrated_tensors": int8.calibrated_tensors}
-    print(f"agreement {report['agreement']:.3f} on {len(x)} images ({report['flipped']} flipped); "
+    print(f"agreement {report['agreement']:.1f} % on {len(x)} images ({report['flipped']} flipped); "
           f"fake-quantized top-2 margin: median {report['median_margin']:.3f}, flipped images "
           f"{[round(m, 3) for m in report['flipped_margins']]}; int8 tensors left to calibration "
           f"{report['calibrated_tensors']}")
@@ -155,7 +155,7 @@ def _runtime_agreement(
                 logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
                 agreement[f"onnxruntime {level}, {variant}"] = top1_agreement(logits, fake_logits)
     for name, value in agreement.items():
-        print(f"agreement with the fake-quantized model, {name}: {value:.3f}")
+        print(f"agreement with the fake-quantized model, {name}: {value:.1f} %")
     return agreement
 
 

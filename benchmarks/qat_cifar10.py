@@ -165,8 +165,8 @@ def table(rows: list[dict]) -> str:
         cells.append(f"{row['w4a4']['test_top1']:.2f}" if "w4a4" in row else "-")
         if "w8a8" in row:
             deploy = row["w8a8"]["deploy"]
-            cells += [f"{100 * deploy['agreement']['int8_vs_fake_quant']:.1f}% / "
-                      f"{100 * deploy['agreement']['onnx_vs_fake_quant']:.1f}%",
+            cells += [f"{deploy['agreement']['int8_vs_fake_quant']:.1f}% / "
+                      f"{deploy['agreement']['onnx_vs_fake_quant']:.1f}%",
                       f"{deploy['speedup_torch_int8']['batch_1']:.2f}x / {deploy['speedup_torch_int8']['batch_32']:.2f}x",
                       f"{deploy['speedup_onnxruntime_int8']['batch_1']:.2f}x / "
                       f"{deploy['speedup_onnxruntime_int8']['batch_32']:.2f}x"]

@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 from lightning_nas.files import replacing
+from lightning_nas.nn.metrics import percent_accuracy
 from lightning_nas.nn.quantize_model import (
     _batch_input,
     bias_grid_layers,
@@ -739,12 +740,12 @@ def run_onnx(session: Any, x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def top1_agreement(first: torch.Tensor | np.ndarray, second: torch.Tensor | np.ndarray) -> float:
-    """Fraction of rows whose arg-max agrees between two logit arrays."""
-    a = _as_array(first).argmax(axis=-1)
-    b = _as_array(second).argmax(axis=-1)
+    """Percent of rows whose arg-max agrees between two logit arrays: the top-1 accuracy of
+    ``first`` against ``second``'s predicted classes, in the package's one accuracy unit."""
+    a, b = torch.as_tensor(_as_array(first)), torch.as_tensor(_as_array(second))
     if a.shape != b.shape:
         raise ValueError(f"logit arrays disagree in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    return float((a == b).mean())
+    return float(percent_accuracy(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]).argmax(dim=1)))
 
 
 def _as_array(x: torch.Tensor | np.ndarray) -> np.ndarray:

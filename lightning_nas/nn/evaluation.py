@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+
+from .metrics import PercentAccuracy
 
 __all__ = ["evaluate"]
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
     """(top-1 in percent, mean cross-entropy) over normalised batches."""
     model.eval()
-    correct, loss, total = 0, 0.0, 0
+    accuracy: PercentAccuracy | None = None
+    loss, total = 0.0, 0
     for images, labels in batches:
         logits = model(images)
-        correct += int((logits.argmax(1) == labels).sum())
+        if accuracy is None:
+            accuracy = PercentAccuracy(num_classes=int(logits.shape[1])).to(logits.device)
+        accuracy.update(logits, labels)
         loss += float(F.cross_entropy(logits, labels, reduction="sum"))
         total += len(labels)
-    return 100.0 * correct / total, loss / total
+    if accuracy is None:
+        raise ValueError("evaluate needs at least one batch")
+    return float(accuracy.compute()), loss / total

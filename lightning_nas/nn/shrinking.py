@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .metrics import percent_accuracy
+
 __all__ = ["shrinking_step", "soft_cross_entropy"]
 
 
@@ -47,7 +49,7 @@ def shrinking_step(
     for wrappers such as DDP, which are then used for the forward pass).
 
     Returns:
-        ``loss``: mean loss over the subnets; ``top1``: mean top-1 accuracy (fraction) of the
+        ``loss``: mean loss over the subnets; ``top1``: mean top-1 accuracy (percent) of the
         subnets on the batch; ``num_subnets``. All are detached tensors (no host sync).
     """
     if not subnet_configs:
@@ -60,7 +62,7 @@ def shrinking_step(
         soft_targets = F.softmax(teacher_logits.detach().float(), dim=1)
 
     total_loss = images.new_zeros((), dtype=torch.float32)
-    total_correct = images.new_zeros((), dtype=torch.float32)
+    total_top1 = images.new_zeros((), dtype=torch.float32)
     for config in subnet_configs:
         target.set_active(config)
         logits = supernet(images)
@@ -70,10 +72,10 @@ def shrinking_step(
         backward(loss)
         with torch.no_grad():
             total_loss += loss.detach().float()
-            total_correct += (logits.argmax(dim=1) == labels).float().mean()
+            total_top1 += percent_accuracy(logits, labels)
     n = len(subnet_configs)
     return {
         "loss": total_loss / n,
-        "top1": total_correct / n,
+        "top1": total_top1 / n,
         "num_subnets": torch.tensor(n),
     }

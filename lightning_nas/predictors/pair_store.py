@@ -72,7 +72,7 @@ class Pair:
     arch: dict[str, Any]
     policy: dict[str, Any] | None
     resolution: int
-    top1: float
+    top1: float  # percent (0-100), as every accuracy of the package
     loss: float | None
     checkpoint_hash: str
     seed: int

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,12 +272,15 @@ def _drop_partial_last_line(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-def _progress(items: list, enabled: bool, done: int):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
+def _progress(items: list, enabled: bool, done: int) -> Iterator:
+    """``items`` with a progress bar of architectures on stderr (the bar ends with the loop)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return tqdm(items, desc=f"zero-cost statistics ({done} cached)", unit="arch")
+    columns = [TextColumn(f"zero-cost statistics ({done} cached)"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("arch"), TimeRemainingColumn()]
+    with Progress(*columns, console=Console(stderr=True), disable=not enabled) as progress:
+        yield from progress.track(items, total=len(items))
 
 
 __all__ = [

@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -114,21 +113,21 @@ def run_search(settings: Any, scorer: Any, run_dir: Path, seed: int) -> tuple[An
     from ..search.nni_strategies import NNISearch
     from ..search.scoring import InfeasibleConstraintsError
 
-    bar = _progress_bar(settings.evaluations, settings.progress, settings.strategy)
     summary: dict[str, Any] = {"strategy": settings.strategy, "seed": seed}
     options = _strategy_options(settings)
     if settings.concurrency < 1:
         raise RecipeError("must be at least 1", key="search.concurrency", given=settings.concurrency)
-    try:
-        search = NNISearch(
-            scorer.joint, scorer, settings.strategy, settings.evaluations, run_dir / SEARCH_DIR / NNI_DIR,
-            seed=seed, options=options, progress=bar.update, concurrency=settings.concurrency)
-        started = time.perf_counter()  # after NNI's import (seconds), which is not the search's speed
-        history = search.run()
-    except InfeasibleConstraintsError as error:
-        raise RecipeError(str(error), key="search.constraints", given=dict(settings.constraints)) from None
-    finally:
-        bar.close()
+    with _progress_bar(settings.progress, settings.strategy) as bar:
+        task = bar.add_task("search", total=settings.evaluations)
+        try:
+            search = NNISearch(
+                scorer.joint, scorer, settings.strategy, settings.evaluations, run_dir / SEARCH_DIR / NNI_DIR,
+                seed=seed, options=options, progress=lambda scored: bar.advance(task, scored),
+                concurrency=settings.concurrency)
+            started = time.perf_counter()  # after NNI's import (seconds), which is not the search's speed
+            history = search.run()
+        except InfeasibleConstraintsError as error:
+            raise RecipeError(str(error), key="search.constraints", given=dict(settings.constraints)) from None
     seconds = time.perf_counter() - started
     summary.update(nni_experiment_dir=str(run_dir / SEARCH_DIR / NNI_DIR / str(search.experiment_id)),
                    strategy_options=options, engine="batched", concurrency=search.concurrency)
@@ -167,21 +166,21 @@ def _total_origins(selected: list[dict[str, int]]) -> dict[str, int]:
     return total
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
+def _progress_bar(enabled: bool, name: str) -> Any:
+    """Scored candidates out of the budget, on stderr (stdout carries the stage's report)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, enabled: bool, name: str) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=f"search ({name})", unit="cand", file=sys.stderr, dynamic_ncols=True,
-                mininterval=0.5)
+    columns = [TextColumn(f"search ({name})"), BarColumn(), MofNCompleteColumn(), TextColumn("cand"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    return Progress(*columns, console=Console(stderr=True), refresh_per_second=2, disable=not enabled)
 
 
 # --------------------------------------------------------------------------------------- outputs

@@ -1,4 +1,8 @@
-"""Train one fixed network with (label-smoothed) cross-entropy."""
+"""Train one fixed network with (label-smoothed) cross-entropy.
+
+Logs ``train/loss``, ``train/acc`` (top-1 of the batch, percent), ``val/loss`` and ``val/acc``
+(top-1 over the validation set, percent).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from ..nn.metrics import PercentAccuracy, percent_accuracy
 from ..recipe.markers import ModelSpec
 from .optim import build_optimizer, parameter_groups, step_scheduler
 
@@ -31,6 +36,7 @@ class ClassificationTask(pl.LightningModule):
         from ..registry import MODELS
 
         self.model = MODELS.build(model, num_classes=num_classes)
+        self.val_top1 = PercentAccuracy(num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -40,14 +46,15 @@ class ClassificationTask(pl.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", (logits.argmax(1) == labels).float().mean(), prog_bar=True)
+        self.log("train/acc", percent_accuracy(logits, labels), prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels = batch
         logits = self(images)
         self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
-        self.log("val/acc", (logits.argmax(1) == labels).float().mean(), prog_bar=True, sync_dist=True)
+        self.val_top1.update(logits, labels)
+        self.log("val/acc", self.val_top1, prog_bar=True)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -30,6 +30,10 @@ The per-(layer, candidate) cost vector is computed once, at setup, by ``cost``:
   (:class:`lightning_nas.hardware.accelerator.BitFusionModel`, arguments in ``accelerator``) at
   ``accelerator_bits`` for weights and activations.
 
+Logged: ``train/loss``, ``train/acc`` (top-1 of the batch on the sampled paths, percent),
+``arch/*``, and ``val/loss`` and ``val/acc`` (top-1 of the derived architecture over the validation
+set, percent).
+
 At the end of fit the derived architecture (most probable op per layer) is written to
 ``run_dir/derived_arch.json`` (ops, probabilities, expected and derived cost; the format of
 :func:`lightning_nas.spaces.proxyless.derived_arch_record`) and the standalone network with the
@@ -55,6 +59,7 @@ from lightning_nas.nn.builders import build_subnet, build_supernet
 
 from ..errors import RecipeError
 from ..files import append_line, replacing, write_text
+from ..nn.metrics import PercentAccuracy, percent_accuracy
 from ..recipe.markers import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, SpaceSpec
 from ..spaces.proxyless import ZERO, ProxylessSpace, derived_arch_record, parse_op
 from .optim import warmup_cosine
@@ -356,6 +361,7 @@ class ProxylessSearchTask(pl.LightningModule):
         if not isinstance(self.space, ProxylessSpace):
             raise RecipeError(f"the proxyless task needs a ProxylessNAS space, got {type(self.space).__name__}", key="task.space")
         self.supernet = build_supernet(self.space, mixed_op)
+        self.val_top1 = PercentAccuracy(self.space.num_classes)
         self.automatic_optimization = False
         self.ddp_find_unused_parameters = True  # one path per layer runs
         self.table: CostTable | None = None
@@ -473,7 +479,7 @@ class ProxylessSearchTask(pl.LightningModule):
         self.manual_backward(loss)
         weight_opt.step()
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", (logits.argmax(1) == labels).float().mean(), prog_bar=True)
+        self.log("train/acc", percent_accuracy(logits, labels), prog_bar=True)
         self.log("train/lr", lr)
         if not self.in_warmup() and (step + 1) % self.hparams.arch_update_every == 0:
             for k in range(self.hparams.arch_steps):
@@ -558,7 +564,8 @@ class ProxylessSearchTask(pl.LightningModule):
         images, labels = batch
         logits = self.supernet(images)
         self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
-        self.log("val/acc", (logits.argmax(1) == labels).float().mean(), prog_bar=True, sync_dist=True)
+        self.val_top1.update(logits, labels)
+        self.log("val/acc", self.val_top1, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
         if self.table is None:

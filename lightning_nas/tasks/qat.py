@@ -11,11 +11,15 @@ Training is plain cross-entropy (optionally distilled from the float subnet) wit
 learning rate; batch-norm statistics are frozen for the last ``freeze_bn_fraction`` of the steps.
 
 When fit ends, the fake-quantized model is evaluated on the test split and written with the run's
-figures to ``qat_metrics.json``, and its weights with quantizers to ``qat_subnet.pt``
-(:func:`load_qat_subnet`). With ``deploy`` (uniform 8-bit policies only) it is converted to real
-int8 kernels (:func:`~lightning_nas.deploy.int8.convert_to_int8`) and exported to ONNX (QDQ); the
-top-1 agreement of both with the fake-quantized model, and fp32 / int8 / onnxruntime latency, go
-to ``latency.json``.
+figures to ``qat_metrics.json`` (``fp32_top1``, ``initial_top1``, ``test_top1``), and its weights
+with quantizers to ``qat_subnet.pt`` (:func:`load_qat_subnet`). With ``deploy`` (uniform 8-bit
+policies only) it is converted to real int8 kernels (:func:`~lightning_nas.deploy.int8.convert_to_int8`)
+and exported to ONNX (QDQ); the top-1 agreement of both with the fake-quantized model, and fp32 /
+int8 / onnxruntime latency, go to ``latency.json``.
+
+Every accuracy here is top-1 in percent: the logged ``train/acc`` (the batch), ``val/acc`` (the
+validation set) and ``test/top1``, the ``*_top1`` figures, and int8 / ONNX agreement (the share of
+test images on which two models predict the same class).
 
 Deployment-faithful QAT: int8 kernels also round tensors that input quantizers never see (a conv
 output before h-swish, the operands and result of a residual add, the squeeze-excite input and
@@ -46,6 +50,7 @@ from ..errors import RecipeError
 from ..files import replacing, write_text
 from ..nn.bn_recalibration import recalibrate_batchnorm
 from ..nn.evaluation import evaluate
+from ..nn.metrics import PercentAccuracy, percent_accuracy
 from ..nn.quant import ActivationQuantizer
 from ..nn.quantize_model import (
     attach_bias_grids,
@@ -363,6 +368,7 @@ class QATTask(pl.LightningModule):
                     "Set deploy: false to finetune a mixed-precision policy.", key="task.policy"
                 )
         self.model = model
+        self.val_top1 = PercentAccuracy(self.space.num_classes)
         attach_quantizers(self.model, self.bits_by_layer, reduce_weight_range=self.target.reduced_weights)
         self.output_points: list[str] = []
         self.fixed_ranges: dict[str, tuple[float, bool]] = {}
@@ -477,7 +483,7 @@ class QATTask(pl.LightningModule):
                 target = F.softmax(self._teacher[0].to(images.device)(images), dim=1)
             loss = loss + self.hparams.kd_ratio * soft_cross_entropy(logits, target)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", (logits.argmax(1) == labels).float().mean(), prog_bar=True)
+        self.log("train/acc", percent_accuracy(logits, labels), prog_bar=True)
         self.log("train/bn_frozen", float(self._bn_frozen_at is not None))
         return loss
 
@@ -485,7 +491,8 @@ class QATTask(pl.LightningModule):
         images, labels = batch
         logits = self.model(self._at_resolution(images))
         self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
-        self.log("val/acc", (logits.argmax(1) == labels).float().mean() * 100, prog_bar=True, sync_dist=True)
+        self.val_top1.update(logits, labels)
+        self.log("val/acc", self.val_top1, prog_bar=True)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -571,8 +578,8 @@ class QATTask(pl.LightningModule):
         summary = f"QAT done: test top-1 {metrics['test_top1']:.2f}% (fake-quantized)"
         if deployment is not None:
             summary += (
-                f"; int8 agreement {100 * deployment['agreement']['int8_vs_fake_quant']:.1f}%, "
-                f"ONNX {100 * deployment['agreement']['onnx_vs_fake_quant']:.1f}% on "
+                f"; int8 agreement {deployment['agreement']['int8_vs_fake_quant']:.1f}%, "
+                f"ONNX {deployment['agreement']['onnx_vs_fake_quant']:.1f}% on "
                 f"{deployment['agreement']['images']} images, target {deployment['target']} "
                 f"-> {run_dir / LATENCY_FILE}"
             )
@@ -637,7 +644,7 @@ class QATTask(pl.LightningModule):
         )
 
         def top1(logits: torch.Tensor) -> float:
-            return 100.0 * float((logits.argmax(1) == labels).float().mean())
+            return float(percent_accuracy(logits, labels))
 
         deployed = "onnx_vs_fake_quant" if self.target.runtime == "onnxruntime" else "int8_vs_fake_quant"
         report.update(

@@ -4,6 +4,10 @@ The phase (which dimensions are elastic, learning rate, subnets per step) is set
 :class:`~lightning_nas.callbacks.shrinking.ProgressiveShrinking` callback; without it the task
 trains the full network. Optimisation is manual because every step runs several subnets whose
 gradients accumulate into one optimizer step.
+
+Logged accuracies are top-1 in percent: ``train/acc`` (the mean over the step's subnets, on the
+batch), ``val/acc@NAME`` (each reference subnet over the validation set, after batch-norm
+recalibration; also the ``top1`` column of ``subnets.csv``) and ``val/acc`` (their mean).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from lightning_nas.nn.builders import build_subnet, build_supernet
 from ..errors import RecipeError
 from ..files import append_line, replacing
 from ..nn.bn_recalibration import recalibrate_batchnorm
+from ..nn.metrics import PercentAccuracy
 from ..nn.safe_load import load_torch_file, require_mapping
 from ..nn.shrinking import shrinking_step
 from ..recipe.markers import (
@@ -108,7 +113,8 @@ class SupernetTask(pl.LightningModule):
         self.active: ActivePhase | None = None
         self._teacher: list[nn.Module] = []  # a list keeps it out of the state dict and of DDP
         self._teacher_record: dict[str, Any] = {}
-        self._val_correct: torch.Tensor | None = None
+        # one accumulated top-1 per reference subnet; torchmetrics sums it over DDP ranks
+        self.val_top1 = nn.ModuleList(PercentAccuracy(self.space.num_classes) for _ in self.reference_subnets)
         self._val_total = 0
         self._bn_states: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -270,7 +276,8 @@ class SupernetTask(pl.LightningModule):
         self._bn_states = self._recalibrated_bn_states()
         self._training_bn = {k: v.clone() for k, v in self.supernet.state_dict().items() if k in
                              next(iter(self._bn_states.values()))}
-        self._val_correct = torch.zeros(len(self.reference_subnets), device=self.device)
+        for metric in self.val_top1:
+            metric.reset()
         self._val_loss = torch.zeros(len(self.reference_subnets), device=self.device)
         self._val_total = torch.zeros((), device=self.device)
 
@@ -283,18 +290,17 @@ class SupernetTask(pl.LightningModule):
             inputs = images if images.shape[-1] == config["r"] else F.interpolate(
                 images, size=(config["r"], config["r"]), mode="bilinear", align_corners=False)
             logits = self.supernet(inputs)
-            self._val_correct[i] += (logits.argmax(1) == labels).sum()
+            self.val_top1[i].update(logits, labels)
             self._val_loss[i] += F.cross_entropy(logits, labels, reduction="sum")
         self._val_total += len(labels)
 
     def on_validation_epoch_end(self) -> None:
         self.supernet.load_state_dict(self._training_bn, strict=False)
-        correct = self.trainer.strategy.reduce(self._val_correct, reduce_op="sum")
         losses = self.trainer.strategy.reduce(self._val_loss, reduce_op="sum")
         total = self.trainer.strategy.reduce(self._val_total, reduce_op="sum").clamp_min(1)
         rows = []
         for i, (name, config) in enumerate(self.reference_subnets.items()):
-            top1 = float(correct[i] / total) * 100
+            top1 = float(self.val_top1[i].compute())
             self.log(f"val/acc@{name}", top1, prog_bar=name in {"smallest", "largest"}, sync_dist=False)
             self.log(f"val/loss@{name}", float(losses[i] / total), sync_dist=False)
             rows.append({"name": name, "config": json.dumps(config), "resolution": config["r"],

@@ -182,9 +182,19 @@ def test_int8_agrees_with_fake_quantized_model(setup: dict) -> None:
     assert max(int(c.abs().max()) for c in codes) == setup["target"].weight_qmax
     assert any(isinstance(m, torch.ao.nn.quantized.Conv2d) for m in int8.modules())
     agreement = top1_agreement(setup["fake"], setup["real"])
-    assert agreement >= 0.99, agreement
+    assert agreement >= 99.0, agreement
     rel = float((setup["fake"] - setup["real"]).norm() / setup["fake"].norm())
     assert rel < 0.03, rel
+
+
+def test_top1_agreement_is_the_percent_of_rows_predicting_the_same_class() -> None:
+    first = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 2.0], [0.0, 0.0, 5.0]])
+    second = np.array([[9.0, 1.0, 0.0], [0.0, 1.0, 3.0], [1.0, 0.0, 2.0], [0.0, 1.0, 5.0]])  # row 1 differs
+    assert top1_agreement(first, second) == pytest.approx(75.0)
+    assert top1_agreement(second, first) == pytest.approx(75.0)
+    assert top1_agreement(first, first.numpy()) == 100.0
+    with pytest.raises(ValueError, match="disagree in shape"):
+        top1_agreement(first, second[:3])
 
 
 def test_int8_weights_are_the_training_grid() -> None:
@@ -235,8 +245,8 @@ def test_onnx_qdq_export_runs_in_onnxruntime(setup: dict, tmp_path: Path) -> Non
     session = onnx_session(path, threads=1)
     logits = run_onnx(session, setup["images"])  # dynamic batch: 1000 at once
     assert logits.shape == (1000, 10)
-    assert top1_agreement(logits, setup["real"]) >= 0.99
-    assert top1_agreement(logits, setup["fake"]) >= 0.99
+    assert top1_agreement(logits, setup["real"]) >= 99.0
+    assert top1_agreement(logits, setup["fake"]) >= 99.0
 
 
 def test_non_uniform_policy_is_rejected(setup: dict) -> None:
@@ -255,7 +265,7 @@ def test_plain_model_post_training_quantization(setup: dict) -> None:
     int8 = convert_to_int8(model, [setup["images"][:200]])
     assert int8.carried_ranges == []
     with torch.no_grad():
-        assert top1_agreement(model(setup["images"][:200]), int8(setup["images"][:200])) >= 0.95
+        assert top1_agreement(model(setup["images"][:200]), int8(setup["images"][:200])) >= 95.0
 
 
 def test_latency_report_is_json(setup: dict, tmp_path: Path) -> None:
@@ -393,4 +403,4 @@ def test_bias_grids_reach_torch_and_onnx_biases(tmp_path: Path) -> None:
         fake, real = model(images), int8(images)
     onnx_logits = run_onnx(onnx_session(tmp_path / "m.onnx", threads=1), images)
     np.testing.assert_allclose(onnx_logits, real.numpy(), atol=0.05)
-    assert top1_agreement(real, fake) >= 0.95
+    assert top1_agreement(real, fake) >= 95.0

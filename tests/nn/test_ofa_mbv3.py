@@ -272,7 +272,7 @@ def test_shrinking_step_accumulates_subnet_gradients() -> None:
 
     # reference: the same subnets one by one, summing gradients by hand
     expected = {n: torch.zeros_like(p) for n, p in supernet.named_parameters()}
-    losses = []
+    losses, correct = [], []
     for config in configs:
         supernet.zero_grad()
         supernet.set_active(config)
@@ -282,6 +282,7 @@ def test_shrinking_step_accumulates_subnet_gradients() -> None:
         )
         loss.backward()
         losses.append(loss.item())
+        correct.append(int((logits.argmax(1) == labels).sum()))
         for n, p in supernet.named_parameters():
             if p.grad is not None:
                 expected[n] += p.grad
@@ -307,7 +308,9 @@ def test_shrinking_step_accumulates_subnet_gradients() -> None:
     assert len(calls) == 3
     assert calls == pytest.approx(losses, rel=1e-5)
     assert out["loss"].item() == pytest.approx(sum(losses) / 3, rel=1e-5)
-    assert 0.0 <= out["top1"].item() <= 1.0 and out["num_subnets"].item() == 3
+    # top-1 in percent: the mean over subnets of each one's share of correct labels
+    assert out["top1"].item() == pytest.approx(100 * sum(correct) / (3 * len(labels)), rel=1e-6)
+    assert out["num_subnets"].item() == 3
     for n, p in supernet.named_parameters():
         got = p.grad if p.grad is not None else torch.zeros_like(p)
         torch.testing.assert_close(got, expected[n], atol=1e-5, rtol=1e-4)

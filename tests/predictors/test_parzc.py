@@ -107,7 +107,7 @@ def test_task_signature_is_explicit() -> None:
 
 # -- statistics cache, datamodule from files, checkpoint ranking -----------------------------------
 
-def test_cache_resumes_adds_proxies_and_rejects_other_settings(tmp_path: Path, batch, monkeypatch) -> None:
+def test_cache_resumes_adds_proxies_and_rejects_other_settings(tmp_path: Path, batch, monkeypatch, capsys) -> None:
     images, labels = batch
     cache = tmp_path / "stats.jsonl"
     first = zc_cache.compute_statistics(ARCHS[:2], PROXIES, images, labels, seed=0, cache_path=cache, progress=False)
@@ -126,6 +126,10 @@ def test_cache_resumes_adds_proxies_and_rejects_other_settings(tmp_path: Path, b
     monkeypatch.setattr(zc_cache, "architecture_statistics", counting)
     second = zc_cache.compute_statistics(ARCHS[:3], PROXIES, images, labels, seed=0, cache_path=cache, progress=True)
     assert calls == [(ARCHS[2], tuple(PROXIES))]
+    # the progress bar (rich, on stderr) counts what is left to compute and names what was cached
+    printed = capsys.readouterr()
+    assert "zero-cost statistics (2 cached)" in printed.err and "1/1 arch" in printed.err
+    assert "zero-cost statistics" not in printed.out
     np.testing.assert_array_equal(second.nodes[:2], first.nodes)
     assert len(cache.read_text().splitlines()) == 1 + 3
     # Asking for one more proxy computes only that one; records merge on reading.

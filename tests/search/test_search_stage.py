@@ -111,16 +111,16 @@ search:
   parents: 10
   mutations: 20
   top_k: 5
-  progress: false
+  progress: {progress}
 """
 
 
 def run_stage(tmp_path: Path, predictor: Path, strategy: str = "apq_evolution", evaluations: int = 400,
               constraints: str = "{latency_ms: 0.45, energy_mj: 0.6, bitops: 6.0e8}", bits: str = "[4, 6, 8]",
-              logger: str = "csv") -> Path:
+              logger: str = "csv", progress: bool = False) -> Path:
     path = write_recipe(tmp_path, RECIPE.format(run_dir=tmp_path / "run", predictor=predictor, strategy=strategy,
                                                 evaluations=evaluations, constraints=constraints, bits=bits,
-                                                logger=logger))
+                                                logger=logger, progress=str(progress).lower()))
     return stage.run(load_recipe(path, validate=False))
 
 
@@ -171,6 +171,16 @@ def test_stage_writes_topk_pareto_csv_and_plot(tmp_path: Path, predictors, capsy
     assert (run_dir / "search" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = (run_dir / "logs" / "metrics.csv").read_text()
     assert "search/candidates_per_second" in metrics and "search/best_accuracy" in metrics
+
+
+def test_progress_bar_counts_the_scored_candidates_on_stderr(tmp_path: Path, predictors, capsys) -> None:
+    run_stage(tmp_path, predictors["quant"], evaluations=100, progress=True)
+    printed = capsys.readouterr()
+    assert "search (apq_evolution)" in printed.err and "100/100 cand" in printed.err
+    assert "search (apq_evolution)" not in printed.out
+    (tmp_path / "quiet").mkdir()
+    run_stage(tmp_path / "quiet", predictors["quant"], evaluations=100)
+    assert "search (" not in capsys.readouterr().err
 
 
 def test_apq_recipe_smoke_run_is_fast(tmp_path: Path, predictors) -> None:

@@ -35,7 +35,7 @@ def test_a_local_sweep_runs_offline_resumes_and_records_a_failed_trial(tmp_path:
     assert [r["trial"] for r in rows] == ["trial-000", "trial-001", "trial-002"]
     assert [r["status"] for r in rows] == ["finished", "finished", "failed"]
     assert [(float(r["task.lr"]), int(r["data.batch_size"])) for r in rows] == [(0.01, 16), (0.1, 16), (0.01, 0)]
-    assert all(0.0 <= float(r["val/acc"]) <= 1.0 for r in rows[:2]) and rows[2]["val/acc"] == ""
+    assert all(0.0 <= float(r["val/acc"]) <= 100.0 for r in rows[:2]) and rows[2]["val/acc"] == ""
     assert "data.batch_size: out of range" in rows[2]["error"]
     assert "data.batch_size: out of range" in (sweep_dir / "trial-002" / "error.txt").read_text()
     assert all(Path(r["run_dir"]) == sweep_dir / r["trial"] for r in rows)
@@ -162,7 +162,7 @@ sweep:
     sweep_dir = tmp_path / "sweep"
     assert main(["sweep", str(pipe), "--local", "1", "--out", str(sweep_dir)]) == 0
     (row,) = csv.DictReader((sweep_dir / "trials.csv").open(newline=""))
-    assert row["status"] == "finished" and 0.0 <= float(row["second/val/acc"]) <= 1.0
+    assert row["status"] == "finished" and 0.0 <= float(row["second/val/acc"]) <= 100.0
     first = yaml.safe_load((sweep_dir / "trial-000" / "first" / "config.yaml").read_text())
     second = yaml.safe_load((sweep_dir / "trial-000" / "second" / "config.yaml").read_text())
     assert second["task"]["lr"] == pytest.approx(float(row["second/task.lr"])) != first["task"]["lr"]
