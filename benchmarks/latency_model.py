@@ -1,10 +1,11 @@
 """How well does the latency-table model predict whole-network latency on this machine?
 
 1. Build (or resume, or reuse) the latency table of a space with the profiler
-   (:func:`lightning_nas.hardware.latency_table.profile_space`).
+   (:func:`lightning_nas.hardware.latency_profile.profile_space`).
 2. Sample random subnets, build each as a standalone network and measure its whole-network
-   latency (fp32 eager, and int8 through the same converter the table used), warm-up then the
-   median of repeats.
+   latency (fp32 eager, and int8 on the table's deployment target, as the table's units were),
+   warm-up then the median of repeats (:mod:`lightning_nas.hardware.latency_validation`, the
+   check ``lightning-nas profile`` ends with).
 3. Predict each subnet's latency from the table (sum of its units) and report, per precision,
    Spearman's rank correlation and the median absolute percentage error (goal: >= 0.9, <= 10 %).
 
@@ -24,21 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_nas.hardware.latency_table import (  # noqa: E402
-    LatencyTable,
-    TableLatencyModel,
-    cpu_name,
-    profile_space,
-    realtime_priority,
-)
+from lightning_nas.hardware.latency_model import TableLatencyModel  # noqa: E402
+from lightning_nas.hardware.latency_profile import profile_space  # noqa: E402
+from lightning_nas.hardware.latency_table import LatencyTable, cpu_name  # noqa: E402
+from lightning_nas.hardware.latency_validation import measure_subnets, summarise, validation_configs  # noqa: E402
 from lightning_nas.registry import SPACES  # noqa: E402
 
 
@@ -51,6 +47,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--precisions", default="fp32,int8")
     parser.add_argument("--int8-backend", default="torch", choices=("torch", "onnxruntime"))
+    parser.add_argument("--target", default=None,
+                        help="deployment target whose engine times int8 (default: this host's for --int8-backend)")
     parser.add_argument("--context", default="network", choices=("network", "isolated"),
                         help="time table units inside profiling networks or each alone")
     parser.add_argument("--warmup", type=int, default=10, help="warm-up calls per table entry")
@@ -70,75 +68,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b).statistic)
-
-
-def summarise(predicted: list[float], measured: list[float]) -> dict[str, float]:
-    errors = [abs(p - m) / m for p, m in zip(predicted, measured)]
-    ratios = [p / m for p, m in zip(predicted, measured)]
-    return {
-        "spearman": spearman(predicted, measured),
-        "median_abs_pct_error": 100.0 * statistics.median(errors),
-        "mean_abs_pct_error": 100.0 * statistics.fmean(errors),
-        "p90_abs_pct_error": 100.0 * sorted(errors)[int(0.9 * (len(errors) - 1))],
-        "median_ratio_predicted_to_measured": statistics.median(ratios),
-        "measured_ms_min": min(measured),
-        "measured_ms_max": max(measured),
-    }
-
-
-def measure_subnets(space, configs: list[dict], precisions: list[str], args: argparse.Namespace) -> list[dict]:
-    """Whole-network latency of every subnet: ``--net-rounds`` passes over all subnets (so that
-    every subnet is measured at several moments of the run), each pass the median of
-    ``--net-repeats`` calls after ``--net-warmup``; a subnet's figure is the median over passes."""
-    import torch
-
-    from lightning_nas.deploy.int8 import convert_to_int8, export_onnx, onnx_session
-    from lightning_nas.deploy.latency import measure_latency
-    from lightning_nas.nn.builders import build_subnet
-
-    torch.set_num_threads(args.threads)
-    prepared = []
-    for i, config in enumerate(configs):
-        net = build_subnet(space, config).eval()
-        x = torch.randn(args.batch_size, 3, config["r"], config["r"], generator=torch.Generator().manual_seed(i))
-        runners = {}
-        for precision in precisions:
-            run = net
-            if precision == "int8":
-                run = convert_to_int8(net, [x], example_input=x)
-                if args.int8_backend == "onnxruntime":
-                    path = export_onnx(run, x, args.table.parent / f"subnet{i}.onnx", dynamic_batch=False)
-                    session = onnx_session(path, threads=args.threads)
-                    name, array = session.get_inputs()[0].name, x.numpy()
-                    run = lambda _, s=session, n=name, a=array: s.run(None, {n: a})  # noqa: E731
-            runners[precision] = run
-        prepared.append((config, x, runners))
-    samples: list[dict[str, list[dict]]] = [{p: [] for p in precisions} for _ in configs]
-    for round_index in range(args.net_rounds):
-        started = time.perf_counter()
-        for i, (_, x, runners) in enumerate(prepared):
-            for precision, run in runners.items():
-                with realtime_priority(args.realtime):
-                    stats = measure_latency(run, x, warmup=args.net_warmup, repeats=args.net_repeats,
-                                            threads=args.threads)
-                samples[i][precision].append(stats)
-        print(f"whole-network pass {round_index + 1}/{args.net_rounds} ({time.perf_counter() - started:.0f}s)",
-              flush=True)
-    rows = []
-    for (config, _, _), per_precision in zip(prepared, samples):
-        row: dict = {"config": config}
-        for precision, stats in per_precision.items():
-            row[precision] = statistics.median(s["median_ms"] for s in stats)
-            row[f"{precision}_mean"] = statistics.fmean(s["mean_ms"] for s in stats)
-            row[f"{precision}_passes"] = [s["median_ms"] for s in stats]
-        rows.append(row)
-    return rows
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = _parse(argv)
     precisions = [p for p in args.precisions.split(",") if p]
@@ -147,23 +76,19 @@ def main(argv: list[str] | None = None) -> dict:
     result = profile_space(space, args.table, resolutions=args.resolutions, batch_size=args.batch_size,
                            threads=args.threads, precisions=precisions, int8_backend=args.int8_backend,
                            warmup=args.warmup, repeats=args.repeats, context=args.context,
-                           realtime=args.realtime, rounds=args.rounds, progress=sys.stderr.isatty())
+                           realtime=args.realtime, rounds=args.rounds, progress=sys.stderr.isatty(),
+                           target=args.target)
     profile_seconds = time.perf_counter() - started
     print(f"table {args.table}: measured {result.measured}, reused {result.skipped} entries "
           f"({profile_seconds:.0f}s)", flush=True)
     table = LatencyTable.load(args.table)
-    rng = random.Random(args.seed)
     resolutions = args.resolutions or space.resolutions
     previous = None
     if args.reuse_measurements is not None:
         previous = json.loads(args.reuse_measurements.read_text(encoding="utf-8"))["rows"]
         configs = [row["config"] for row in previous]
     else:
-        configs = []
-        while len(configs) < args.subnets:
-            config = space.sample(rng)
-            if config["r"] in resolutions:
-                configs.append(config)
+        configs = validation_configs(space, args.subnets, resolutions, args.seed)
     predicted = {}
     for p in precisions:
         for stat in ("median", "mean"):
@@ -174,7 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
         keep = [*precisions, *(f"{p}_mean" for p in precisions)]
         rows = [{"config": row["config"], **{k: row[k] for k in keep}} for row in previous]
     else:
-        rows = measure_subnets(space, configs, precisions, args)
+        rows = measure_subnets(space, configs, precisions, target=table.meta.get("target"), batch_size=args.batch_size,
+                               threads=args.threads, warmup=args.net_warmup, repeats=args.net_repeats,
+                               rounds=args.net_rounds, realtime=args.realtime,
+                               report=lambda line: print(line, flush=True))
     for key, values in predicted.items():
         for row, value in zip(rows, values):
             row[f"{key}_predicted"] = value
@@ -189,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         "space": args.space,
         "resolutions": list(resolutions),
         "int8_backend": args.int8_backend,
+        "target": table.meta.get("target"),
         "realtime": bool(table.meta.get("realtime")),
         "context": args.context,
         "table": str(args.table),

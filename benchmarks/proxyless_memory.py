@@ -67,7 +67,7 @@ def child(mode: str, candidates: int, batch_size: int, steps: int, space_args: d
 
     from lightning_nas.nn.builders import build_supernet
     from lightning_nas.spaces.proxyless import ProxylessCifarSpace
-    from lightning_nas.tasks.proxyless import flops_table
+    from lightning_nas.tasks.proxyless_costs import flops_table
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -41,12 +41,10 @@ def one_thread() -> Iterator[None]:
     A second OpenMP thread only adds synchronisation there, and stalls badly when the machine is
     shared; results do not depend on the thread count.
     """
-    import torch
+    from lightning_nas.nn.threads import torch_threads
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

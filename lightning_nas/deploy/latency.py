@@ -11,7 +11,6 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-
-@contextmanager
-def _torch_threads(threads: int | None):  # noqa: ANN202 - context manager
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from lightning_nas.nn.threads import torch_threads
 
 
 def measure_latency(
@@ -51,7 +39,7 @@ def measure_latency(
     if isinstance(fn, nn.Module):
         fn.eval()
     times: list[float] = []
-    with _torch_threads(threads), torch.inference_mode():
+    with torch_threads(threads), torch.inference_mode():
         for _ in range(max(warmup, 0)):
             fn(example_input)
         for _ in range(repeats):

@@ -30,12 +30,9 @@ import numpy as np
 
 from lightning_nas.hardware.accelerator import BitFusionModel
 from lightning_nas.hardware.counts import COUNT_METRICS, BlockDecomposition, CountTable, policy_kind
-from lightning_nas.hardware.latency_table import (
-    PRECISIONS,
-    LatencyTable,
-    TableLatencyModel,
-    UnitDecomposition,
-)
+from lightning_nas.hardware.latency_keys import UnitDecomposition
+from lightning_nas.hardware.latency_model import TableLatencyModel
+from lightning_nas.hardware.latency_table import PRECISIONS, LatencyTable
 from lightning_nas.recipe.markers import BitChoices, ExistingFile, FixedBits, SpaceSpec
 from lightning_nas.spaces.quant_policy import FULL_PRECISION_BITS, QuantPolicySpace
 
@@ -121,6 +118,10 @@ class LatencyTableCostModel(CostModel):
             fp32 for the others; CPUs run any policy with 8-bit kernels).
         stat: ``median`` or ``mean`` of the measured repeats.
         resolutions: the resolutions the table covers, when it does not cover all of the space's.
+
+    ``target`` is the deployment target the table was timed for (searches refuse to combine it with
+    another, :func:`~lightning_nas.targets.check_same_target`); ``validation`` the table's
+    whole-subnet check (:mod:`~lightning_nas.hardware.latency_validation`).
     """
 
     metrics = ("latency_ms",)
@@ -147,6 +148,12 @@ class LatencyTableCostModel(CostModel):
         units = UnitDecomposition(self.space)
         self.models = {p: TableLatencyModel(self.space, loaded, precision=p, stat=stat, resolutions=resolutions,
                                             units=units) for p in wanted}
+
+    @property
+    def validation(self) -> dict[str, Any]:
+        """The table's whole-subnet validation per precision used (None for a precision whose table
+        was not validated), carried into search outputs."""
+        return {p: model.validation for p, model in self.models.items()}
 
     def evaluate(self, configs: Configs, policies: Policies = None) -> dict[str, np.ndarray]:
         if self.precision != "auto":

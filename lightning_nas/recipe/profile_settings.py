@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..targets import TargetName
-from .markers import NonNegativeInt, PositiveInt, SpaceSpec
+from .markers import NonNegativeInt, PositiveFloat, PositiveInt, SpaceSpec
 
 __all__ = ["ProfileSettings"]
 
@@ -49,3 +49,16 @@ class ProfileSettings:
     #: Show a progress bar.
     progress: bool = True
     seed: int = 0
+    #: Self-validation once the table is complete: this many random whole subnets are measured and
+    #: compared with the table's sum (Spearman, median abs. error; written into the table and a
+    #: ``<table>_validation.csv``). 0 skips it. About 30 gives a Spearman stable to a few hundredths.
+    validation_subnets: NonNegativeInt = 30
+    validation_warmup: NonNegativeInt = 5
+    validation_repeats: PositiveInt = 30
+    #: Passes over all validation subnets (a subnet's figure is the median over passes).
+    validation_rounds: PositiveInt = 3
+    #: A precision whose validation Spearman is below this fails (``validation.passed: false``, and
+    #: a warning); a table that fails still is written.
+    min_spearman: float = 0.9
+    #: Also fail a precision whose median absolute error exceeds this many percent (None: no check).
+    max_median_error_pct: PositiveFloat | None = None

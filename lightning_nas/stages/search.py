@@ -317,6 +317,9 @@ def run(recipe: LoadedRecipe) -> Path:
     from ..targets import resolve_target
 
     summary["target"] = resolve_target(settings.target, key="search.target").name  # read by QAT of a candidate
+    # how well each measured latency table predicted whole subnets (lightning-nas profile's check)
+    validation = {name: getattr(model, "validation", None) for name, model in scorer.cost_models.items()}
+    summary["cost_model_validation"] = {name: v for name, v in validation.items() if v is not None}
     outputs = write_outputs(history, scorer, summary, run_dir / SEARCH_DIR, settings.top_k, metric)
     log_results(config, run_dir, outputs, history, scorer, summary, metric)
     best = outputs["top"][0] if outputs["top"] else None
@@ -327,4 +330,11 @@ def run(recipe: LoadedRecipe) -> Path:
         line += f"; best predicted accuracy {best['accuracy']:.2f} ({costs})"
     print(line)
     print(f"wrote {outputs['topk']}, {outputs['pareto_csv']}, {outputs['pareto_png']}")
+    for name, per_precision in summary["cost_model_validation"].items():
+        for precision, figures in per_precision.items():
+            if figures is None:
+                print(f"cost model {name} ({precision}): its latency table was not validated on whole subnets")
+            elif not figures.get("passed", True):
+                print(f"WARNING: cost model {name} ({precision}): its latency table failed validation "
+                      f"(Spearman {figures.get('spearman')}, median |error| {figures.get('median_abs_pct_error')} %)")
     return run_dir

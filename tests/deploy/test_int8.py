@@ -28,6 +28,7 @@ from lightning_nas.nn.quantize_model import (
     remove_quantizers,
     set_bits,
 )
+from lightning_nas.nn.threads import torch_threads
 from lightning_nas.targets import host_can_run, resolve_target
 
 
@@ -120,9 +121,7 @@ TORCH_TARGETS = [_target_param(name) for name in ("x86_vnni/torch", "x86_avx2/to
 def setup(request: pytest.FixtureRequest) -> Iterator[dict]:
     target = resolve_target(request.param)
     # One thread: on a shared 2-core machine two OpenMP threads thrash (15x slower steps).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         torch.manual_seed(0)
         generator = torch.Generator().manual_seed(0)
         templates = nn.functional.interpolate(
@@ -157,8 +156,6 @@ def setup(request: pytest.FixtureRequest) -> Iterator[dict]:
             "qat_losses": qat_losses,
             "alphas": alphas,
         }
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_training_and_qat_learn(setup: dict) -> None:

@@ -18,7 +18,8 @@ from lightning_nas.hardware.cost_models import (
     evaluate_all,
 )
 from lightning_nas.hardware.counts import count_network, layer_bits
-from lightning_nas.hardware.latency_table import LatencyTable, UnitDecomposition, space_units
+from lightning_nas.hardware.latency_keys import UnitDecomposition, space_units
+from lightning_nas.hardware.latency_table import LatencyTable
 from lightning_nas.recipe.signature import signature_of
 from lightning_nas.recipe.validate import validate_arguments
 from lightning_nas.spaces.quant_policy import QuantPolicySpace

@@ -23,7 +23,9 @@ def test_hardware_count_modules_import_without_torch() -> None:
         "import sys\n"
         "import lightning_nas.hardware.counts, lightning_nas.hardware.accelerator\n"
         "import lightning_nas.hardware.cost_models, lightning_nas.recipe.profile_settings\n"
-        "import lightning_nas.hardware.latency_table\n"
+        "import lightning_nas.hardware.latency_table, lightning_nas.hardware.latency_keys\n"
+        "import lightning_nas.hardware.latency_model, lightning_nas.hardware.latency_profile\n"
+        "import lightning_nas.hardware.profiling, lightning_nas.hardware.latency_validation\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

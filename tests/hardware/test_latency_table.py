@@ -8,17 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_nas.hardware import latency_table
-from lightning_nas.hardware.latency_table import (
-    OVERHEAD_KEY,
-    LatencyTable,
-    TableLatencyModel,
-    UnitDecomposition,
-    profile_space,
-    profiling_configs,
-    space_units,
-    strip_int8_boundaries,
-)
+from lightning_nas.hardware import profiling
+from lightning_nas.hardware.latency_keys import UnitDecomposition, space_units
+from lightning_nas.hardware.latency_model import TableLatencyModel
+from lightning_nas.hardware.latency_profile import profile_space, profiling_configs
+from lightning_nas.hardware.latency_table import OVERHEAD_KEY, LatencyTable
+from lightning_nas.hardware.profiling import strip_int8_boundaries
 from lightning_nas.nn.builders import build_subnet
 from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace, OFAMobileNetV3Space
 
@@ -176,7 +171,7 @@ def test_stripped_int8_unit_runs_int8_to_int8(cifar_space) -> None:
 
 
 def fake_chain(calls: list[int], interrupt_at: int | None = None):
-    def chain(runners, x, warmup, repeats):
+    def chain(runners, x, *, warmup, repeats, threads=None, realtime=False):
         calls.append(len(runners))
         if interrupt_at is not None and len(calls) == interrupt_at:
             raise KeyboardInterrupt
@@ -188,7 +183,7 @@ def fake_chain(calls: list[int], interrupt_at: int | None = None):
 def test_interrupted_profile_resumes_where_it_stopped(cifar_space, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     output = tmp_path / "table.json"
     calls: list[int] = []
-    monkeypatch.setattr(latency_table, "_time_chain", fake_chain(calls, interrupt_at=3))
+    monkeypatch.setattr(profiling, "time_chain", fake_chain(calls, interrupt_at=3))
     arguments = {"resolutions": [32], "precisions": ["fp32"], "warmup": 0, "repeats": 3, "progress": False}
     with pytest.raises(KeyboardInterrupt):
         profile_space(cifar_space, output, **arguments)
@@ -199,7 +194,7 @@ def test_interrupted_profile_resumes_where_it_stopped(cifar_space, tmp_path: Pat
     assert first.meta["threads"] == 1 and first.meta["batch_size"] == 1 and first.meta["context"] == "network"
 
     calls.clear()
-    monkeypatch.setattr(latency_table, "_time_chain", fake_chain(calls))
+    monkeypatch.setattr(profiling, "time_chain", fake_chain(calls))
     result = profile_space(cifar_space, output, **arguments)
     assert result.skipped == len(done) and result.remaining == 0
     assert result.measured == len(all_keys) - len(done)
@@ -227,41 +222,6 @@ def test_isolated_profile_times_units_alone(cifar_space, tmp_path: Path) -> None
             assert entry["count"] == 3 and 0 < entry["median"] < 1000 and entry["std"] >= 0
 
 
-def test_profile_recipe_smoke_writes_and_resumes_a_table(cifar_space, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    # The recipe is run through its stage directly: the top-level `profile:` section and the CLI verb
-    # are wired into the recipe schema separately.
-    from lightning_nas.recipe.loader import load_recipe
-    from lightning_nas.recipe.signature import signature_of
-    from lightning_nas.recipe.validate import validate_arguments
-    from lightning_nas.stages import profile
-
-    run_dir = tmp_path / "run"
-    recipe = load_recipe("recipes/latency_lut_cpu.yaml", [f"run_dir={run_dir}"], smoke=True, validate=False)
-    assert recipe.config["description"]
-    validate_arguments(signature_of("lightning_nas.recipe.profile_settings:ProfileSettings"), recipe.config["profile"],
-                       "profile")
-    assert profile.run(recipe) == run_dir
-    table = LatencyTable.load(run_dir / "latency_table.json")
-    decomposition = UnitDecomposition(cifar_space)
-    first = {u.key for u in decomposition.units(profiling_configs(cifar_space, decomposition, 32)[0])}
-    assert table.keys("fp32") == table.keys("int8") == first  # one profiling network, both precisions
-    assert table.meta["threads"] == 1 and table.meta["batch_size"] == 1 and table.meta["torch"]
-    assert table.meta["device"] == latency_table.cpu_name()
-    for precision in ("fp32", "int8"):
-        for entry in table.entries[precision].values():
-            assert entry["count"] == 3 and 0 < entry["median"] < 1000
-
-    # running it again resumes: only the missing networks are timed
-    calls: list[int] = []
-    monkeypatch.setattr(latency_table, "_time_chain", fake_chain(calls))
-    again = load_recipe("recipes/latency_lut_cpu.yaml", [f"run_dir={run_dir}", "profile.limit=2",
-                                                         "profile.precisions=[fp32]"], smoke=True, validate=False)
-    profile.run(again)
-    assert len(calls) == 2
-    assert len(LatencyTable.load(run_dir / "latency_table.json").keys("fp32")) > len(first)
-
-
 def test_onnxruntime_backend_records_its_call_overhead(cifar_space, tmp_path: Path) -> None:
     result = profile_space(cifar_space, tmp_path / "t.json", resolutions=[32], precisions=["int8"],
                            int8_backend="onnxruntime", context="isolated", warmup=1, repeats=3, limit=1,
@@ -275,7 +235,7 @@ def test_onnxruntime_backend_records_its_call_overhead(cifar_space, tmp_path: Pa
 def test_rounds_pool_later_passes_over_the_profiling_networks(cifar_space, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    monkeypatch.setattr(latency_table, "_time_chain", fake_chain(calls))
+    monkeypatch.setattr(profiling, "time_chain", fake_chain(calls))
     arguments = {"resolutions": [32], "precisions": ["fp32"], "warmup": 0, "repeats": 3, "limit": 2, "progress": False}
     profile_space(cifar_space, tmp_path / "one.json", **arguments)
     profile_space(cifar_space, tmp_path / "two.json", rounds=2, **arguments)

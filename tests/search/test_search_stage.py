@@ -273,3 +273,40 @@ def test_a_predictor_of_another_target_is_not_mixed_in(tmp_path: Path, predictor
     # the search records its target for the QAT of a candidate
     run_dir = run_stage(tmp_path, predictors["quant"], evaluations=100)
     assert json.loads((run_dir / "search" / "topk.json").read_text())["target"] == host
+
+
+def test_a_latency_table_of_another_target_is_refused_and_its_validation_reaches_the_outputs(
+        tmp_path: Path, predictors, capsys) -> None:
+    from lightning_nas.hardware.latency_keys import space_units
+    from lightning_nas.hardware.latency_table import LatencyTable
+    from lightning_nas.recipe.search_settings import SearchSettings
+    from lightning_nas.targets import resolve_target
+
+    host = resolve_target("auto").name
+    other = "x86_avx2/torch" if host != "x86_avx2/torch" else "x86_vnni/torch"
+    entries = {u.key: {"median": 0.01} for u in space_units(OFAMobileNetV3CifarSpace())}
+    validation = {"subnets": 30, "min_spearman": 0.9, "passed": False,
+                  "precisions": {"fp32": {"spearman": 0.62, "median_abs_pct_error": 11.0, "passed": False}}}
+
+    def table(target: str) -> str:
+        path = tmp_path / f"{target.replace('/', '_')}.json"
+        LatencyTable({"target": target, "validation": validation}, {"fp32": entries}).save(path)
+        return str(path)
+
+    settings = dict(space={"name": "ofa_mbv3_cifar"}, predictor=str(predictors["quant"]), evaluations=100,
+                    population=40, parents=10, mutations=20, progress=False,
+                    cost_models=[{"name": "latency_table", "space": {"name": "ofa_mbv3_cifar"}, "table": table(other)}])
+    with pytest.raises(RecipeError, match=rf"search.target: .*cost model latency_table: {other}.*allow_mixed_targets"):
+        stage.build_scorer(SearchSettings(**settings))
+    assert stage.build_scorer(SearchSettings(**settings, allow_mixed_targets=True)) is not None
+
+    recipe = RECIPE.format(run_dir=tmp_path / "run", predictor=predictors["quant"], strategy="apq_evolution",
+                           evaluations=100, constraints="{}", bits="[4, 6, 8]", logger="csv").replace(
+        '    - {name: bitfusion, space: "${space}"}',
+        f'    - {{name: latency_table, space: "${{space}}", table: {table(host)}}}')
+    run_dir = stage.run(load_recipe(write_recipe(tmp_path, recipe), validate=False))
+    topk = json.loads((run_dir / "search" / "topk.json").read_text())
+    carried = topk["cost_model_validation"]["latency_table"]["fp32"]
+    assert carried["spearman"] == 0.62 and carried["subnets"] == 30 and carried["passed"] is False
+    assert "counts" not in topk["cost_model_validation"]
+    assert "WARNING: cost model latency_table (fp32): its latency table failed validation" in capsys.readouterr().out

@@ -13,12 +13,11 @@ from conftest import REPO
 
 from lightning_nas.errors import RecipeError
 from lightning_nas.spaces.proxyless import ZERO, ProxylessSpace, expected_cost
-from lightning_nas.tasks.proxyless import (
+from lightning_nas.tasks.proxyless import ProxylessSearchTask, load_derived_model
+from lightning_nas.tasks.proxyless_costs import (
     CostTable,
-    ProxylessSearchTask,
     accelerator_table,
     flops_table,
-    load_derived_model,
     measured_latency_table,
 )
 
@@ -85,7 +84,7 @@ def _work_ms(module, example_input) -> float:
 def test_measured_latency_table_is_cached_keyed_by_shape_and_resumable(tmp_path: Path, monkeypatch) -> None:
     import lightning_nas.deploy.latency as latency
     from lightning_nas.hardware.latency_table import LatencyTable
-    from lightning_nas.tasks.proxyless import latency_units
+    from lightning_nas.tasks.proxyless_costs import latency_units
 
     calls: list[int] = []
 
@@ -125,11 +124,11 @@ def test_measured_latency_table_is_cached_keyed_by_shape_and_resumable(tmp_path:
 
 
 def test_network_context_times_every_unit_inside_profiling_networks(tmp_path: Path, monkeypatch) -> None:
-    import lightning_nas.hardware.latency_table as lt
+    from lightning_nas.hardware import profiling
 
     chains: list[int] = []
 
-    def fake_chain(runners, x, warmup, repeats):
+    def fake_chain(runners, x, *, warmup, repeats, threads=None, realtime=False):
         chains.append(len(runners))
         times, y = [], x
         with torch.no_grad():
@@ -138,7 +137,7 @@ def test_network_context_times_every_unit_inside_profiling_networks(tmp_path: Pa
                 y = run(y)
         return times
 
-    monkeypatch.setattr(lt, "_time_chain", fake_chain)
+    monkeypatch.setattr(profiling, "time_chain", fake_chain)
     space = ProxylessSpace(**{k: v for k, v in TINY.items() if k != "name"})
     table = measured_latency_table(space, tmp_path / "t.json", repeats=4)
     # one network per candidate of the widest layer (every network runs every layer once)
@@ -199,12 +198,10 @@ def fit_search(tmp_path: Path, **arguments) -> ProxylessSearchTask:
     trainer = pl.Trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=1, num_sanity_val_steps=0,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=str(tmp_path), accelerator="cpu", devices=1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds synchronisation on a shared machine
-    try:
+    from lightning_nas.nn.threads import torch_threads
+
+    with torch_threads(1):  # tiny tensors: a second thread only adds synchronisation on a shared machine
         trainer.fit(task, datamodule=data)
-    finally:
-        torch.set_num_threads(threads)
     return task
 
 

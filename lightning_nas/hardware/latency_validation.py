@@ -1,0 +1,271 @@
+"""Self-validation of a latency table: measure random whole subnets, compare with the table's sum.
+
+A table is only as good as its sum of units predicts whole networks on the machine that measured
+it. :func:`validate_table` draws ``subnets`` random subnets of the space (at the table's
+resolutions), builds each as a standalone network, measures it whole (fp32 in torch eager; int8
+converted and run on the table's deployment target, as the table's int8 units were, through
+:mod:`.profiling`) in ``rounds`` passes over all subnets (a subnet's figure is the median over
+passes: a shared machine drifts within minutes), predicts it from the table
+(:class:`~.latency_model.TableLatencyModel`) and reports per precision Spearman's rank
+correlation and the median absolute percentage error. The figures are written into the table
+(``meta["validation"]``, read back by cost models built on it) and every subnet's predicted and
+measured latency into a CSV next to the table (:func:`validation_csv_path`).
+
+``benchmarks/latency_model.py`` and ``lightning-nas profile`` both validate through this module.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_nas.files import write_text
+from lightning_nas.hardware import profiling
+from lightning_nas.hardware.latency_model import TableLatencyModel
+from lightning_nas.hardware.latency_table import LatencyTable, now
+
+__all__ = [
+    "ValidationResult",
+    "measure_subnets",
+    "spearman",
+    "summarise",
+    "validate_table",
+    "validation_configs",
+    "validation_csv_path",
+]
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (NaN when either side is constant or has fewer than 2 values)."""
+    from scipy.stats import spearmanr
+
+    if len(a) < 2:
+        return math.nan
+    return float(spearmanr(a, b).statistic)
+
+
+def summarise(predicted: Sequence[float], measured: Sequence[float]) -> dict[str, float]:
+    """How ``predicted`` latencies match ``measured`` ones (errors in percent of the measured)."""
+    errors = [abs(p - m) / m for p, m in zip(predicted, measured)]
+    ratios = [p / m for p, m in zip(predicted, measured)]
+    return {
+        "spearman": spearman(predicted, measured),
+        "median_abs_pct_error": 100.0 * statistics.median(errors),
+        "mean_abs_pct_error": 100.0 * statistics.fmean(errors),
+        "p90_abs_pct_error": 100.0 * sorted(errors)[int(0.9 * (len(errors) - 1))],
+        "median_ratio_predicted_to_measured": statistics.median(ratios),
+        "measured_ms_min": min(measured),
+        "measured_ms_max": max(measured),
+    }
+
+
+def validation_configs(space: Any, subnets: int, resolutions: Sequence[int] | None = None,
+                       seed: int = 0) -> list[dict]:
+    """``subnets`` random subnets of ``space`` at ``resolutions`` (default: the space's), drawn from
+    ``random.Random(seed)``; distinct while the space has enough of them."""
+    wanted = set(space.resolutions if resolutions is None else resolutions)
+    rng = random.Random(seed)
+    configs: list[dict] = []
+    seen: set[str] = set()
+    tries = 0
+    while len(configs) < subnets:
+        config = space.sample(rng)
+        tries += 1
+        if config["r"] not in wanted:
+            if tries > 1000 * max(subnets, 1):
+                raise ValueError(f"the space samples none of the resolutions {sorted(wanted)}")
+            continue
+        key = json.dumps(config, sort_keys=True)
+        if key in seen and tries <= 100 * subnets:  # a tiny space repeats subnets: allow it then
+            continue
+        seen.add(key)
+        configs.append(config)
+    return configs
+
+
+def measure_subnets(space: Any, configs: Sequence[Mapping[str, Any]], precisions: Sequence[str], *,
+                    target: Any = None, batch_size: int = 1, threads: int = 1, warmup: int = 5,
+                    repeats: int = 30, rounds: int = 3, realtime: bool = False,
+                    report: Callable[[str], None] | None = None) -> list[dict]:
+    """Whole-network latency of every subnet: ``rounds`` passes over all subnets (so that every
+    subnet is measured at several moments of the run), each pass the median of ``repeats`` calls
+    after ``warmup``; a subnet's figure is the median over passes (``<precision>``), with the mean
+    over passes of the calls' means (``<precision>_mean``) and every pass's median
+    (``<precision>_passes``). int8 runs on ``target`` (see :func:`~.profiling.runner_for`)."""
+    import torch
+
+    from lightning_nas.nn.builders import build_subnet
+
+    samples: list[dict[str, list[profiling.Timing]]] = [{p: [] for p in precisions} for _ in configs]
+    with tempfile.TemporaryDirectory() as workdir:
+        prepared = []
+        for i, config in enumerate(configs):
+            net = build_subnet(space, config).eval()
+            x = torch.randn(batch_size, 3, config["r"], config["r"], generator=torch.Generator().manual_seed(i))
+            runners = {}
+            for precision in precisions:
+                runners[precision] = profiling.runner_for(net, x, precision, target, threads=threads,
+                                                          workdir=workdir)
+            prepared.append(runners)
+        for round_index in range(rounds):
+            started = time.perf_counter()
+            for i, runners in enumerate(prepared):
+                for precision, (run, x) in runners.items():
+                    samples[i][precision].append(profiling.time_callable(
+                        run, x, warmup=warmup, repeats=repeats, threads=threads, realtime=realtime))
+            if report is not None:
+                report(f"whole-network pass {round_index + 1}/{rounds} ({time.perf_counter() - started:.0f}s)")
+    rows = []
+    for config, per_precision in zip(configs, samples):
+        row: dict[str, Any] = {"config": dict(config)}
+        for precision, timings in per_precision.items():
+            row[precision] = statistics.median(t.median for t in timings)
+            row[f"{precision}_mean"] = statistics.fmean(t.mean for t in timings)
+            row[f"{precision}_passes"] = [t.median for t in timings]
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class ValidationResult:
+    """What :func:`validate_table` measured: ``record`` is what the table stores."""
+
+    record: dict[str, Any]
+    rows: list[dict] = field(default_factory=list)
+    csv_path: Path | None = None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.record["passed"])
+
+    def figures(self, precision: str) -> dict[str, Any]:
+        return self.record["precisions"][precision]
+
+
+def validation_csv_path(table_path: str | os.PathLike[str]) -> Path:
+    """Where the predicted-vs-measured CSV of a table goes: ``<table>_validation.csv`` beside it."""
+    path = Path(table_path)
+    return path.with_name(f"{path.stem}_validation.csv")
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def validate_table(
+    space: Any,
+    table_path: str | os.PathLike[str],
+    *,
+    subnets: int = 30,
+    precisions: Sequence[str] | None = None,
+    resolutions: Sequence[int] | None = None,
+    target: Any = None,
+    warmup: int = 5,
+    repeats: int = 30,
+    rounds: int = 3,
+    realtime: bool = False,
+    seed: int = 0,
+    stat: str = "median",
+    min_spearman: float | None = None,
+    max_median_abs_pct_error: float | None = None,
+    configs: Sequence[Mapping[str, Any]] | None = None,
+    measured_rows: Sequence[Mapping[str, Any]] | None = None,
+    write: bool = True,
+    report: Callable[[str], None] | None = None,
+) -> ValidationResult:
+    """Measure ``subnets`` random whole subnets and compare them with the table at ``table_path``.
+
+    Batch size and threads are the table's (``meta``); ``target`` defaults to the table's recorded
+    target (else this host's, for the table's int8 runtime); ``precisions`` to the table's;
+    ``resolutions`` to the table's. A precision passes when its Spearman is at least
+    ``min_spearman`` and its median absolute error at most ``max_median_abs_pct_error`` percent
+    (each check only when given; a NaN Spearman fails). ``configs`` / ``measured_rows`` (rows of
+    :func:`measure_subnets`) reuse earlier measurements instead of measuring. With ``write`` the
+    record goes into the table's ``meta["validation"]`` and the rows into
+    :func:`validation_csv_path`.
+    """
+    from lightning_nas.targets import resolve_target
+
+    table_path = Path(table_path)
+    table = LatencyTable.load(table_path)
+    meta = table.meta
+    precisions = list(table.precisions if precisions is None else precisions)
+    resolutions = [int(r) for r in (resolutions or meta.get("resolutions") or space.resolutions)]
+    if target is None:
+        target = meta.get("target") or f"auto/{meta.get('int8_backend', 'torch')}"
+    target = resolve_target(target)
+    batch_size, threads = int(meta.get("batch_size", 1)), int(meta.get("threads", 1))
+    if measured_rows is not None:
+        configs = [dict(row["config"]) for row in measured_rows]
+    elif configs is None:
+        configs = validation_configs(space, subnets, resolutions, seed)
+    predicted = {p: [float(v) for v in TableLatencyModel(space, table, precision=p, stat=stat,
+                                                         resolutions=resolutions).evaluate(configs)]
+                 for p in precisions}
+    started = time.perf_counter()
+    if measured_rows is None:
+        rows = measure_subnets(space, configs, precisions, target=target, batch_size=batch_size, threads=threads,
+                               warmup=warmup, repeats=repeats, rounds=rounds, realtime=realtime, report=report)
+    else:
+        rows = [dict(row) for row in measured_rows]
+    measured_key = "" if stat == "median" else "_mean"
+    figures: dict[str, dict[str, Any]] = {}
+    for p in precisions:
+        for row, value in zip(rows, predicted[p]):
+            row[f"{p}_predicted"] = value
+        summary = summarise(predicted[p], [row[f"{p}{measured_key}"] for row in rows])
+        passed = not math.isnan(summary["spearman"])
+        if min_spearman is not None:
+            passed = passed and summary["spearman"] >= min_spearman
+        if max_median_abs_pct_error is not None:
+            passed = passed and summary["median_abs_pct_error"] <= max_median_abs_pct_error
+        figures[p] = {k: _finite(v) for k, v in summary.items()} | {"passed": passed}
+    record = {
+        "validated": now(),
+        "subnets": len(configs),
+        "seed": int(seed),
+        "stat": stat,
+        "target": target.name,
+        "resolutions": resolutions,
+        "warmup": int(warmup),
+        "repeats": int(repeats),
+        "rounds": int(rounds),
+        "realtime": bool(realtime),
+        "min_spearman": min_spearman,
+        "max_median_abs_pct_error": max_median_abs_pct_error,
+        "seconds": time.perf_counter() - started,
+        "precisions": figures,
+        "passed": all(f["passed"] for f in figures.values()),
+    }
+    result = ValidationResult(record, rows)
+    if write:
+        result.csv_path = _write_csv(validation_csv_path(table_path), rows, precisions, measured_key)
+        record["csv"] = result.csv_path.name
+        table = LatencyTable.load(table_path)  # what other writers added since
+        table.meta["validation"] = record
+        table.merge_save(table_path)
+    return result
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], precisions: Sequence[str], measured_key: str) -> Path:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["subnet", "precision", "resolution", "predicted_ms", "measured_ms", "abs_pct_error", "config"])
+    for i, row in enumerate(rows):
+        for p in precisions:
+            predicted, measured = row[f"{p}_predicted"], row[f"{p}{measured_key}"]
+            writer.writerow([i, p, row["config"]["r"], f"{predicted:.6g}", f"{measured:.6g}",
+                             f"{100.0 * abs(predicted - measured) / measured:.4g}",
+                             json.dumps(row["config"], separators=(",", ":"))])
+    return write_text(path, buffer.getvalue())
