@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 
 from lightning_nas.search.joint_space import Candidate, JointSpace
-from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 from lightning_nas.spaces.quant_policy import POLICY_KEYS, QuantPolicySpace
 
 
@@ -21,7 +21,7 @@ def assert_canonical(joint: JointSpace, c: Candidate) -> None:
 
 
 def test_choices_come_from_the_two_spaces() -> None:
-    space = OFAMobileNetV3CifarSpace(kernel_choices=[3, 5], expand_choices=[4, 6], resolutions=[28, 32])
+    space = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar", kernel_choices=[3, 5], expand_choices=[4, 6], resolutions=[28, 32])
     policies = QuantPolicySpace(bit_choices=[4, 8])
     joint = JointSpace(space, policies)
     choices = joint.choices()
@@ -144,7 +144,7 @@ def test_blocks_switched_on_get_fresh_bits_not_the_normalised_lowest(joint: Join
 
 
 def test_full_precision_space_has_no_policy() -> None:
-    joint = JointSpace(OFAMobileNetV3CifarSpace())
+    joint = JointSpace(OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar"))
     rng = random.Random(7)
     c = joint.sample(rng)
     assert c.policy is None
@@ -153,7 +153,7 @@ def test_full_precision_space_has_no_policy() -> None:
     with pytest.raises(ValueError, match="full precision only"):
         joint.canonical(Candidate(c.config, QuantPolicySpace().uniform(8, joint.num_blocks)))
     with pytest.raises(ValueError, match="needs a policy"):
-        JointSpace(OFAMobileNetV3CifarSpace(), QuantPolicySpace()).canonical(c)
+        JointSpace(OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar"), QuantPolicySpace()).canonical(c)
 
 
 def test_modules_read_by_validation_import_neither_torch_nor_nni() -> None:
