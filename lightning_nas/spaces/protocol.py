@@ -28,6 +28,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from lightning_nas.spaces.layers import LayerSpec
+from lightning_nas.spaces.ofa_layout import BlockSpec
 
 __all__ = ["BoundedSpace", "CostModelSpace", "ElasticSpace", "SearchSpace"]
 
@@ -132,6 +133,8 @@ class ElasticSpace(CostModelSpace[dict], BoundedSpace[dict], Protocol):
     num_blocks: int
     num_stages: int
     max_depth: int
+    #: Static facts of every block (channels, stride, activation, squeeze-excite), by index.
+    blocks: Sequence[BlockSpec]
 
     def stage_blocks(self, stage: int) -> range:
         """Indices of the blocks of ``stage``."""
