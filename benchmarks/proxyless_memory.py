@@ -66,13 +66,13 @@ def child(mode: str, candidates: int, batch_size: int, steps: int, space_args: d
     import torch.nn.functional as F
 
     from lightning_nas.nn.builders import build_supernet
-    from lightning_nas.spaces.proxyless import ProxylessCifarSpace
+    from lightning_nas.spaces.proxyless import ProxylessSpace
     from lightning_nas.tasks.proxyless_costs import flops_table
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     libc = ctypes.CDLL("libc.so.6")
-    space = ProxylessCifarSpace(**space_args, candidate_ops=CANDIDATE_SETS[candidates])
+    space = ProxylessSpace.from_preset("proxyless_cifar", **space_args, candidate_ops=CANDIDATE_SETS[candidates])
     net = build_supernet(space, mode)
     table = flops_table(space)
     costs = [torch.tensor(row) for row in table.costs]
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, nargs="+", default=[2, 4, 7], choices=sorted(CANDIDATE_SETS))
     parser.add_argument("--modes", nargs="+", default=["binary", "all_paths"], choices=["binary", "all_paths"])
     parser.add_argument("--space", type=json.loads, default=DEFAULT_SPACE,
-                        help="ProxylessCifarSpace arguments as JSON (default: the search recipe's space)")
+                        help="proxyless_cifar space arguments as JSON (default: the search recipe's space)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "CANDIDATES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

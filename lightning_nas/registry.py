@@ -1,13 +1,17 @@
 """Registries of the components a recipe can name, and the catalog that fills them.
 
 A registry maps a short name (``cifar10``, ``ofa_mbv3``) to an import target
-(``package.module:Class``) and a one-line summary. Targets are imported only when a component is
+(``package.module:Class``) and a one-line summary. A *preset* entry (``ofa_mbv3_cifar``) names a
+class and one of its named argument sets: it is built with ``Class.from_preset(preset, **args)``,
+so a layout variant is data next to its class, not a subclass repeating the signature; recipe
+validation reads the class's own signature. Targets are imported only when a component is
 built, so listing, validating and suggesting names never pays for importing torch. The catalog
 at the bottom is the one place where components are registered.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,10 +25,14 @@ class Entry:
     name: str
     target: str
     summary: str
+    #: Name of the target's argument set (``Class.from_preset(preset, ...)``), or None.
+    preset: str | None = None
 
     def load(self) -> Any:
+        """The callable that builds the component (the preset's factory for a preset entry)."""
         module, _, attribute = self.target.partition(":")
-        return getattr(importlib.import_module(module), attribute)
+        loaded = getattr(importlib.import_module(module), attribute)
+        return functools.partial(loaded.from_preset, self.preset) if self.preset is not None else loaded
 
 
 class Registry:
@@ -35,12 +43,12 @@ class Registry:
         self.description = description
         self._entries: dict[str, Entry] = {}
 
-    def add(self, name: str, target: str, summary: str) -> None:
+    def add(self, name: str, target: str, summary: str, preset: str | None = None) -> None:
         if name in self._entries:
             raise ValueError(f"{self.kind} '{name}' is registered twice")
         if ":" not in target:
             raise ValueError(f"target of {self.kind} '{name}' must look like 'package.module:Name'")
-        self._entries[name] = Entry(name, target, summary)
+        self._entries[name] = Entry(name, target, summary, preset)
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -94,14 +102,14 @@ DATA.add("image_folder", "lightning_nas.data.folders:ImageFolderDataModule",
 
 SPACES.add("ofa_mbv3", "lightning_nas.spaces.ofa_mbv3:OFAMobileNetV3Space",
            "once-for-all elastic MobileNetV3 (kernel, expand, depth, resolution), ImageNet layout")
-SPACES.add("ofa_mbv3_cifar", "lightning_nas.spaces.ofa_mbv3:OFAMobileNetV3CifarSpace",
-           "once-for-all elastic MobileNetV3 for 32x32 inputs (stride-1 stem, 10 classes)")
+SPACES.add("ofa_mbv3_cifar", "lightning_nas.spaces.ofa_mbv3:OFAMobileNetV3Space",
+           "once-for-all elastic MobileNetV3 for 32x32 inputs (stride-1 stem, 10 classes)", preset="ofa_mbv3_cifar")
 SPACES.add("nb201", "lightning_nas.spaces.nb201:NB201Space",
            "NAS-Bench-201 cell space (15,625 cells, 5 ops on 6 edges)")
 SPACES.add("proxyless", "lightning_nas.spaces.proxyless:ProxylessSpace",
            "ProxylessNAS MobileNetV2-style layout with MBConv candidates per layer (ImageNet)")
-SPACES.add("proxyless_cifar", "lightning_nas.spaces.proxyless:ProxylessCifarSpace",
-           "ProxylessNAS MobileNetV2-style layout for 32x32 inputs")
+SPACES.add("proxyless_cifar", "lightning_nas.spaces.proxyless:ProxylessSpace",
+           "ProxylessNAS MobileNetV2-style layout for 32x32 inputs", preset="proxyless_cifar")
 
 DATA.add("zc_stats", "lightning_nas.data.zc_stats:ZCStatsDataModule",
          "node-wise zero-cost statistics of NAS-Bench-201 architectures with their accuracies")

@@ -50,19 +50,19 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def cifar_space() -> Any:
     """The once-for-all MobileNetV3 space in its CIFAR layout."""
-    from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+    from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 
-    return OFAMobileNetV3CifarSpace()
+    return OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar")
 
 
 @pytest.fixture(scope="module")
 def joint() -> Any:
     """The joint once-for-all CIFAR x quantization-policy space."""
     from lightning_nas.search.joint_space import JointSpace
-    from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+    from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
     from lightning_nas.spaces.quant_policy import QuantPolicySpace
 
-    return JointSpace(OFAMobileNetV3CifarSpace(), QuantPolicySpace())
+    return JointSpace(OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar"), QuantPolicySpace())
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +111,10 @@ def true_accuracy(space: Any, config: dict, policy: dict | None) -> float:
 def fill_store(path: Path, count: int, kind: str, seed: int = 0) -> None:
     """``count`` synthetic pairs of ``kind`` with :func:`true_accuracy` as their top-1."""
     from lightning_nas.predictors.pair_store import Pair, PairStore, plan_key
-    from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+    from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
     from lightning_nas.spaces.quant_policy import QuantPolicySpace
 
-    space, policies = OFAMobileNetV3CifarSpace(), QuantPolicySpace()
+    space, policies = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar"), QuantPolicySpace()
     rng = random.Random(seed)
     store = PairStore(path)
     for i in range(count):

@@ -26,6 +26,7 @@ from ..nn.bn_recalibration import recalibrate_batchnorm
 from ..nn.evaluation import evaluate
 from ..predictors.pair_store import Pair, PairStore, plan_key
 from ..recipe.markers import BitChoices
+from ..spaces.protocol import ElasticSpace
 from ..targets import TargetName, check_same_target, resolve_target
 
 DEFAULT_STORE = "pairs.sqlite"
@@ -176,7 +177,8 @@ class AccuracyPairCollector(pl.Callback):
 
     def measure(self, pl_module: Any, datamodule: Any, rng: random.Random, bn_batches: list,
                 eval_batches: list) -> dict[str, Any]:
-        space, supernet, device = pl_module.space, pl_module.supernet, pl_module.device
+        space: ElasticSpace = pl_module.space
+        supernet, device = pl_module.supernet, pl_module.device
         config = space.sample(rng)
         resolution = config["r"]
         supernet.set_active(config)
@@ -234,7 +236,8 @@ class QuantizedPairCollector(AccuracyPairCollector):
         from ..nn.quantize_model import attach_quantizers, calibrate_activation_ranges
         from ..spaces.quant_policy import QuantPolicySpace
 
-        space, supernet, device = pl_module.space, pl_module.supernet, pl_module.device
+        space: ElasticSpace = pl_module.space
+        supernet, device = pl_module.supernet, pl_module.device
         config = space.canonical(space.sample(rng))
         policy = QuantPolicySpace(bit_choices=self.policy_bits).sample(rng, space.num_blocks)
         resolution = config["r"]

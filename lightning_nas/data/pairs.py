@@ -15,6 +15,7 @@ from ..errors import RecipeError
 from ..predictors.encoding import encode_pairs
 from ..predictors.pair_store import Pair, PairStore
 from ..recipe.markers import BitChoices, ExistingFile, Fraction, PositiveInt, SpaceSpec
+from ..spaces.protocol import ElasticSpace, SearchSpace
 
 
 class PairsDataModule(pl.LightningDataModule):
@@ -36,18 +37,25 @@ class PairsDataModule(pl.LightningDataModule):
 
         self.path, self.kind, self.val_fraction, self.seed = path, kind, val_fraction, seed
         self.max_train_pairs, self.batch_size, self.checkpoint_hash = max_train_pairs, batch_size, checkpoint_hash
-        self.space = SPACES.build(space)
+        self.space: SearchSpace = SPACES.build(space)
         self.policy_space = None
         if kind == "quant":
             from ..spaces.quant_policy import QuantPolicySpace
 
+            if not isinstance(self.space, ElasticSpace):
+                raise RecipeError("quantized pairs carry per-block bit widths, so their space must be elastic "
+                                  "(once-for-all style)", key="data.space", given=dict(space),
+                                  allowed="an elastic space, e.g. ofa_mbv3_cifar")
             self.policy_space = QuantPolicySpace(bit_choices=policy_bits)
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 
     @property
     def policy_features(self) -> int:
-        return 0 if self.policy_space is None else self.policy_space.encoding_size(self.space.num_blocks)
+        if self.policy_space is None:
+            return 0
+        assert isinstance(self.space, ElasticSpace)  # checked in __init__ for quantized pairs
+        return self.policy_space.encoding_size(self.space.num_blocks)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -102,7 +110,7 @@ class PairsDataModule(pl.LightningDataModule):
                 raise RecipeError(f"pair {index} of kind '{self.kind}' does not fit data.space ({error}): the store "
                                   "holds pairs of another space or supernet", key="data.path", given=str(self.path),
                                   allowed=f"a store of pairs measured on a supernet of {type(self.space).__name__} "
-                                  f"{self.space.hparams() if hasattr(self.space, 'hparams') else ''}") from None
+                                  f"{self.space.hparams()}") from None
 
     def _dataset(self, pairs: Sequence[Pair]) -> TensorDataset:
         archs, policies, targets = encode_pairs(self.space, self.policy_space, pairs)

@@ -28,12 +28,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lightning_nas.errors import RecipeError
 from lightning_nas.hardware.accelerator import BitFusionModel
 from lightning_nas.hardware.counts import COUNT_METRICS, BlockDecomposition, CountTable, policy_kind
 from lightning_nas.hardware.latency_keys import UnitDecomposition
 from lightning_nas.hardware.latency_model import TableLatencyModel
 from lightning_nas.hardware.latency_table import PRECISIONS, LatencyTable
 from lightning_nas.recipe.markers import BitChoices, ExistingFile, FixedBits, SpaceSpec
+from lightning_nas.spaces.protocol import ElasticSpace
 from lightning_nas.spaces.quant_policy import FULL_PRECISION_BITS, QuantPolicySpace
 
 __all__ = [
@@ -49,13 +51,23 @@ Configs = Sequence[Mapping[str, Any]]
 Policies = Sequence[Mapping[str, Sequence[int]] | None] | None
 
 
-def build_space(space: SpaceSpec | Any) -> Any:
-    """A space object from a recipe spec ``{name: ..., **arguments}`` (or a space object as is)."""
+def build_space(space: SpaceSpec | ElasticSpace) -> ElasticSpace:
+    """A space object from a recipe spec ``{name: ..., **arguments}`` (or a space object as is).
+
+    The cost models tabulate costs block by block, so the space must be elastic (once-for-all
+    style); any other space is the recipe's mistake.
+    """
+    built = space
     if isinstance(space, Mapping):
         from lightning_nas.registry import SPACES
 
-        return SPACES.build(space)
-    return space
+        built = SPACES.build(space)
+    if not isinstance(built, ElasticSpace):
+        raise RecipeError(f"cost models price once-for-all style spaces (kernel, expand, depth and resolution "
+                          f"per block), not {type(built).__name__}", key="space",
+                          given=dict(space) if isinstance(space, Mapping) else repr(space),
+                          allowed="an elastic space, e.g. ofa_mbv3 or ofa_mbv3_cifar")
+    return built
 
 
 class CostModel:

@@ -6,8 +6,9 @@ list (``space.layer_specs(config)``) and, for mixed precision, from the bit widt
 binds to every layer. Definitions:
 
 * **MACs**: multiply-accumulates of one image through the convolution and linear layers.
-* **params**: trainable parameters, ``space.params(config)`` when the space defines it (the OFA
-  spaces add the batch-norm affine parameters), else the conv / linear weights and biases.
+* **params**: trainable parameters, ``space.params(config)`` (every
+  :class:`~lightning_nas.spaces.protocol.CostModelSpace` defines it; the OFA and ProxylessNAS
+  spaces add the batch-norm affine parameters to the conv / linear weights and biases).
 * **BitOps**: ``sum over layers of MACs x weight bits x activation bits``; without a policy every
   layer is full precision (32 x 32).
 * **size_bytes**: storage of the parameters: every conv / linear weight at its layer's weight
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from lightning_nas.spaces.layers import LayerSpec
+from lightning_nas.spaces.protocol import CostModelSpace, ElasticSpace
 from lightning_nas.spaces.quant_policy import FULL_PRECISION_BITS, POLICY_KEYS, ROLE_TO_KIND, QuantPolicySpace
 
 __all__ = [
@@ -92,7 +94,7 @@ def count_layers(
 
 
 def count_network(
-    space: Any,
+    space: CostModelSpace,
     config: Mapping[str, Any],
     policy: Mapping[str, Sequence[int]] | None = None,
     policy_space: QuantPolicySpace | None = None,
@@ -100,8 +102,7 @@ def count_network(
 ) -> Counts:
     """MACs, parameters, BitOps and size of one subnet (see the module docstring)."""
     specs = space.layer_specs(config, resolution)
-    params = space.params(config) if hasattr(space, "params") else None
-    return count_layers(specs, layer_bits(specs, policy, policy_space), params)
+    return count_layers(specs, layer_bits(specs, policy, policy_space), space.params(config))
 
 
 # --------------------------------------------------------------------------- batched candidates
@@ -165,14 +166,14 @@ def _stack(rows: list[Any], width: int, what: str) -> np.ndarray:
 class BlockDecomposition:
     """An elastic space's candidates as fixed layers plus per-block layer groups.
 
-    For a once-for-all style space (configs ``{ks, e, d, r}``, attributes ``blocks``,
-    ``stage_blocks``, ...) this tabulates, once, the :class:`LayerSpec` list of the fixed layers per
+    For a once-for-all style space (an :class:`~lightning_nas.spaces.protocol.ElasticSpace`:
+    configs ``{ks, e, d, r}``, ``stage_blocks``, ``active_blocks``, ...) this tabulates, once, the :class:`LayerSpec` list of the fixed layers per
     resolution (``fixed[ri]``) and of every block per resolution, kernel and expand ratio
     (``block_layers[ri][b][ki][ei]``). The decomposition is checked against ``layer_specs`` of a few
     whole configs, so a space where a block's shapes depend on other blocks is refused.
     """
 
-    def __init__(self, space: Any, check_samples: int = 3) -> None:
+    def __init__(self, space: ElasticSpace, check_samples: int = 3) -> None:
         self.space = space
         self.resolutions: list[int] = list(space.resolutions)
         self.kernels: list[int] = list(space.kernel_choices)
@@ -308,7 +309,7 @@ class CountTable:
     batch norms.
     """
 
-    def __init__(self, space: Any, policy_space: QuantPolicySpace | None = None) -> None:
+    def __init__(self, space: ElasticSpace, policy_space: QuantPolicySpace | None = None) -> None:
         self.space = space
         self.policy_space = policy_space or QuantPolicySpace()
         self.decomposition = d = BlockDecomposition(space)
@@ -333,7 +334,7 @@ class CountTable:
 
     def _non_weight_params(self, config: Mapping[str, Any]) -> int:
         specs = self.space.layer_specs(config)
-        params = self.space.params(config) if hasattr(self.space, "params") else sum(s.params for s in specs)
+        params = self.space.params(config)
         return int(params) - sum(s.weight_count for s in specs)
 
     def _other_params(self) -> tuple[int, np.ndarray]:

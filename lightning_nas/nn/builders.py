@@ -2,8 +2,10 @@
 
 The spaces (:mod:`lightning_nas.spaces`) describe architectures without torch; building their
 networks belongs to this layer, so nothing in the core imports upwards. Each builder is registered
-for a space class with :func:`functools.singledispatch`, which also serves its subclasses (the
-CIFAR layouts); a new space kind registers its own here.
+for a space class with :func:`functools.singledispatch` (layout variants such as the CIFAR
+layouts are presets of the same class, so they share its builder); a new space kind registers its
+own here. Building is the one job of a space that is not in the torch-free
+:class:`~lightning_nas.spaces.protocol.SearchSpace` protocol.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from lightning_nas.nn.proxyless_net import ProxylessNet, ProxylessSupernet
 from lightning_nas.nn.static import MobileNetV3Subnet
 from lightning_nas.spaces.nb201 import NB201Space
 from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
+from lightning_nas.spaces.protocol import SearchSpace
 from lightning_nas.spaces.proxyless import ProxylessSpace
 
 __all__ = ["build_subnet", "build_supernet"]
 
 
 @singledispatch
-def build_supernet(space: Any, **options: Any) -> nn.Module:
+def build_supernet(space: SearchSpace, **options: Any) -> nn.Module:
     """The weight-sharing supernet of ``space`` (options depend on the space kind)."""
     raise TypeError(f"no supernet is registered for {type(space).__name__}")
 
@@ -44,7 +47,7 @@ def _proxyless_supernet(space: ProxylessSpace, mixed_op: str = "binary") -> Prox
 
 
 @singledispatch
-def build_subnet(space: Any, arch: Any) -> nn.Module:
+def build_subnet(space: SearchSpace, arch: Any) -> nn.Module:
     """A freshly initialised standalone network of plain torch layers for one architecture of ``space``.
 
     Use :meth:`~lightning_nas.nn.ofa_mbv3.OFAMobileNetV3.extract` to get an OFA subnet with the

@@ -10,8 +10,12 @@ from the two spaces it wraps, which stay the single sources of truth:
   ``bit_choices``; the NNI description (:meth:`JointSpace.mutable`), the NNI sample conversion and
   the compact index vectors (:meth:`JointSpace.to_vector`) are all read off that one table;
 * sampling, mutation and crossover delegate to ``OFAMobileNetV3Space`` and ``QuantPolicySpace``;
-* predictor encodings are not made here: scoring uses :func:`lightning_nas.data.pairs.encode_pairs`,
-  the path the predictors were trained with.
+* :meth:`JointSpace.encode` is the architecture encoding followed by the policy encoding (skipped
+  blocks zero), the two inputs :func:`lightning_nas.predictors.encoding.encode_pairs` gives the
+  quantization-aware predictor, concatenated; scoring itself uses ``encode_pairs``, the path the
+  predictors were trained with.
+
+The joint space satisfies :class:`~lightning_nas.spaces.protocol.BoundedSpace` over candidates.
 
 Candidates are kept canonical: skipped blocks (elastic depth) hold the smallest kernel, expand
 ratio and bit width, so two candidates describe the same quantized network iff they are equal
@@ -28,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_nas.spaces.protocol import ElasticSpace
 from lightning_nas.spaces.quant_policy import POLICY_KEYS, QuantPolicySpace
 
 __all__ = ["Candidate", "JointSpace"]
@@ -53,14 +58,16 @@ class JointSpace:
     """Architecture x quantization-policy space built from an OFA space and a policy space.
 
     Args:
-        space: an :class:`~lightning_nas.spaces.ofa_mbv3.OFAMobileNetV3Space` (or a space with
-            the same interface: ``sample``, ``mutate``, ``crossover``, ``canonical``,
-            ``active_blocks``, ``num_blocks``, ``num_stages``, choice lists).
+        space: an elastic architecture space (:class:`~lightning_nas.spaces.protocol.ElasticSpace`,
+            e.g. :class:`~lightning_nas.spaces.ofa_mbv3.OFAMobileNetV3Space`).
         policy_space: the APQ policy space, or ``None`` for a full-precision search (candidates
             then have ``policy=None``).
     """
 
-    def __init__(self, space: Any, policy_space: QuantPolicySpace | None = None) -> None:
+    #: Name of the space in reports (built from a search recipe, not from the space registry).
+    name: str = "joint"
+
+    def __init__(self, space: ElasticSpace, policy_space: QuantPolicySpace | None = None) -> None:
         self.space = space
         self.policy_space = policy_space
         self.num_blocks: int = int(space.num_blocks)
@@ -207,6 +214,69 @@ class JointSpace:
     def key(self, candidate: Candidate) -> bytes:
         """A hashable identity, equal for candidates describing the same quantized network."""
         return bytes(self.to_vector(candidate))
+
+    def config_key(self, candidate: Candidate) -> bytes:
+        """:meth:`key` of the canonical form of any candidate (the protocol's identity)."""
+        return self.key(self.canonical(candidate))
+
+    # ------------------------------------------------------------------ protocol: rebuild, check, encode
+
+    def hparams(self) -> dict[str, Any]:
+        """The two spaces' specs: the architecture space's registry spec and the policy space's
+        arguments (``None`` for full precision)."""
+        return {"space": {"name": self.space.name, **self.space.hparams()},
+                "policy_space": None if self.policy_space is None else self.policy_space.hparams()}
+
+    def validate(self, candidate: Candidate) -> Candidate:
+        """A normalised copy (architecture and policy checked, skipped blocks left as given)."""
+        if not isinstance(candidate, Candidate):
+            raise ValueError(f"a joint-space point is a Candidate, got {type(candidate).__name__}")
+        config = self.space.validate(candidate.config)
+        if self.policy_space is None:
+            if candidate.policy is not None:
+                raise ValueError("this joint space searches full precision only: candidates have no policy")
+            return Candidate(config, None)
+        if candidate.policy is None:
+            raise ValueError("this joint space is quantized: every candidate needs a policy")
+        return Candidate(config, self.policy_space.validate(candidate.policy, self.num_blocks))
+
+    @property
+    def encoding_size(self) -> int:
+        """Architecture features plus, when quantized, policy features."""
+        policy = 0 if self.policy_space is None else self.policy_space.encoding_size(self.num_blocks)
+        return self.space.encoding_size + policy
+
+    def encode(self, candidate: Candidate) -> list[float]:
+        """The architecture encoding followed by the policy encoding (skipped blocks all zeros)."""
+        c = self.validate(candidate)
+        vec = self.space.encode(c.config)
+        if self.policy_space is not None:
+            assert c.policy is not None
+            active = set(self.space.active_blocks(c.config))
+            vec += self.policy_space.encode(c.policy, [b in active for b in range(self.num_blocks)])
+        return vec
+
+    def decode(self, vector: Sequence[float]) -> Candidate:
+        """Inverse of :meth:`encode`: the canonical candidate (skipped blocks get the lowest bits)."""
+        if len(vector) != self.encoding_size:
+            raise ValueError(f"encoding must have {self.encoding_size} entries, got {len(vector)}")
+        arch_size = self.space.encoding_size
+        config = self.space.decode(vector[:arch_size])
+        if self.policy_space is None:
+            return Candidate(config, None)
+        choices, width = self.policy_space.bit_choices, len(self.policy_space.bit_choices)
+        active = set(self.space.active_blocks(config))
+        policy: dict[str, list[int]] = {key: [] for key in POLICY_KEYS}
+        offset = arch_size
+        for b in range(self.num_blocks):
+            for key in POLICY_KEYS:
+                hot = [i for i, v in enumerate(vector[offset : offset + width]) if v > 0.5]
+                if len(hot) != (1 if b in active else 0):
+                    raise ValueError(f"policy encoding of block {b} '{key}' does not match the architecture "
+                                     f"({'running' if b in active else 'skipped'} block, {len(hot)} bits set)")
+                policy[key].append(choices[hot[0]] if hot else min(choices))
+                offset += width
+        return Candidate(config, policy)
 
     # ------------------------------------------------------------------ canonical form
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RecipeError
+from ..spaces.protocol import SearchSpace
 from .joint_space import Candidate, JointSpace
 
 __all__ = [
@@ -165,8 +166,9 @@ class Scorer:
     def _check_models(self) -> None:
         """Cost models must describe the same space and bit widths as the search."""
         for name, model in self.cost_models.items():
+            # a cost model may price without a space (a user's model); one that has a space must share ours
             space = getattr(model, "space", None)
-            if space is not None and hasattr(space, "hparams") and space != self.joint.space:
+            if isinstance(space, SearchSpace) and space != self.joint.space:
                 raise RecipeError(f"cost model '{name}' was built for {space!r}, but the search space is "
                                  f"{self.joint.space!r}; give both the same space spec", key="search.cost_models")
             policy_space = getattr(model, "policy_space", None)

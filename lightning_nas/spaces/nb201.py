@@ -14,6 +14,7 @@ The 6 edges are ordered as in the official architecture string::
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -110,6 +111,20 @@ def encode_onehot(arch_str: str) -> list[float]:
     return vec
 
 
+def decode_onehot(vector: Sequence[float]) -> str:
+    """Inverse of :func:`encode_onehot`."""
+    n = len(OPS)
+    if len(vector) != NUM_EDGES * n:
+        raise ValueError(f"encoding must have {NUM_EDGES * n} entries, got {len(vector)}")
+    ops = []
+    for e in range(NUM_EDGES):
+        hot = [i for i, v in enumerate(vector[e * n : (e + 1) * n]) if v > 0.5]
+        if len(hot) != 1:
+            raise ValueError(f"encoding of edge {e} is not one-hot: {list(vector[e * n : (e + 1) * n])}")
+        ops.append(OPS[hot[0]])
+    return format_arch(ops)
+
+
 def weight_slot_names(cells_per_stage: int = 5) -> list[str]:
     """Module names of every weight layer position of the macro skeleton, in module order.
 
@@ -133,7 +148,14 @@ def weight_slot_names(cells_per_stage: int = 5) -> list[str]:
 
 
 class NB201Space:
-    """The NAS-Bench-201 space with its macro skeleton hyper-parameters."""
+    """The NAS-Bench-201 space with its macro skeleton hyper-parameters.
+
+    A config is an architecture string; every well-formed string is canonical (the space has no
+    settings that leave the network unchanged).
+    """
+
+    #: Registry name of the space.
+    name: str = "nb201"
 
     def __init__(self, num_classes: int = 10, init_channels: int = 16, cells_per_stage: int = 5) -> None:
         if num_classes < 1 or init_channels < 1 or cells_per_stage < 1:
@@ -161,8 +183,39 @@ class NB201Space:
         """Return the canonical string (raises ValueError if malformed)."""
         return format_arch(parse_arch(arch_str))
 
+    def canonical(self, arch_str: str) -> str:
+        return self.validate(arch_str)
+
+    def config_key(self, arch_str: str) -> str:
+        return self.validate(arch_str)
+
+    def hparams(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this space."""
+        return {"num_classes": self.num_classes, "init_channels": self.init_channels,
+                "cells_per_stage": self.cells_per_stage}
+
+    @property
+    def encoding_size(self) -> int:
+        return NUM_EDGES * len(OPS)
+
     def encode(self, arch_str: str) -> list[float]:
         return encode_onehot(arch_str)
+
+    def decode(self, vector: Sequence[float]) -> str:
+        return decode_onehot(vector)
+
+    def mutate(self, arch_str: str, rng: random.Random) -> str:
+        """One random edge set to a different op (the mutation of regularized evolution on
+        NAS-Bench-201, Real et al. 2019 / Dong and Yang 2020): a child always differs."""
+        ops = list(parse_arch(arch_str))
+        edge = rng.randrange(NUM_EDGES)
+        ops[edge] = rng.choice([op for op in OPS if op != ops[edge]])
+        return format_arch(ops)
+
+    def crossover(self, first: str, second: str, rng: random.Random) -> str:
+        """Uniform crossover: every edge's op comes from either parent with equal probability."""
+        a, b = parse_arch(first), parse_arch(second)
+        return format_arch([x if rng.random() < 0.5 else y for x, y in zip(a, b)])
 
     def sample(self, rng: Any) -> str:
         """Uniform sample using any object with ``choice`` (random.Random, numpy Generator)."""
@@ -170,6 +223,12 @@ class NB201Space:
 
     def weight_slots(self) -> list[str]:
         return weight_slot_names(self.cells_per_stage)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.hparams() == self.hparams()
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
 
     def __repr__(self) -> str:
         return (f"NB201Space(num_classes={self.num_classes}, init_channels={self.init_channels}, "

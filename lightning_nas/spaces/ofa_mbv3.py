@@ -27,6 +27,16 @@ supernet and in the extracted subnet::
     classifier.linear                          role classifier
 
 Batch norms sit next to their convolution as ``<prefix>.bn``.
+
+Layout variants (the CIFAR layout) are named argument sets in :data:`PRESETS`, built with
+:meth:`OFAMobileNetV3Space.from_preset` (the registry does so for ``ofa_mbv3_cifar``).
+
+The space's jobs are split by module; this one holds the arguments, the block table and the
+configs (sampling, validation, canonical form). The rest is called from the methods here:
+:mod:`~lightning_nas.spaces.ofa_layout` (channel rounding, block specs),
+:mod:`~lightning_nas.spaces.ofa_evolution` (mutation, crossover),
+:mod:`~lightning_nas.spaces.ofa_encoding` (predictor encoding) and
+:mod:`~lightning_nas.spaces.ofa_costs` (layer specs, MACs, parameters).
 """
 
 from __future__ import annotations
@@ -35,87 +45,29 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lightning_nas.spaces import ofa_costs, ofa_encoding, ofa_evolution
 from lightning_nas.spaces.layers import LayerSpec
+from lightning_nas.spaces.ofa_layout import ACTIVATIONS, BlockSpec, make_divisible
 
 __all__ = [
     "ACTIVATIONS",
     "BlockSpec",
-    "OFAMobileNetV3CifarSpace",
     "OFAMobileNetV3Space",
-    "SPACES",
+    "PRESETS",
     "make_divisible",
 ]
 
-#: Activation names a stage may use.
-ACTIVATIONS = ("relu", "h_swish")
-
 _CONFIG_KEYS = ("ks", "e", "d", "r")
 
-
-def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
-    """Round ``value`` to the nearest multiple of ``divisor`` without losing more than 10 %.
-
-    This is the MobileNet channel rounding rule; the supernet, the subnets and the cost model
-    must all use it so that channel counts agree everywhere.
-    """
-    if min_value is None:
-        min_value = divisor
-    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
-    if rounded < 0.9 * value:
-        rounded += divisor
-    return rounded
-
-
-def _conv_out(size: int, kernel: int, stride: int) -> int:
-    # "same" padding (kernel // 2) for odd kernels
-    return (size + 2 * (kernel // 2) - kernel) // stride + 1
-
-
-class BlockSpec:
-    """Static facts about one elastic MBConv block of the supernet."""
-
-    __slots__ = (
-        "index",
-        "stage",
-        "position",
-        "in_channels",
-        "out_channels",
-        "stride",
-        "activation",
-        "use_se",
-    )
-
-    def __init__(
-        self,
-        index: int,
-        stage: int,
-        position: int,
-        in_channels: int,
-        out_channels: int,
-        stride: int,
-        activation: str,
-        use_se: bool,
-    ) -> None:
-        self.index = index
-        self.stage = stage
-        self.position = position
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.stride = stride
-        self.activation = activation
-        self.use_se = use_se
-
-    @property
-    def residual(self) -> bool:
-        """Whether the block has an identity shortcut (shape preserving blocks only)."""
-        return self.stride == 1 and self.in_channels == self.out_channels
-
-    def __repr__(self) -> str:
-        return (
-            f"BlockSpec(index={self.index}, stage={self.stage}, position={self.position}, "
-            f"in={self.in_channels}, out={self.out_channels}, stride={self.stride}, "
-            f"act={self.activation!r}, se={self.use_se})"
-        )
+#: Named argument sets of :class:`OFAMobileNetV3Space`, by registry name. A variant of the layout
+#: is data: a preset only changes defaults, so a space built from a preset is an ordinary space
+#: whose :meth:`~OFAMobileNetV3Space.hparams` rebuild it under either name.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ImageNet: 224x224 inputs, stride-2 stem, 1000 classes (the published once-for-all layout)
+    "ofa_mbv3": {},
+    # 32x32 inputs: a stride-1 stem keeps 2x2 maps in the last stage; 10 classes, small resolutions
+    "ofa_mbv3_cifar": {"num_classes": 10, "resolutions": [24, 28, 32], "stem_stride": 1},
+}
 
 
 class OFAMobileNetV3Space:
@@ -150,8 +102,9 @@ class OFAMobileNetV3Space:
         bn_eps: batch-norm epsilon.
     """
 
-    #: Registry name of the space.
-    name = "ofa_mbv3"
+    #: Registry name of the space; :meth:`from_preset` sets the preset's name on the instance, so
+    #: ``{"name": space.name, **space.hparams()}`` is the registry spec that rebuilds it.
+    name: str = "ofa_mbv3"
 
     def __init__(
         self,
@@ -305,6 +258,15 @@ class OFAMobileNetV3Space:
                 in_channels = width
         return specs
 
+    @classmethod
+    def from_preset(cls, preset: str, **arguments: Any) -> OFAMobileNetV3Space:
+        """The space of a named preset of :data:`PRESETS`; ``arguments`` override the preset's."""
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r} of {cls.__name__}; presets: {sorted(PRESETS)}")
+        space = cls(**{**PRESETS[preset], **arguments})
+        space.name = preset
+        return space
+
     def hparams(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this space (for checkpoints and logs)."""
         return {k: list(v) if isinstance(v, list) else v for k, v in self._hparams.items()}
@@ -328,6 +290,7 @@ class OFAMobileNetV3Space:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hparams().items())})"
 
     def __eq__(self, other: object) -> bool:
+        # Equal arguments are the same network whichever preset they came from: the name is a label.
         if not isinstance(other, OFAMobileNetV3Space):
             return NotImplemented  # lets a wrapper of a space compare itself
         return type(other) is type(self) and other.hparams() == self.hparams()
@@ -456,116 +419,34 @@ class OFAMobileNetV3Space:
         self, config: Mapping[str, Any], rng: random.Random, prob: float = 0.1, resolution_prob: float = 0.5
     ) -> dict:
         """Resample each block's kernel and expand ratio and each stage's depth with ``prob``,
-        the resolution with ``resolution_prob``; returns a canonical config.
-
-        Blocks that a depth mutation switches on get fresh random choices: in a canonical parent
-        they hold the normalised smallest values, which would bias children towards small blocks.
-        """
-        parent = self.canonical(config)
-        child = {"ks": list(parent["ks"]), "e": list(parent["e"]), "d": list(parent["d"]), "r": parent["r"]}
-        if rng.random() < resolution_prob:
-            child["r"] = rng.choice(self.resolutions)
-        for b in range(self.num_blocks):
-            if rng.random() < prob:
-                child["ks"][b] = rng.choice(self.kernel_choices)
-            if rng.random() < prob:
-                child["e"][b] = rng.choice(self.expand_choices)
-        for s in range(self.num_stages):
-            if rng.random() < prob:
-                child["d"][s] = rng.choice(self.depth_choices)
-        newly_active = set(self.active_blocks(child)) - set(self.active_blocks(parent))
-        for b in sorted(newly_active):
-            child["ks"][b] = rng.choice(self.kernel_choices)
-            child["e"][b] = rng.choice(self.expand_choices)
-        return self.canonical(child)
+        the resolution with ``resolution_prob``; returns a canonical config (see
+        :func:`~lightning_nas.spaces.ofa_evolution.mutate`)."""
+        return ofa_evolution.mutate(self, config, rng, prob, resolution_prob)
 
     def crossover(self, a: Mapping[str, Any], b: Mapping[str, Any], rng: random.Random) -> dict:
-        """Uniform crossover: every gene (block kernel+ratio, stage depth, resolution) comes from
-        one parent at random; returns a canonical config.
+        """Uniform crossover of two parents; returns a canonical config (see
+        :func:`~lightning_nas.spaces.ofa_evolution.crossover`)."""
+        return ofa_evolution.crossover(self, a, b, rng)
 
-        A block's kernel and ratio are taken from a parent in which the block actually runs when
-        there is one, so the child never inherits the meaningless values of a skipped block.
-        """
-        a, b = self.canonical(a), self.canonical(b)
-        active_a, active_b = set(self.active_blocks(a)), set(self.active_blocks(b))
-        child: dict[str, Any] = {
-            "d": [rng.choice((da, db)) for da, db in zip(a["d"], b["d"])],
-            "r": rng.choice((a["r"], b["r"])),
-            "ks": [],
-            "e": [],
-        }
-        for i in range(self.num_blocks):
-            donor = a if rng.random() < 0.5 else b
-            if i not in (active_a if donor is a else active_b):
-                donor = b if donor is a else a
-            child["ks"].append(donor["ks"][i])
-            child["e"].append(donor["e"][i])
-        return self.canonical(child)
-
-    # ------------------------------------------------------------------ encoding
+    # ------------------------------------------------------------------ encoding (ofa_encoding)
 
     @property
     def encoding_size(self) -> int:
         """Length of :meth:`encode`'s vector."""
-        return len(self.resolutions) + self.num_blocks * (len(self.kernel_choices) + len(self.expand_choices))
+        return ofa_encoding.encoding_size(self)
 
     def encode(self, config: Mapping[str, Any]) -> list[float]:
-        """One-hot feature vector for accuracy predictors.
+        """One-hot feature vector for accuracy predictors (layout: :mod:`~lightning_nas.spaces.ofa_encoding`).
 
-        Layout: resolution one-hot, then for every block its kernel one-hot followed by its
-        expand-ratio one-hot; skipped blocks are all zeros, which also encodes the depth.
         One-to-one on canonical configs (see :meth:`decode`).
         """
-        config = self.validate(config)
-        active = set(self.active_blocks(config))
-        vec = [0.0] * self.encoding_size
-        vec[self.resolutions.index(config["r"])] = 1.0
-        offset = len(self.resolutions)
-        nk, ne = len(self.kernel_choices), len(self.expand_choices)
-        for b in range(self.num_blocks):
-            if b in active:
-                vec[offset + self.kernel_choices.index(config["ks"][b])] = 1.0
-                vec[offset + nk + self.expand_choices.index(config["e"][b])] = 1.0
-            offset += nk + ne
-        return vec
+        return ofa_encoding.encode(self, config)
 
     def decode(self, vector: Sequence[float]) -> dict:
         """Inverse of :meth:`encode`: the canonical config of a one-hot vector."""
-        if len(vector) != self.encoding_size:
-            raise ValueError(f"encoding must have {self.encoding_size} entries, got {len(vector)}")
+        return ofa_encoding.decode(self, vector)
 
-        def argmax(chunk: Sequence[float]) -> int | None:
-            hot = [i for i, v in enumerate(chunk) if v > 0.5]
-            if len(hot) > 1:
-                raise ValueError(f"encoding chunk {list(chunk)} is not one-hot")
-            return hot[0] if hot else None
-
-        n_res = len(self.resolutions)
-        r_index = argmax(vector[:n_res])
-        if r_index is None:
-            raise ValueError("encoding has no resolution set")
-        nk, ne = len(self.kernel_choices), len(self.expand_choices)
-        ks, es, running = [], [], []
-        offset = n_res
-        for _ in range(self.num_blocks):
-            k = argmax(vector[offset : offset + nk])
-            e = argmax(vector[offset + nk : offset + nk + ne])
-            if (k is None) != (e is None):
-                raise ValueError(f"encoding block at offset {offset} has a kernel xor an expand ratio")
-            running.append(k is not None)
-            ks.append(self.kernel_choices[k] if k is not None else min(self.kernel_choices))
-            es.append(self.expand_choices[e] if e is not None else min(self.expand_choices))
-            offset += nk + ne
-        depths = []
-        for s in range(self.num_stages):
-            flags = [running[b] for b in self.stage_blocks(s)]
-            d = sum(flags)
-            if flags != [True] * d + [False] * (self.max_depth - d):
-                raise ValueError(f"encoding stage {s} runs non-leading blocks {flags}")
-            depths.append(d)
-        return self.canonical({"ks": ks, "e": es, "d": depths, "r": self.resolutions[r_index]})
-
-    # ------------------------------------------------------------------ costs
+    # ------------------------------------------------------------------ costs (ofa_costs)
 
     def layer_specs(self, config: Mapping[str, Any], resolution: int | None = None) -> list[LayerSpec]:
         """Every convolution / linear layer of the subnet, in execution order.
@@ -574,159 +455,23 @@ class OFAMobileNetV3Space:
         the supernet and in the extracted subnet. ``resolution`` overrides ``config["r"]`` (the
         network itself runs at any input size; only the config must use the space's resolutions).
         """
-        config = self.validate(config)
-        size = config["r"] if resolution is None else int(resolution)
-        specs: list[LayerSpec] = []
-
-        def conv(
-            name: str,
-            cin: int,
-            cout: int,
-            k: int,
-            stride: int,
-            groups: int,
-            in_size: int,
-            bias: bool,
-            role: str,
-            block: int | None = None,
-            op: str = "conv",
-        ) -> int:
-            out_size = _conv_out(in_size, k, stride)
-            specs.append(
-                LayerSpec(
-                    name=name,
-                    op=op,
-                    in_channels=cin,
-                    out_channels=cout,
-                    kernel_size=k,
-                    stride=stride,
-                    groups=groups,
-                    in_size=in_size,
-                    out_size=out_size,
-                    bias=bias,
-                    role=role,
-                    block=block,
-                )
-            )
-            return out_size
-
-        size = conv("stem.conv", 3, self.stem_channels, 3, self.stem_stride, 1, size, False, "stem")
-        c = self.stem_channels
-        size = conv("first_block.dw.conv", c, c, 3, 1, c, size, False, "dw")
-        conv("first_block.project.conv", c, self.first_block_channels, 1, 1, 1, size, False, "pw_project")
-        for b in self.active_blocks(config):
-            spec = self.blocks[b]
-            mid = self.mid_channels(b, config["e"][b])
-            k = config["ks"][b]
-            p = f"blocks.{b}"
-            conv(f"{p}.expand.conv", spec.in_channels, mid, 1, 1, 1, size, False, "pw_expand", b)
-            out = conv(f"{p}.dw.conv", mid, mid, k, spec.stride, mid, size, False, "dw", b)
-            if spec.use_se:
-                se = self.se_channels(mid)
-                conv(f"{p}.se.reduce", mid, se, 1, 1, 1, 1, True, "se_reduce", b)
-                conv(f"{p}.se.expand", se, mid, 1, 1, 1, 1, True, "se_expand", b)
-            conv(f"{p}.project.conv", mid, spec.out_channels, 1, 1, 1, out, False, "pw_project", b)
-            size = out
-        last = self.widths[-1] if self.num_blocks else self.first_block_channels
-        conv("head.final_expand.conv", last, self.head_channels, 1, 1, 1, size, False, "head")
-        conv("head.feature_mix.conv", self.head_channels, self.feature_channels, 1, 1, 1, 1, False, "head")
-        conv(
-            "classifier.linear",
-            self.feature_channels,
-            self.num_classes,
-            1,
-            1,
-            1,
-            1,
-            True,
-            "classifier",
-            op="linear",
-        )
-        return specs
+        return ofa_costs.layer_specs(self, config, resolution)
 
     def batchnorm_channels(self, config: Mapping[str, Any]) -> list[int]:
         """Channel count of every batch norm of the subnet (one per conv except SE / feature mix)."""
-        config = self.validate(config)
-        out = [self.stem_channels, self.stem_channels, self.first_block_channels]
-        for b in self.active_blocks(config):
-            mid = self.mid_channels(b, config["e"][b])
-            out += [mid, mid, self.blocks[b].out_channels]
-        out.append(self.head_channels)
-        return out
+        return ofa_costs.batchnorm_channels(self, config)
 
     def macs(self, config: Mapping[str, Any], resolution: int | None = None) -> int:
         """Multiply-accumulates of one image through the subnet (convolutions and linear layers
         only; pooling, activations, batch norm and the squeeze-excite scaling are not counted).
         ``resolution`` overrides ``config["r"]``."""
-        return sum(spec.macs for spec in self.layer_specs(config, resolution))
+        return ofa_costs.macs(self, config, resolution)
 
     def params(self, config: Mapping[str, Any]) -> int:
         """Trainable parameters of the extracted subnet: conv / linear weights and biases plus the
         batch-norm affine weights and biases (2 per channel; running statistics are buffers and
         are not counted)."""
-        return sum(spec.params for spec in self.layer_specs(config)) + 2 * sum(
-            self.batchnorm_channels(config)
-        )
-
-
-class OFAMobileNetV3CifarSpace(OFAMobileNetV3Space):
-    """The OFA MobileNetV3 space for 32x32 inputs: stride-1 stem, 10 classes, small resolutions.
-
-    Same arguments as :class:`OFAMobileNetV3Space`, with CIFAR-10 defaults.
-    """
-
-    name = "ofa_mbv3_cifar"
-
-    def __init__(
-        self,
-        num_classes: int = 10,
-        width_mult: float = 1.0,
-        resolutions: list[int] = [24, 28, 32],  # noqa: B006 - copied, never mutated
-        kernel_choices: list[int] = [3, 5, 7],  # noqa: B006
-        expand_choices: list[int] = [3, 4, 6],  # noqa: B006
-        depth_choices: list[int] = [2, 3, 4],  # noqa: B006
-        stage_widths: list[int] = [24, 40, 80, 112, 160],  # noqa: B006
-        stage_strides: list[int] = [2, 2, 2, 1, 2],  # noqa: B006
-        stage_activations: list[str] = ["relu", "relu", "h_swish", "h_swish", "h_swish"],  # noqa: B006
-        se_stages: list[int] = [1, 3, 4],  # noqa: B006
-        stem_channels: int = 16,
-        stem_stride: int = 1,
-        first_block_channels: int = 16,
-        head_channels: int = 960,
-        feature_channels: int = 1280,
-        se_reduction: int = 4,
-        dropout: float = 0.1,
-        bn_momentum: float = 0.1,
-        bn_eps: float = 1e-5,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            width_mult=width_mult,
-            resolutions=resolutions,
-            kernel_choices=kernel_choices,
-            expand_choices=expand_choices,
-            depth_choices=depth_choices,
-            stage_widths=stage_widths,
-            stage_strides=stage_strides,
-            stage_activations=stage_activations,
-            se_stages=se_stages,
-            stem_channels=stem_channels,
-            stem_stride=stem_stride,
-            first_block_channels=first_block_channels,
-            head_channels=head_channels,
-            feature_channels=feature_channels,
-            se_reduction=se_reduction,
-            dropout=dropout,
-            bn_momentum=bn_momentum,
-            bn_eps=bn_eps,
-        )
-
-
-#: Registry of the variants defined here, by name.
-SPACES: dict[str, type[OFAMobileNetV3Space]] = {
-    OFAMobileNetV3Space.name: OFAMobileNetV3Space,
-    OFAMobileNetV3CifarSpace.name: OFAMobileNetV3CifarSpace,
-}
+        return ofa_costs.params(self, config)
 
 
 def _is_int(value: Any) -> bool:

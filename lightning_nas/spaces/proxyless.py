@@ -46,12 +46,13 @@ from pathlib import Path
 from typing import Any
 
 from lightning_nas.spaces.layers import LayerSpec
-from lightning_nas.spaces.ofa_mbv3 import make_divisible
+from lightning_nas.spaces.ofa_layout import conv_out as _conv_out
+from lightning_nas.spaces.ofa_layout import make_divisible
 
 __all__ = [
     "DEFAULT_CANDIDATES",
     "ZERO",
-    "ProxylessCifarSpace",
+    "PRESETS",
     "ProxylessSpace",
     "SearchLayer",
     "derived_arch_record",
@@ -92,10 +93,6 @@ def parse_op(name: str) -> tuple[int, int] | None:
     return k1, expand
 
 
-def _conv_out(size: int, kernel: int, stride: int) -> int:
-    return (size + 2 * (kernel // 2) - kernel) // stride + 1
-
-
 @dataclass(frozen=True)
 class SearchLayer:
     """Static facts about one searchable layer."""
@@ -120,6 +117,15 @@ class SearchLayer:
                 f"{self.in_channels}->{self.out_channels} channels, {shortcut})")
 
 
+#: Named argument sets of :class:`ProxylessSpace`, by registry name (variants are data, not subclasses).
+PRESETS: dict[str, dict[str, Any]] = {
+    "proxyless": {},
+    # The MobileNetV2-for-CIFAR convention: the stem and the first stage keep the resolution so the
+    # last stages still see 4x4 maps.
+    "proxyless_cifar": {"num_classes": 10, "resolution": 32, "stage_strides": [1, 2, 2, 1, 2, 1], "stem_stride": 1},
+}
+
+
 class ProxylessSpace:
     """ProxylessNAS space on the MobileNetV2 layout (ImageNet defaults: 224x224, 21 searchable layers).
 
@@ -142,8 +148,8 @@ class ProxylessSpace:
         bn_eps: batch-norm epsilon.
     """
 
-    #: Registry name of the space.
-    name = "proxyless"
+    #: Registry name of the space; :meth:`from_preset` sets the preset's name on the instance.
+    name: str = "proxyless"
 
     def __init__(
         self,
@@ -239,6 +245,15 @@ class ProxylessSpace:
                 in_channels = width
         return layers
 
+    @classmethod
+    def from_preset(cls, preset: str, **arguments: Any) -> ProxylessSpace:
+        """The space of a named preset of :data:`PRESETS`; ``arguments`` override the preset's."""
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r} of {cls.__name__}; presets: {sorted(PRESETS)}")
+        space = cls(**{**PRESETS[preset], **arguments})
+        space.name = preset
+        return space
+
     def hparams(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this space."""
         return {k: list(v) if isinstance(v, list) else v for k, v in self._hparams.items()}
@@ -296,6 +311,56 @@ class ProxylessSpace:
     def sample(self, rng: random.Random) -> list[str]:
         """A uniformly random architecture."""
         return [rng.choice(layer.candidates) for layer in self.layers]
+
+    def canonical(self, arch: Sequence[str] | Mapping[str, Any]) -> list[str]:
+        """The validated op list: every op list is its own canonical form (a ``zero`` layer has no
+        other choices to normalise)."""
+        return self.validate(arch)
+
+    def config_key(self, arch: Sequence[str] | Mapping[str, Any]) -> tuple[str, ...]:
+        """A hashable identity of the architecture."""
+        return tuple(self.validate(arch))
+
+    def mutate(self, arch: Sequence[str] | Mapping[str, Any], rng: random.Random, prob: float = 0.1) -> list[str]:
+        """Each layer's op redrawn from its candidates with probability ``prob``."""
+        ops = self.validate(arch)
+        return [rng.choice(layer.candidates) if rng.random() < prob else op for layer, op in zip(self.layers, ops)]
+
+    def crossover(self, first: Sequence[str] | Mapping[str, Any], second: Sequence[str] | Mapping[str, Any],
+                  rng: random.Random) -> list[str]:
+        """Uniform crossover: every layer's op comes from either parent with equal probability."""
+        a, b = self.validate(first), self.validate(second)
+        return [x if rng.random() < 0.5 else y for x, y in zip(a, b)]
+
+    @property
+    def encoding_size(self) -> int:
+        """Length of :meth:`encode`'s vector: one slot per candidate of every layer."""
+        return sum(len(layer.candidates) for layer in self.layers)
+
+    def encode(self, arch: Sequence[str] | Mapping[str, Any]) -> list[float]:
+        """Per searchable layer, a one-hot over that layer's candidates (layers without shortcut
+        have no ``zero`` slot)."""
+        ops = self.validate(arch)
+        vec: list[float] = []
+        for layer, op in zip(self.layers, ops):
+            one_hot = [0.0] * len(layer.candidates)
+            one_hot[layer.candidates.index(op)] = 1.0
+            vec += one_hot
+        return vec
+
+    def decode(self, vector: Sequence[float]) -> list[str]:
+        """Inverse of :meth:`encode`."""
+        if len(vector) != self.encoding_size:
+            raise ValueError(f"encoding must have {self.encoding_size} entries, got {len(vector)}")
+        ops, offset = [], 0
+        for layer in self.layers:
+            chunk = vector[offset : offset + len(layer.candidates)]
+            hot = [i for i, v in enumerate(chunk) if v > 0.5]
+            if len(hot) != 1:
+                raise ValueError(f"encoding of {layer.describe()} is not one-hot: {list(chunk)}")
+            ops.append(layer.candidates[hot[0]])
+            offset += len(layer.candidates)
+        return ops
 
     def uniform_op(self, op: str) -> list[str]:
         """Every layer runs ``op`` (e.g. the MobileNetV2-like ``3x3_MBConv6``)."""
@@ -388,45 +453,6 @@ class ProxylessSpace:
         return float(layer_cost(self.fixed_layer_specs(resolution)))
 
 
-class ProxylessCifarSpace(ProxylessSpace):
-    """The ProxylessNAS space for 32x32 inputs: stride-1 stem and first stage, 10 classes.
-
-    The MobileNetV2-for-CIFAR convention: the stem and the first stage keep the resolution so the
-    last stages still see 4x4 maps. Same arguments as :class:`ProxylessSpace`.
-    """
-
-    name = "proxyless_cifar"
-
-    def __init__(
-        self,
-        num_classes: int = 10,
-        width_mult: float = 1.0,
-        resolution: int = 32,
-        candidate_ops: list[str] = ["3x3_MBConv3", "3x3_MBConv6", "5x5_MBConv3", "5x5_MBConv6", "7x7_MBConv3", "7x7_MBConv6", "zero"],  # noqa: B006, E501 - copied, never mutated
-        stage_widths: list[int] = [24, 40, 80, 96, 192, 320],  # noqa: B006
-        stage_depths: list[int] = [4, 4, 4, 4, 4, 1],  # noqa: B006
-        stage_strides: list[int] = [1, 2, 2, 1, 2, 1],  # noqa: B006
-        stem_channels: int = 32,
-        stem_stride: int = 1,
-        first_block_channels: int = 16,
-        feature_channels: int = 1280,
-        dropout: float = 0.0,
-        bn_momentum: float = 0.1,
-        bn_eps: float = 1e-3,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes, width_mult=width_mult, resolution=resolution, candidate_ops=candidate_ops,
-            stage_widths=stage_widths, stage_depths=stage_depths, stage_strides=stage_strides,
-            stem_channels=stem_channels, stem_stride=stem_stride, first_block_channels=first_block_channels,
-            feature_channels=feature_channels, dropout=dropout, bn_momentum=bn_momentum, bn_eps=bn_eps,
-        )
-
-
-#: The variants defined here, by registry name.
-SPACES: dict[str, type[ProxylessSpace]] = {ProxylessSpace.name: ProxylessSpace,
-                                           ProxylessCifarSpace.name: ProxylessCifarSpace}
-
-
 def expected_cost(probabilities: Sequence[Sequence[float]], costs: Sequence[Sequence[float]],
                   fixed: float = 0.0) -> float:
     """``fixed + sum_l sum_j p[l][j] * cost[l][j]``: the expected cost of a sampled architecture."""
@@ -455,11 +481,11 @@ def space_from_record(record: Mapping[str, Any], num_classes: int | None = None)
         raise ValueError("a derived architecture record needs a 'space' mapping with the space's name and arguments")
     arguments = dict(record["space"])
     name = arguments.pop("name", None)
-    if name not in SPACES:
-        raise ValueError(f"derived architecture names space {name!r}; known: {sorted(SPACES)}")
+    if name not in PRESETS:
+        raise ValueError(f"derived architecture names space {name!r}; known: {sorted(PRESETS)}")
     if num_classes is not None:
         arguments["num_classes"] = int(num_classes)
-    return SPACES[name](**arguments)
+    return ProxylessSpace.from_preset(name, **arguments)
 
 
 def load_derived_arch(path: str | Path, num_classes: int | None = None) -> tuple[ProxylessSpace, list[str]]:

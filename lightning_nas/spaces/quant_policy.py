@@ -26,7 +26,7 @@ from __future__ import annotations
 import numbers
 import random
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # only attributes are read; the module stays loadable on its own, without its package
     from lightning_nas.spaces.layers import LayerSpec
@@ -93,6 +93,16 @@ class QuantPolicySpace:
 
     def __repr__(self) -> str:
         return f"QuantPolicySpace(bit_choices={self.bit_choices}, fixed_bits={self.fixed_bits})"
+
+    def hparams(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this space."""
+        return {"bit_choices": list(self.bit_choices), "fixed_bits": self.fixed_bits}
+
+    def over(self, num_blocks: int) -> BlockPolicySpace:
+        """This space over ``num_blocks`` block slots: a search space of its own (the
+        :class:`~lightning_nas.spaces.protocol.SearchSpace` protocol), since a policy is only a
+        point once the number of slots is fixed."""
+        return BlockPolicySpace(self, num_blocks)
 
     # ------------------------------------------------------------------ construction
 
@@ -253,3 +263,76 @@ class QuantPolicySpace:
         weight = sum(spec.macs * bits[spec.name][0] for spec in layer_specs) / total
         act = sum(spec.macs * bits[spec.name][1] for spec in layer_specs) / total
         return weight, act
+
+
+class BlockPolicySpace:
+    """The policies of a :class:`QuantPolicySpace` over a fixed number of block slots.
+
+    Every slot counts as running here (:meth:`encode` sets all of them); in a joint space, where
+    the architecture decides which blocks run, the joint space encodes and canonicalises.
+    """
+
+    #: Name of the space in reports (policy spaces are built from ``bit_choices``, not the registry).
+    name: str = "quant_policy"
+
+    def __init__(self, policy_space: QuantPolicySpace, num_blocks: int) -> None:
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
+            raise ValueError(f"num_blocks must be a non-negative int, got {num_blocks!r}")
+        self.policy_space = policy_space
+        self.num_blocks = num_blocks
+
+    def __repr__(self) -> str:
+        return f"{self.policy_space!r}.over({self.num_blocks})"
+
+    def hparams(self) -> dict[str, Any]:
+        return {**self.policy_space.hparams(), "num_blocks": self.num_blocks}
+
+    def sample(self, rng: random.Random) -> Policy:
+        return self.policy_space.sample(rng, self.num_blocks)
+
+    def mutate(self, policy: Mapping[str, Sequence[int]], rng: random.Random, prob: float = 0.1) -> Policy:
+        return self.policy_space.mutate(self.validate(policy), rng, prob)
+
+    def crossover(self, first: Mapping[str, Sequence[int]], second: Mapping[str, Sequence[int]],
+                  rng: random.Random) -> Policy:
+        return self.policy_space.crossover(self.validate(first), self.validate(second), rng)
+
+    def validate(self, policy: Mapping[str, Sequence[int]]) -> Policy:
+        return self.policy_space.validate(policy, self.num_blocks)
+
+    def canonical(self, policy: Mapping[str, Sequence[int]]) -> Policy:
+        return self.validate(policy)
+
+    def config_key(self, policy: Mapping[str, Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+        checked = self.validate(policy)
+        return tuple(tuple(checked[key]) for key in POLICY_KEYS)
+
+    @property
+    def encoding_size(self) -> int:
+        return self.policy_space.encoding_size(self.num_blocks)
+
+    def encode(self, policy: Mapping[str, Sequence[int]]) -> list[float]:
+        return self.policy_space.encode(policy, [True] * self.num_blocks)
+
+    def decode(self, vector: Sequence[float]) -> Policy:
+        """Inverse of :meth:`encode`."""
+        if len(vector) != self.encoding_size:
+            raise ValueError(f"encoding must have {self.encoding_size} entries, got {len(vector)}")
+        choices = self.policy_space.bit_choices
+        width = len(choices)
+        policy: Policy = {key: [] for key in POLICY_KEYS}
+        offset = 0
+        for block in range(self.num_blocks):
+            for key in POLICY_KEYS:
+                hot = [i for i, v in enumerate(vector[offset : offset + width]) if v > 0.5]
+                if len(hot) != 1:
+                    raise ValueError(f"encoding of block {block} '{key}' is not one-hot")
+                policy[key].append(choices[hot[0]])
+                offset += width
+        return policy
+
+    def smallest(self) -> Policy:
+        return self.policy_space.uniform(min(self.policy_space.bit_choices), self.num_blocks)
+
+    def largest(self) -> Policy:
+        return self.policy_space.uniform(max(self.policy_space.bit_choices), self.num_blocks)

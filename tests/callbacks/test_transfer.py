@@ -12,7 +12,7 @@ from conftest import fill_store
 from lightning_nas.callbacks.transfer import PredictorTransfer
 from lightning_nas.errors import RecipeError
 from lightning_nas.predictors.accuracy import AccuracyPredictor, save_predictor
-from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 from lightning_nas.tasks.predictor import METRICS_FILE, PREDICTOR_FILE
 
 SPACE = {"name": "ofa_mbv3_cifar", "num_classes": 10}
@@ -23,7 +23,7 @@ def finished_fit(run_dir: Path) -> SimpleNamespace:
 
 
 def test_transfer_trains_the_quant_predictor_from_the_fp32_one(tmp_path: Path) -> None:
-    fp32 = AccuracyPredictor(OFAMobileNetV3CifarSpace().encoding_size, hidden=32, layers=2, base_accuracy=70.0)
+    fp32 = AccuracyPredictor(OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar").encoding_size, hidden=32, layers=2, base_accuracy=70.0)
     save_predictor(fp32, tmp_path / "fp32.pt", space="OFAMobileNetV3CifarSpace")
     fill_store(tmp_path / "pairs.sqlite", 150, "quant")
     callback = PredictorTransfer(fp32_predictor=str(tmp_path / "fp32.pt"), space=SPACE, hidden=32, layers=2,

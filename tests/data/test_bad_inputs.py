@@ -135,3 +135,10 @@ def test_pairs_of_two_supernets_need_a_choice(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="no pairs of kind 'fp32' measured on this supernet") as caught:
         PairsDataModule(str(path), SPACE, checkpoint_hash="feedface").setup("fit")
     assert caught.value.key == "data.checkpoint_hash"
+
+
+def test_quantized_pairs_need_an_elastic_space(tmp_path: Path) -> None:
+    # per-block bit widths mean nothing on a cell space: a recipe error naming data.space
+    with pytest.raises(RecipeError, match="must be elastic") as error:
+        PairsDataModule(str(tmp_path / "pairs.sqlite"), {"name": "nb201"}, kind="quant")
+    assert error.value.key == "data.space"

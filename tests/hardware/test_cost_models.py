@@ -165,3 +165,11 @@ def test_a_missing_table_file_fails_recipe_validation() -> None:
     with pytest.raises(RecipeError) as error:
         validate_arguments(signature, {"space": SPACE, "table": "no/such/table.json"}, "cost_model")
     assert "table" in error.value.render()
+
+
+@pytest.mark.parametrize("name", ["proxyless_cifar", "nb201"])
+def test_cost_models_refuse_a_space_they_cannot_tabulate(name: str) -> None:
+    # block tables need an elastic (once-for-all style) space: anything else is the recipe's mistake
+    with pytest.raises(RecipeError, match="once-for-all style spaces") as error:
+        CountsCostModel(space={"name": name})
+    assert error.value.key == "space" and error.value.given == {"name": name}

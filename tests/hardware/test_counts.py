@@ -9,12 +9,12 @@ import pytest
 
 from lightning_nas.hardware.counts import BYTES_PER_FLOAT, CountTable, count_network, layer_bits
 from lightning_nas.nn.builders import build_subnet
-from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace, OFAMobileNetV3Space
+from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 from lightning_nas.spaces.quant_policy import QuantPolicySpace
 
 
 @pytest.fixture(scope="module")
-def table(cifar_space: OFAMobileNetV3CifarSpace) -> CountTable:
+def table(cifar_space: OFAMobileNetV3Space) -> CountTable:
     return CountTable(cifar_space, QuantPolicySpace())
 
 
@@ -74,9 +74,9 @@ def independent_counts(space, config: dict, policy: dict | None, policy_space: Q
     return {"macs": macs, "params": params, "bitops": bitops, "size_bytes": size_bits / 8}
 
 
-@pytest.mark.parametrize("space_cls,resolutions", [(OFAMobileNetV3CifarSpace, None), (OFAMobileNetV3Space, [128])])
-def test_counts_agree_with_an_independent_count_of_the_built_network(space_cls, resolutions) -> None:
-    space = space_cls() if resolutions is None else space_cls(resolutions=resolutions)
+@pytest.mark.parametrize("preset,resolutions", [("ofa_mbv3_cifar", None), ("ofa_mbv3", [128])])
+def test_counts_agree_with_an_independent_count_of_the_built_network(preset, resolutions) -> None:
+    space = OFAMobileNetV3Space.from_preset(preset, **({} if resolutions is None else {"resolutions": resolutions}))
     policy_space = QuantPolicySpace()
     rng = random.Random(5)
     # the largest network of the ImageNet layout is slow to build on 2 cores: one random subnet there

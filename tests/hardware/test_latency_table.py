@@ -15,7 +15,7 @@ from lightning_nas.hardware.latency_profile import profile_space, profiling_conf
 from lightning_nas.hardware.latency_table import OVERHEAD_KEY, LatencyTable
 from lightning_nas.hardware.profiling import strip_int8_boundaries
 from lightning_nas.nn.builders import build_subnet
-from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace, OFAMobileNetV3Space
+from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 
 # Keys exactly as once-for-all's MobileNetV3 tables spell them (ImageNet layout, 224x224).
 OFA_YAML = """\
@@ -54,7 +54,7 @@ def test_keys_follow_the_once_for_all_format() -> None:
     assert len(keys) == 2 + 10 + 4  # stem, first block, 5 stages x depth 2, four head parts
 
 
-@pytest.mark.parametrize("space", [OFAMobileNetV3CifarSpace(), OFAMobileNetV3Space(resolutions=[160, 224])],
+@pytest.mark.parametrize("space", [OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar"), OFAMobileNetV3Space(resolutions=[160, 224])],
                          ids=["cifar", "imagenet"])
 def test_table_keys_cover_every_block_the_space_can_produce(space) -> None:
     units = space_units(space)

@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_nas.nn.bn_recalibration import recalibrate_batchnorm
 from lightning_nas.nn.builders import build_supernet
-from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,7 +84,7 @@ def test_modes_are_restored_per_module_and_tuples_accepted() -> None:
 
 
 def test_dynamic_batchnorm_recalibration_matches_extracted_subnet() -> None:
-    space = OFAMobileNetV3CifarSpace()
+    space = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar")
     supernet = build_supernet(space)
     config = space.sample(random.Random(0))
     config["e"] = [3] * 20  # every hidden layer narrower than the supernet's

@@ -218,9 +218,9 @@ def test_activation_memory_of_binary_gates_does_not_grow_with_candidates(kind: s
 
 
 def test_supernet_starts_shortcut_layers_as_identity_and_extracts_the_chosen_ops() -> None:
-    from lightning_nas.spaces.proxyless import ProxylessCifarSpace
+    from lightning_nas.spaces.proxyless import ProxylessSpace
 
-    space = ProxylessCifarSpace(width_mult=0.25, stage_depths=[1, 2, 1, 1, 1, 1])
+    space = ProxylessSpace.from_preset("proxyless_cifar", width_mult=0.25, stage_depths=[1, 2, 1, 1, 1, 1])
     net = build_supernet(space).eval()
     net.fix([1] * space.num_layers)
     for block, layer in zip(net.blocks, space.layers):

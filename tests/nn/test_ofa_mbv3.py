@@ -16,7 +16,7 @@ from lightning_nas.nn.builders import build_subnet, build_supernet
 from lightning_nas.nn.elastic import DynamicBatchNorm2d, DynamicDepthwiseConv2d
 from lightning_nas.nn.ofa_mbv3 import OFAMobileNetV3
 from lightning_nas.nn.shrinking import shrinking_step, soft_cross_entropy
-from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace, OFAMobileNetV3Space
+from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 
 PLAIN = (
     nn.Conv2d,
@@ -63,7 +63,7 @@ def imagenet() -> tuple[OFAMobileNetV3Space, OFAMobileNetV3]:
 
 @pytest.fixture(scope="module")
 def cifar() -> tuple[OFAMobileNetV3Space, OFAMobileNetV3]:
-    space = OFAMobileNetV3CifarSpace()
+    space = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar")
     return space, _randomise(build_supernet(space).eval(), seed=1)
 
 
@@ -262,7 +262,7 @@ def test_soft_cross_entropy_matches_probability_targets() -> None:
 
 
 def test_shrinking_step_accumulates_subnet_gradients() -> None:
-    space = OFAMobileNetV3CifarSpace(dropout=0.0)
+    space = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar", dropout=0.0)
     supernet = build_supernet(space).train()
     rng = random.Random(8)
     configs = [space.sample(rng) for _ in range(3)]

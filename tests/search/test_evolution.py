@@ -15,7 +15,7 @@ from lightning_nas.predictors.accuracy import AccuracyPredictor, QuantAccuracyPr
 from lightning_nas.search.evolution import APQEvolution
 from lightning_nas.search.joint_space import Candidate, JointSpace
 from lightning_nas.search.scoring import InfeasibleConstraintsError, Scorer, pareto_mask, probe_feasible
-from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 from lightning_nas.spaces.quant_policy import POLICY_KEYS, QuantPolicySpace
 
 BASE = 70.0
@@ -113,7 +113,7 @@ def test_scorer_refuses_mismatched_predictors_and_cost_models(joint, models) -> 
     fp32 = JointSpace(joint.space)
     with pytest.raises(RecipeError, match="full-precision predictor"):
         Scorer(fp32, linear_predictor(joint.space, joint.policy_space), models)
-    other = OFAMobileNetV3CifarSpace(resolutions=[28, 32])
+    other = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar", resolutions=[28, 32])
     with pytest.raises(RecipeError, match="trained for another space"):
         Scorer(JointSpace(other, joint.policy_space), linear_predictor(joint.space, joint.policy_space), {})
     with pytest.raises(RecipeError, match="give both the same space spec"):

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 
 from lightning_nas.search.joint_space import Candidate, JointSpace
-from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 from lightning_nas.spaces.quant_policy import POLICY_KEYS, QuantPolicySpace
 
 
@@ -21,7 +21,7 @@ def assert_canonical(joint: JointSpace, c: Candidate) -> None:
 
 
 def test_choices_come_from_the_two_spaces() -> None:
-    space = OFAMobileNetV3CifarSpace(kernel_choices=[3, 5], expand_choices=[4, 6], resolutions=[28, 32])
+    space = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar", kernel_choices=[3, 5], expand_choices=[4, 6], resolutions=[28, 32])
     policies = QuantPolicySpace(bit_choices=[4, 8])
     joint = JointSpace(space, policies)
     choices = joint.choices()
@@ -144,7 +144,7 @@ def test_blocks_switched_on_get_fresh_bits_not_the_normalised_lowest(joint: Join
 
 
 def test_full_precision_space_has_no_policy() -> None:
-    joint = JointSpace(OFAMobileNetV3CifarSpace())
+    joint = JointSpace(OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar"))
     rng = random.Random(7)
     c = joint.sample(rng)
     assert c.policy is None
@@ -153,7 +153,7 @@ def test_full_precision_space_has_no_policy() -> None:
     with pytest.raises(ValueError, match="full precision only"):
         joint.canonical(Candidate(c.config, QuantPolicySpace().uniform(8, joint.num_blocks)))
     with pytest.raises(ValueError, match="needs a policy"):
-        JointSpace(OFAMobileNetV3CifarSpace(), QuantPolicySpace()).canonical(c)
+        JointSpace(OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar"), QuantPolicySpace()).canonical(c)
 
 
 def test_modules_read_by_validation_import_neither_torch_nor_nni() -> None:
@@ -161,3 +161,29 @@ def test_modules_read_by_validation_import_neither_torch_nor_nni() -> None:
             "print(sorted(m for m in ('torch', 'nni') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_encoding_is_the_predictors_two_inputs_concatenated(quantized: bool) -> None:
+    from lightning_nas.predictors.encoding import encode_pairs
+    from lightning_nas.predictors.pair_store import Pair
+
+    space = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar")
+    policies = QuantPolicySpace() if quantized else None
+    joint = JointSpace(space, policies)
+    rng = random.Random(11)
+    candidates = [joint.sample(rng) for _ in range(6)]
+    pairs = [Pair(arch=c.config, policy=c.policy, resolution=c.config["r"], top1=0.0, loss=None, checkpoint_hash="x",
+                  seed=0, seconds=0.0) for c in candidates]
+    archs, bits, _ = encode_pairs(space, policies, pairs)
+    for i, candidate in enumerate(candidates):
+        expected = archs[i].tolist() + ([] if bits is None else bits[i].tolist())
+        assert joint.encode(candidate) == expected
+        decoded = joint.decode(expected)
+        assert joint.key(decoded) == joint.key(candidate)
+    if quantized:  # bits on a skipped block do not describe the architecture
+        vector = joint.encode(joint.smallest())
+        skipped = next(b for b in range(joint.num_blocks) if b not in space.active_blocks(joint.smallest().config))
+        vector[space.encoding_size + skipped * 4 * 3] = 1.0
+        with pytest.raises(ValueError, match="skipped block"):
+            joint.decode(vector)

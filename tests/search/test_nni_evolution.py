@@ -15,7 +15,7 @@ from lightning_nas.search.evolution import APQEvolution
 from lightning_nas.search.joint_space import JointSpace
 from lightning_nas.search.nni_strategies import NNISearch
 from lightning_nas.search.scoring import InfeasibleConstraintsError, Scorer
-from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 from lightning_nas.spaces.quant_policy import QuantPolicySpace
 
 OPTIONS = {"population_size": 40, "parents": 10, "mutations": 20}
@@ -95,7 +95,7 @@ def test_a_generation_is_one_batch_and_every_child_is_feasible(joint, models, tm
 def test_finds_the_known_optimum_of_a_toy_predictor_as_before(tmp_path: Path) -> None:
     # a small space on which the linear toy predictor's optimum, the largest candidate at the
     # highest bits (no constraint), is reachable: 61 binary decisions that matter
-    space = OFAMobileNetV3CifarSpace(resolutions=[28, 32], kernel_choices=[3, 7], expand_choices=[3, 6],
+    space = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar", resolutions=[28, 32], kernel_choices=[3, 7], expand_choices=[3, 6],
                                      depth_choices=[2])
     joint = JointSpace(space, QuantPolicySpace([4, 8]))
     counts = {"counts": CountsCostModel(space, bit_choices=[4, 8])}

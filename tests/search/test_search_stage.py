@@ -27,7 +27,7 @@ from lightning_nas.recipe.signature import signature_of
 from lightning_nas.recipe.validate import validate_arguments
 from lightning_nas.registry import COST_MODELS, Entry
 from lightning_nas.search.joint_space import JointSpace
-from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 from lightning_nas.spaces.quant_policy import QuantPolicySpace
 from lightning_nas.stages import search as stage
 
@@ -54,7 +54,7 @@ def cost_models_registered(monkeypatch: pytest.MonkeyPatch) -> None:
 def train_predictor(path: Path, quantized: bool = True, seed: int = 0) -> Path:
     """A tiny predictor fitted to a known ranking: bigger kernels, ratios, depth, resolution and
     bits are better."""
-    space = OFAMobileNetV3CifarSpace()
+    space = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar")
     policies = QuantPolicySpace() if quantized else None
     joint = JointSpace(space, policies)
     rng = random.Random(seed)
@@ -151,7 +151,7 @@ def test_stage_writes_topk_pareto_csv_and_plot(tmp_path: Path, predictors, capsy
     top = topk["topk"]
     assert [t["rank"] for t in top] == [1, 2, 3, 4, 5]
     assert all(a["accuracy"] >= b["accuracy"] for a, b in zip(top, top[1:]))
-    space = OFAMobileNetV3CifarSpace()
+    space = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar")
     configs, policies = [t["config"] for t in top], [t["policy"] for t in top]
     direct = {**CountsCostModel(space).evaluate(configs, policies), **BitFusionCostModel(space).evaluate(configs, policies)}
     for metric, limit in topk["constraints"].items():

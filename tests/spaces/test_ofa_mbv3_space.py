@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from lightning_nas.registry import SPACES
 from lightning_nas.spaces import ofa_mbv3 as module
-from lightning_nas.spaces.ofa_mbv3 import SPACES, OFAMobileNetV3CifarSpace, OFAMobileNetV3Space
+from lightning_nas.spaces.ofa_mbv3 import PRESETS, OFAMobileNetV3Space
 
 REPO = Path(__file__).resolve().parents[2]
 SIMPLE_ANNOTATIONS = {"int", "float", "str", "bool", "list[int]", "list[str]"}
@@ -34,8 +35,8 @@ def test_module_imports_without_torch() -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("cls", [OFAMobileNetV3Space, OFAMobileNetV3CifarSpace])
-def test_init_signature_is_explicit_and_simply_typed(cls: type) -> None:
+def test_init_signature_is_explicit_and_simply_typed() -> None:
+    cls = OFAMobileNetV3Space
     # the recipe validator reads this signature from source with ast
     tree = ast.parse(inspect.getsource(module))
     node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
@@ -51,12 +52,15 @@ def test_init_signature_is_explicit_and_simply_typed(cls: type) -> None:
 
 
 def test_registry_and_cifar_defaults() -> None:
-    assert SPACES == {"ofa_mbv3": OFAMobileNetV3Space, "ofa_mbv3_cifar": OFAMobileNetV3CifarSpace}
-    cifar = OFAMobileNetV3CifarSpace()
+    assert set(PRESETS) == {"ofa_mbv3", "ofa_mbv3_cifar"}
+    cifar = SPACES.build({"name": "ofa_mbv3_cifar"})
+    assert type(cifar) is OFAMobileNetV3Space and cifar.name == "ofa_mbv3_cifar"
     assert (cifar.num_classes, cifar.resolutions, cifar.stem_stride) == (10, [24, 28, 32], 1)
     assert cifar.stage_widths == OFAMobileNetV3Space().stage_widths
-    rebuilt = type(cifar)(**cifar.hparams())
-    assert rebuilt == cifar and rebuilt.hparams() == cifar.hparams()
+    rebuilt = SPACES.build({"name": cifar.name, **cifar.hparams()})
+    assert rebuilt == cifar and rebuilt.hparams() == cifar.hparams() and rebuilt.name == "ofa_mbv3_cifar"
+    with pytest.raises(ValueError, match="unknown preset 'ofa_mbv3_tiny'.*ofa_mbv3_cifar"):
+        OFAMobileNetV3Space.from_preset("ofa_mbv3_tiny")
 
 
 def test_imagenet_layout_matches_published_figures(space: OFAMobileNetV3Space) -> None:
@@ -247,6 +251,6 @@ def test_layer_specs_roles_blocks_and_shapes(space: OFAMobileNetV3Space) -> None
 
 
 def test_cifar_space_keeps_resolution_in_stem() -> None:
-    cifar = OFAMobileNetV3CifarSpace()
+    cifar = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar")
     specs = cifar.layer_specs(cifar.largest())
     assert specs[0].out_size == 32 and specs[-4].in_size == 2

@@ -14,7 +14,6 @@ from lightning_nas.nn.builders import build_subnet
 from lightning_nas.spaces.proxyless import (
     DEFAULT_CANDIDATES,
     ZERO,
-    ProxylessCifarSpace,
     ProxylessSpace,
     derived_arch_record,
     expected_cost,
@@ -55,7 +54,8 @@ def test_imagenet_layout_has_21_layers_and_zero_only_where_a_shortcut_exists() -
     # 224 -> stem /2 -> 112, stages /2 /2 /2 /1 /2 /1 -> 7x7 before the feature mix
     assert space.input_sizes()[0] == 112
     assert space.final_size() == 7
-    assert ProxylessCifarSpace().final_size() == 4 and ProxylessCifarSpace().input_sizes()[0] == 32
+    cifar = ProxylessSpace.from_preset("proxyless_cifar")
+    assert cifar.final_size() == 4 and cifar.input_sizes()[0] == 32
 
 
 def test_bad_constructor_arguments_fail_with_clear_messages() -> None:
@@ -146,7 +146,7 @@ def test_candidate_costs_add_up_to_the_architecture_cost() -> None:
 
 
 def test_derived_arch_record_round_trips(tmp_path) -> None:
-    space = ProxylessCifarSpace(width_mult=0.5, stage_depths=[1, 1, 2, 1, 1, 1], candidate_ops=DEFAULT_CANDIDATES[:4] + [ZERO])
+    space = ProxylessSpace.from_preset("proxyless_cifar", width_mult=0.5, stage_depths=[1, 1, 2, 1, 1, 1], candidate_ops=DEFAULT_CANDIDATES[:4] + [ZERO])
     arch = space.sample(random.Random(1))
     path = tmp_path / "derived_arch.json"
     path.write_text(json.dumps(derived_arch_record(space, arch, expected_cost=1.5)))

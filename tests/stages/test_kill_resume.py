@@ -267,10 +267,10 @@ def write_predictor(path: Path) -> None:
     import torch
 
     from lightning_nas.predictors.accuracy import QuantAccuracyPredictor, save_predictor
-    from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+    from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
     from lightning_nas.spaces.quant_policy import QuantPolicySpace
 
-    space = OFAMobileNetV3CifarSpace()
+    space = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar")
     torch.manual_seed(0)
     predictor = QuantAccuracyPredictor(space.encoding_size, QuantPolicySpace().encoding_size(space.num_blocks),
                                        hidden=32, layers=2, base_accuracy=70.0)

@@ -12,7 +12,7 @@ from conftest import fill_store
 
 from lightning_nas.data.pairs import PairsDataModule
 from lightning_nas.predictors.accuracy import AccuracyPredictor, QuantAccuracyPredictor, load_predictor
-from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 from lightning_nas.tasks.predictor import METRICS_FILE, PREDICTOR_FILE, SCATTER_FILE, PredictorTask
 
 SPACE = {"name": "ofa_mbv3_cifar", "num_classes": 10}
@@ -41,7 +41,7 @@ def test_fp32_predictor_beats_a_constant_on_a_known_ranking(tmp_path: Path) -> N
 
 
 def test_transfer_loads_the_fp32_weights_by_value(tmp_path: Path) -> None:
-    fp32 = AccuracyPredictor(arch_features=OFAMobileNetV3CifarSpace().encoding_size, hidden=64, layers=2,
+    fp32 = AccuracyPredictor(arch_features=OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar").encoding_size, hidden=64, layers=2,
                              base_accuracy=71.5)
     torch.nn.init.normal_(fp32.first.weight)
     quant = QuantAccuracyPredictor(fp32.arch_features, policy_features=10, hidden=64, layers=2)
