@@ -38,7 +38,7 @@ from lightning_nas.nn.builders import build_supernet
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_nas.nn.shrinking import shrinking_step  # noqa: E402
-from lightning_nas.spaces.ofa_mbv3 import SPACES  # noqa: E402
+from lightning_nas.spaces.ofa_mbv3 import PRESETS, OFAMobileNetV3Space  # noqa: E402
 
 MODES = ("max", "random", "ps")
 
@@ -67,7 +67,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=("32", "bf16-mixed"), default="32",
                         help="bf16-mixed: forward and loss under torch.autocast(bfloat16), as Lightning's")
-    parser.add_argument("--space", choices=("ofa_mbv3", "ofa_mbv3_cifar"), default="ofa_mbv3",
+    parser.add_argument("--space", choices=sorted(PRESETS), default="ofa_mbv3",
                         help="the ImageNet layout or the CIFAR-sized one (stride-1 stem)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
-    space = SPACES[args.space](num_classes=args.num_classes)
+    space = OFAMobileNetV3Space.from_preset(args.space, num_classes=args.num_classes)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed"
                 else contextlib.nullcontext())
     supernet = build_supernet(space).to(device=device, memory_format=memory_format).train()

@@ -19,14 +19,14 @@ from lightning_nas.hardware.latency_validation import (
     validation_configs,
     validation_csv_path,
 )
-from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 
 TINY = {"kernel_choices": [3, 5], "expand_choices": [3], "depth_choices": [2, 3]}
 
 
 @pytest.fixture()
-def tiny() -> OFAMobileNetV3CifarSpace:
-    return OFAMobileNetV3CifarSpace(**TINY)
+def tiny() -> OFAMobileNetV3Space:
+    return OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar", **TINY)
 
 
 def write_table(space, path: Path, target: str = "x86_avx2/torch") -> Path:
@@ -49,7 +49,7 @@ def test_summarise_known_figures() -> None:
 
 
 def test_validation_configs_are_distinct_seeded_and_at_the_resolutions() -> None:
-    space = OFAMobileNetV3CifarSpace()
+    space = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar")
     configs = validation_configs(space, 20, [28, 32], seed=3)
     assert len(configs) == 20 and {c["r"] for c in configs} <= {28, 32}
     assert len({str(c) for c in configs}) == 20 and configs == validation_configs(space, 20, [28, 32], seed=3)

@@ -13,7 +13,7 @@ from lightning_nas.hardware.latency_keys import space_units
 from lightning_nas.hardware.latency_profile import profile_space
 from lightning_nas.hardware.latency_table import LatencyTable, LatencyTableError
 from lightning_nas.hardware.profiling import PooledSamples, Timing, measure_module, runner_for, time_chain
-from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 from lightning_nas.targets import resolve_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,7 +96,7 @@ def test_profile_converts_int8_units_with_the_targets_engine_and_records_it(tmp_
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import lightning_nas.deploy.int8 as int8
 
-    space = OFAMobileNetV3CifarSpace(**TINY)
+    space = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar", **TINY)
     seen: list = []
     convert = int8.convert_to_int8
 
@@ -116,7 +116,7 @@ def test_profile_converts_int8_units_with_the_targets_engine_and_records_it(tmp_
 
 
 def test_resume_refuses_a_table_of_another_target_or_engine(tmp_path: Path) -> None:
-    space = OFAMobileNetV3CifarSpace(**TINY)
+    space = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar", **TINY)
     host = resolve_target("auto")
     other = "x86_avx2/torch" if host.name != "x86_avx2/torch" else "x86_vnni/torch"
     output = tmp_path / "t.json"

@@ -284,7 +284,7 @@ def test_a_latency_table_of_another_target_is_refused_and_its_validation_reaches
 
     host = resolve_target("auto").name
     other = "x86_avx2/torch" if host != "x86_avx2/torch" else "x86_vnni/torch"
-    entries = {u.key: {"median": 0.01} for u in space_units(OFAMobileNetV3CifarSpace())}
+    entries = {u.key: {"median": 0.01} for u in space_units(OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar"))}
     validation = {"subnets": 30, "min_spearman": 0.9, "passed": False,
                   "precisions": {"fp32": {"spearman": 0.62, "median_abs_pct_error": 11.0, "passed": False}}}
 
