@@ -106,9 +106,11 @@ class AccuracyPairCollector(pl.Callback):
         # Rank 0's hash names the pairs on every rank (the weights are the same under DDP).
         checkpoint = trainer.strategy.broadcast(state_hash(supernet) if zero else None, src=0)
         saved = {k: v.clone() for k, v in supernet.state_dict().items()}
-        prefix = plan_key(checkpoint, self.kind, self.seed, 0).rsplit(":", 1)[0] + ":"
-        done = trainer.strategy.broadcast(store.done_keys(prefix) if store is not None else None, src=0)
-        missing = [i for i in range(self.num_pairs) if plan_key(checkpoint, self.kind, self.seed, i) not in done]
+        # a quantized pair's key names its target: a pair measured on another grid is not done here
+        done = trainer.strategy.broadcast(
+            store.done_plan_keys(checkpoint, self.kind, self.seed, self.target) if store is not None else None, src=0)
+        missing = [i for i in range(self.num_pairs)
+                   if plan_key(checkpoint, self.kind, self.seed, i, self.target) not in done]
         mine = missing[trainer.global_rank::trainer.world_size]
         # The same number of gather rounds on every rank (shares differ by at most one pair).
         rounds = math.ceil(math.ceil(len(missing) / trainer.world_size) / self.write_every)
@@ -123,7 +125,7 @@ class AccuracyPairCollector(pl.Callback):
             for round_index in range(rounds):
                 batch = []
                 for index in mine[round_index * self.write_every:(round_index + 1) * self.write_every]:
-                    key = plan_key(checkpoint, self.kind, self.seed, index)
+                    key = plan_key(checkpoint, self.kind, self.seed, index, self.target)
                     if store is not None and store.has(key):  # another collector on this store measured it
                         progress.update(bar, advance=1)
                         continue
@@ -195,9 +197,11 @@ class QuantizedPairCollector(AccuracyPairCollector):
     training, evaluate on held-out images, store. Expensive per pair: this is why the quantized
     predictor is transferred from the full-precision one.
 
-    ``target`` (:mod:`lightning_nas.targets`) fixes the fake-quantization grid (7-bit 8-bit-weights
-    without VNNI) and is stored with every pair; adding pairs of another target to a store that
-    holds some stops with a recipe error unless ``allow_mixed_targets``."""
+    ``target`` (:mod:`lightning_nas.targets`) fixes the fake-quantization grid, the one QAT trains
+    for it (7-bit 8-bit-weights without VNNI; on ONNX Runtime, biases on its int32 grid), and is
+    stored with every pair and in its plan key, so a store resumes each target's plan apart;
+    adding pairs of another target to a store that holds some stops with a recipe error unless
+    ``allow_mixed_targets``."""
 
     kind = "quant"
 
@@ -233,7 +237,17 @@ class QuantizedPairCollector(AccuracyPairCollector):
 
     def measure(self, pl_module: Any, datamodule: Any, rng: random.Random, bn_batches: list,
                 eval_batches: list) -> dict[str, Any]:
-        from ..nn.quantize_model import attach_quantizers, calibrate_activation_ranges
+        config, policy, subnet = self.quantized_subnet(pl_module, datamodule, rng, bn_batches)
+        resolution, device = config["r"], pl_module.device
+        batches = [(datamodule.normalize(x.to(device), resolution), y.to(device)) for x, y in eval_batches]
+        top1, loss = evaluate(subnet, batches)
+        return {"arch": config, "policy": policy, "resolution": resolution, "top1": top1, "loss": loss}
+
+    def quantized_subnet(self, pl_module: Any, datamodule: Any, rng: random.Random,
+                         bn_batches: list) -> tuple[dict[str, Any], dict[str, list[int]], torch.nn.Module]:
+        """Draw pair ``rng``'s architecture and policy; return them with the subnet finetuned on the
+        target's grid, the network :meth:`measure` evaluates."""
+        from ..nn.quantize_model import attach_bias_grids, attach_quantizers, calibrate_activation_ranges
         from ..spaces.quant_policy import QuantPolicySpace
 
         space: ElasticSpace = pl_module.space
@@ -247,6 +261,11 @@ class QuantizedPairCollector(AccuracyPairCollector):
         subnet = supernet.extract(config)
         bits = QuantPolicySpace(bit_choices=self.policy_bits).bits_for_layers(space.layer_specs(config), policy)
         attach_quantizers(subnet, bits, reduce_weight_range=self.deploy_target.reduced_weights)
+        if self.deploy_target.runtime == "onnxruntime":
+            # the int32 bias grid QAT trains for this runtime (QATTask): the extracted subnet is
+            # traceable, the supernet is not; active once ranges are calibrated, and on a batch
+            # norm only with running statistics (evaluation), as in QAT
+            attach_bias_grids(subnet)
         calibrate_activation_ranges(subnet, bn_inputs)
         if self.finetune_steps > 0:
             optimizer = torch.optim.SGD(subnet.parameters(), lr=self.lr, momentum=self.momentum)
@@ -257,6 +276,4 @@ class QuantizedPairCollector(AccuracyPairCollector):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-        batches = [(datamodule.normalize(x.to(device), resolution), y.to(device)) for x, y in eval_batches]
-        top1, loss = evaluate(subnet, batches)
-        return {"arch": config, "policy": policy, "resolution": resolution, "top1": top1, "loss": loss}
+        return config, policy, subnet

@@ -16,6 +16,7 @@ from ..predictors.encoding import encode_pairs
 from ..predictors.pair_store import Pair, PairStore
 from ..recipe.markers import BitChoices, ExistingFile, Fraction, PositiveInt, SpaceSpec
 from ..spaces.protocol import ElasticSpace, SearchSpace
+from ..targets import TargetName
 
 
 class PairsDataModule(pl.LightningDataModule):
@@ -23,13 +24,17 @@ class PairsDataModule(pl.LightningDataModule):
 
     A store holding pairs measured on several supernets (their weights' hashes differ) is refused
     unless ``checkpoint_hash`` names the one to train on: a predictor of a mixture fits none.
+    Likewise quantized pairs of several deployment targets (fake-quantization grids) are refused
+    unless ``target`` names the one to train on (``auto``: this host's) or ``allow_mixed_targets``.
     """
 
     def __init__(self, path: ExistingFile, space: SpaceSpec, kind: Literal["fp32", "quant"] = "fp32",
                  val_fraction: Fraction = 0.2, seed: int = 0, max_train_pairs: PositiveInt | None = None,
                  batch_size: PositiveInt = 256, policy_bits: BitChoices = [4, 6, 8],  # noqa: B006
-                 checkpoint_hash: str | None = None, allow_mixed_targets: bool = False) -> None:
+                 checkpoint_hash: str | None = None, allow_mixed_targets: bool = False,
+                 target: TargetName | None = None) -> None:
         super().__init__()
+        self.select_target = target
         #: the one deployment target of the quantized pairs read (None: fp32 pairs, or unrecorded)
         self.target: str | None = None
         self.allow_mixed_targets = allow_mixed_targets
@@ -63,8 +68,16 @@ class PairsDataModule(pl.LightningDataModule):
         pairs = PairStore(self.path, key="data.path").pairs(kind=self.kind)
         pairs = self._one_supernet(pairs)
         self._check_pairs(pairs)
-        from ..targets import check_same_target
+        from ..targets import check_same_target, resolve_target
 
+        if self.select_target is not None:
+            wanted = resolve_target(self.select_target, key="data.target").name
+            found = sorted({str(p.target) for p in pairs})
+            pairs = [p for p in pairs if p.target == wanted]
+            if not pairs:
+                raise RecipeError(f"the store has no pairs of kind '{self.kind}' measured for this deployment target",
+                                  key="data.target", given=wanted,
+                                  allowed=f"a target of {self.path}: {', '.join(found) or 'none'}")
         # one predictor learns one fake-quantization grid: pairs of two targets are not pooled
         targets = sorted({p.target for p in pairs if p.target is not None})
         check_same_target({f"pairs of {t} in {self.path}": t for t in targets}, None, self.allow_mixed_targets,

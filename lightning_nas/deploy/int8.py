@@ -67,7 +67,7 @@ from lightning_nas.files import replacing
 from lightning_nas.nn.metrics import percent_accuracy
 from lightning_nas.nn.quantize_model import (
     _batch_input,
-    bias_grid_layers,
+    bias_grid_codes,
     has_fixed_range,
     output_quantizers,
     quantized_layers,
@@ -502,7 +502,9 @@ def convert_to_int8(
     float_layers = _full_precision_layers(model)
     weight_codes = training_weight_codes(model) if carry_learned_ranges else {}
     layers = quantized_layers(model)
-    input_steps = {n: float(layers[n][1].scale()) for n in bias_grid_layers(model)} if carry_learned_ranges else {}
+    # the codes training added, not recomputed here: see bias_grid_codes
+    grid_codes = {n: c.cpu() for n, c in bias_grid_codes(model).items()} if carry_learned_ranges else {}
+    input_steps = {n: float(layers[n][1].scale()) for n in grid_codes}
     float_model = copy.deepcopy(model).cpu().eval()
     remove_quantizers(float_model)
 
@@ -545,7 +547,7 @@ def convert_to_int8(
         quantized = convert_fx(prepared)
     replaced_codes = _carry_weight_codes(quantized, weight_codes)
     # the grid's input step is the learned range's, so only where that range was carried over
-    _round_biases_to_grid(quantized, {n: step for n, step in input_steps.items() if n in carried})
+    _round_biases_to_grid(quantized, {n: (input_steps[n], grid_codes[n]) for n in grid_codes if n in carried})
     quantized.carried_ranges = carried
     quantized.replaced_weight_codes = replaced_codes
     quantized.calibrated_ranges = skipped
@@ -607,18 +609,22 @@ def _carry_weight_codes(quantized: torch.fx.GraphModule, codes: dict[str, torch.
     return changed
 
 
-def _round_biases_to_grid(quantized: torch.fx.GraphModule, input_steps: dict[str, float]) -> None:
+def _round_biases_to_grid(quantized: torch.fx.GraphModule, grids: dict[str, tuple[float, torch.Tensor]]) -> None:
     """Put each named layer's float bias on its int32 grid ``s_in * s_w`` (``s_w``: the converted,
-    batch-norm-folded weight scales), the bias a model trained with
-    :func:`~lightning_nas.nn.quantize_model.attach_bias_grids` adds: torch's kernels add the float
-    bias, ONNX Runtime's the int32 code, and both then compute what training saw."""
-    for name, input_step in input_steps.items():
+    batch-norm-folded weight scales) with the codes training added
+    (:func:`~lightning_nas.nn.quantize_model.bias_grid_codes`; ``grids``: ``{layer: (s_in, codes)}``):
+    torch's kernels add the float bias, ONNX Runtime's the int32 code, and both then compute what
+    training saw. Rounding the converted bias instead picks another code wherever training left the
+    float bias within float rounding of a code boundary (BN folded in another order)."""
+    for name, (input_step, codes) in grids.items():
         layer = quantized.get_submodule(name)
         bias = layer.bias()
         if bias is None:
             continue
         step = input_step * layer.weight().q_per_channel_scales().double()
-        codes = torch.round(bias.double() / step).clamp(-(2**31), 2**31 - 1)
+        exact = bias.detach().double() / step
+        if codes.shape != exact.shape or float((codes - exact).abs().max()) > 1.0 + 1e-3:
+            raise RuntimeError(f"layer {name}: the trained bias codes do not belong to its converted bias")
         layer.set_weight_bias(layer.weight(), (codes * step).to(bias.dtype))
 
 

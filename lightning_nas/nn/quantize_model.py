@@ -219,14 +219,13 @@ def attach_output_quantizers(
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def _bias_grid_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-    # Module-level like the quantizer hooks; the layer is kept outside the module registry.
+def _grid_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(codes, step, float bias)`` (float64, per output channel) of the bias a bias-grid holder
+    adds, batch norm folded in with its running statistics; ``None`` while the layer is not quantized."""
     layer: nn.Module = module.__dict__["_bias_grid_layer"]
     wq, aq = _weight_quantizer(layer), _input_quantizer(layer)
     if wq is None or aq is None or wq.bits is None or aq.bits is None or not bool(aq.initialized):
-        return output
-    if isinstance(module, _BATCHNORMS) and module.training:
-        return output  # batch statistics: the int8 model's folded bias does not exist yet
+        return None
     weight = layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") else layer.weight
     with torch.no_grad():
         max_abs = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1)
@@ -237,10 +236,21 @@ def _bias_grid_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tens
             max_abs = max_abs * gain.abs()
         # the folded weight's scale as torch's per-channel observer sets it (eps for a zero channel)
         weight_step = (max_abs / wq.qrange()[1]).clamp_min(torch.finfo(torch.float32).eps)
-        step = aq.scale() * weight_step
+        step = (aq.scale() * weight_step).double()
         # the runtime saturates a code to int32 (a channel of near-zero weights has a tiny step)
-        codes = torch.round(bias.double() / step.double()).clamp(-(2**31), 2**31 - 1)
-        residual = (codes * step.double() - bias.double()).to(output.dtype)
+        codes = torch.round(bias.double() / step).clamp(-(2**31), 2**31 - 1)
+    return codes, step, bias.double()
+
+
+def _bias_grid_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+    # Module-level like the quantizer hooks; the layer is kept outside the module registry.
+    if isinstance(module, _BATCHNORMS) and module.training:
+        return output  # batch statistics: the int8 model's folded bias does not exist yet
+    grid = _grid_bias(module)
+    if grid is None:
+        return output
+    codes, step, bias = grid
+    residual = (codes * step - bias).to(output.dtype)
     return output + residual.reshape((1, -1) + (1,) * (output.dim() - 2))
 
 
@@ -288,6 +298,24 @@ def bias_grid_layers(model: nn.Module) -> list[str]:
     """Names of the layers whose bias :func:`attach_bias_grids` puts on the int32 grid."""
     layers = {id(m): n for n, m in model.named_modules()}
     return [layers[id(m.__dict__["_bias_grid_layer"])] for m in model.modules() if _bias_grid_hooks(m)]
+
+
+def bias_grid_codes(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The int32 bias codes the bias-grid hooks add, by layer name (quantized layers only).
+
+    These, not codes recomputed from the converted model, are what a deployment must add: a float
+    bias that lies within float rounding of a code boundary gets the other code when batch norm is
+    folded once more in another order (torch's conversion folds ``w * (gamma * rsqrt(var + eps))``),
+    as the weight codes would (``deploy.int8.training_weight_codes``).
+    """
+    layers = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for module in model.modules():
+        if _bias_grid_hooks(module):
+            grid = _grid_bias(module)
+            if grid is not None:
+                out[layers[id(module.__dict__["_bias_grid_layer"])]] = grid[0]
+    return out
 
 
 def has_bias_grids(model: nn.Module) -> bool:

@@ -63,8 +63,13 @@ def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()[:16]
 
 
-def plan_key(checkpoint_hash: str, kind: str, seed: int, index: int) -> str:
-    return f"{checkpoint_hash}:{kind}:{seed}:{index}"
+def plan_key(checkpoint_hash: str, kind: str, seed: int, index: int, target: str | None = None) -> str:
+    """The key of planned pair ``index``. A quantized pair's key names its deployment target
+    (``lightning_nas.targets``): the same plan index measured on another target's grid is another
+    measurement, so a collector for one target never takes a pair of another as done."""
+    if target is None:
+        return f"{checkpoint_hash}:{kind}:{seed}:{index}"
+    return f"{checkpoint_hash}:{kind}:{target}:{seed}:{index}"
 
 
 @dataclass(frozen=True)
@@ -164,8 +169,29 @@ class PairStore:
 
     def done_keys(self, prefix: str = "") -> set[str]:
         with self._connect() as connection:
-            rows = connection.execute("SELECT pair_key FROM pairs WHERE pair_key LIKE ?", (prefix + "%",))
+            # an exact prefix: LIKE would read the "_" of target names (x86_avx2) as a wildcard
+            rows = connection.execute("SELECT pair_key FROM pairs WHERE substr(pair_key, 1, ?) = ?",
+                                      (len(prefix), prefix))
             return {key for (key,) in rows}
+
+    def done_plan_keys(self, checkpoint_hash: str, kind: str, seed: int, target: str | None) -> set[str]:
+        """The keys (:func:`plan_key`, with ``target``) of the plan's pairs already stored.
+
+        Quantized pairs written before keys named their target have keys without it; those whose
+        recorded ``target`` column is ``target`` count as done (under the key they would have
+        now), those of another target or of none do not."""
+        prefix = plan_key(checkpoint_hash, kind, seed, 0, target).rsplit(":", 1)[0] + ":"
+        done = self.done_keys(prefix)
+        if target is not None:
+            legacy = plan_key(checkpoint_hash, kind, seed, 0).rsplit(":", 1)[0] + ":"
+            with self._connect() as connection:
+                rows = connection.execute("SELECT pair_key FROM pairs WHERE substr(pair_key, 1, ?) = ? AND target = ?",
+                                          (len(legacy), legacy, target))
+                for (key,) in rows:
+                    index = key[len(legacy):]
+                    if index.isdigit():
+                        done.add(plan_key(checkpoint_hash, kind, seed, int(index), target))
+        return done
 
     def pairs(self, kind: str | None = None, checkpoint_hash: str | None = None) -> list[Pair]:
         clauses, values = [], []

@@ -401,3 +401,47 @@ def test_bias_grids_reach_torch_and_onnx_biases(tmp_path: Path) -> None:
     onnx_logits = run_onnx(onnx_session(tmp_path / "m.onnx", threads=1), images)
     np.testing.assert_allclose(onnx_logits, real.numpy(), atol=0.05)
     assert top1_agreement(real, fake) >= 95.0
+
+
+def test_conversion_adds_the_bias_codes_training_added_even_on_a_rounding_boundary(tmp_path: Path) -> None:
+    """Float biases that sit on a code boundary (where training with the grid can leave them): the
+    conversion folds batch norm in another order, and rounding its float bias would pick the other
+    code in some channels; the int8 model and the ONNX export add the codes training added."""
+    import onnx
+
+    from lightning_nas.nn.quantize_model import bias_grid_codes
+
+    torch.manual_seed(0)
+    channels = 512
+    model = nn.Sequential(nn.Conv2d(4, channels, 1, bias=False), nn.BatchNorm2d(channels))
+    images = torch.randn(64, 4, 3, 3)
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 2.0)
+        model[1].running_mean.uniform_(-3.0, 3.0)
+        model[1].running_var.uniform_(0.5, 2.0)
+    attach_quantizers(model, {"0": (8, 8)}, reduce_weight_range=True)
+    calibrate_activation_ranges(model.eval(), [images])
+    attach_bias_grids(model)
+    conv, bn = model[0], model[1]
+    with torch.no_grad():  # folded bias exactly half-way between codes 1000 + c and 1001 + c
+        gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        wq = conv.parametrizations.weight[0]
+        step = conv.input_quantizer.scale() * wq.scale(conv.parametrizations.weight.original).flatten() * gain
+        bn.bias.copy_((1000.5 + torch.arange(channels)) * step + bn.running_mean * gain)
+    trained = bias_grid_codes(model)["0"]
+    int8 = convert_to_int8(model, [images], target="x86_avx2/onnxruntime")
+    layer = int8.get_submodule("0")
+    int8_step = float(conv.input_quantizer.scale()) * layer.weight().q_per_channel_scales().double()
+    # what rounding the conversion's own folded bias gives (quantizers and hooks off, same folding)
+    plain = copy.deepcopy(model)
+    remove_quantizers(plain)
+    from torch.nn.utils.fusion import fuse_conv_bn_eval  # what FX's conv-BN fusion calls in eval mode
+
+    refolded = (fuse_conv_bn_eval(plain[0], plain[1]).bias.detach().double() / int8_step).round()
+    assert int((refolded != trained).sum()) > 0  # the boundary cases exist: rounding again flips codes
+    torch.testing.assert_close(layer.bias().detach().double() / int8_step, trained, atol=1e-3, rtol=0)
+    exported = onnx.load(str(export_onnx(int8, images[:1], tmp_path / "m.onnx")))
+    producer = {out: node for node in exported.graph.node for out in node.output}
+    node = next(n for n in exported.graph.node if n.op_type == "Conv")
+    codes = _onnx_constant(exported, producer[node.input[2]].input[0])
+    np.testing.assert_array_equal(codes, trained.numpy())

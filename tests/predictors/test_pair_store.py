@@ -116,3 +116,50 @@ def test_quantized_pairs_keep_their_target_and_old_stores_gain_the_column(tmp_pa
     with pytest.raises(RecipeError, match=r"data.path: artifacts of different deployment targets"):
         PairsDataModule(path=str(path), space=space, kind="quant").setup()
 
+
+
+def test_plan_keys_name_the_target_and_legacy_keys_count_for_their_own_target(tmp_path: Path) -> None:
+    import dataclasses
+
+    store = PairStore(tmp_path / "pairs.sqlite")
+    assert plan_key("abc", "quant", 7, 3, "x86_avx2/onnxruntime") == "abc:quant:x86_avx2/onnxruntime:7:3"
+    assert plan_key("abc", "fp32", 7, 3) == "abc:fp32:7:3"  # full-precision pairs have no target
+    pair = make_pair(0, kind="quant")
+    for index, target in ((0, "x86_avx2/torch"), (1, "x86_avx2/onnxruntime")):
+        store.add(dataclasses.replace(pair, target=target, pair_key=plan_key("abc", "quant", 7, index, target)))
+    # keys written before keys named their target: counted for the target they recorded only
+    store.add(dataclasses.replace(pair, target="x86_avx2/torch", pair_key=plan_key("abc", "quant", 7, 5)))
+    store.add(dataclasses.replace(pair, target=None, pair_key=plan_key("abc", "quant", 7, 6)))
+    # a look-alike target ("_" is a LIKE wildcard) and another seed are not this plan's
+    store.add(dataclasses.replace(pair, target="x86Xavx2/torch", pair_key=plan_key("abc", "quant", 7, 8, "x86Xavx2/torch")))
+    store.add(dataclasses.replace(pair, target="x86_avx2/torch", pair_key=plan_key("abc", "quant", 8, 9, "x86_avx2/torch")))
+    assert store.done_plan_keys("abc", "quant", 7, "x86_avx2/torch") == {
+        plan_key("abc", "quant", 7, i, "x86_avx2/torch") for i in (0, 5)}
+    assert store.done_plan_keys("abc", "quant", 7, "x86_avx2/onnxruntime") == {
+        plan_key("abc", "quant", 7, 1, "x86_avx2/onnxruntime")}
+    assert store.done_plan_keys("abc", "quant", 7, None) == {plan_key("abc", "quant", 7, i) for i in (5, 6)}
+
+
+def test_pairs_data_module_trains_on_the_named_target_of_a_mixed_store(tmp_path: Path) -> None:
+    import dataclasses
+
+    from lightning_nas.data.pairs import PairsDataModule
+    from lightning_nas.errors import RecipeError
+    from lightning_nas.registry import SPACES
+
+    space = {"name": "ofa_mbv3_cifar", "num_classes": 10}
+    arch = SPACES.build(space).smallest()
+    policy = {key: [8] * len(arch["ks"]) for key in ("pw_w", "pw_a", "dw_w", "dw_a")}
+    store = PairStore(tmp_path / "pairs.sqlite")
+    for target, count in (("x86_avx2/torch", 5), ("x86_avx2/onnxruntime", 7)):
+        for i in range(count):
+            pair = dataclasses.replace(make_pair(i, policy, kind="quant"), arch=arch, resolution=arch["r"],
+                                       top1=60.0 + i, target=target)
+            store.add(dataclasses.replace(pair, pair_key=plan_key("abc", "quant", 7, i, target)))
+    with pytest.raises(RecipeError, match="different deployment targets"):
+        PairsDataModule(path=str(store.path), space=space, kind="quant").setup()
+    data = PairsDataModule(path=str(store.path), space=space, kind="quant", target="x86_avx2/onnxruntime")
+    data.setup()
+    assert data.target == "x86_avx2/onnxruntime" and len(data.train_set) + len(data.val_set) == 7
+    with pytest.raises(RecipeError, match=r"(?s)data.target: .*x86_avx2/onnxruntime, x86_avx2/torch"):
+        PairsDataModule(path=str(store.path), space=space, kind="quant", target="x86_vnni/torch").setup()
