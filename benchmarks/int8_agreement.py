@@ -113,8 +113,7 @@ def _finetune(data, subnet_path: Path, target: str, steps: int, out: Path) -> No
 
     pl.seed_everything(0, verbose=False)
     task = QATTask(exported_subnet=str(subnet_path), policy=8, target=target, bn_recalibration_images=1000,
-                   calibration_batch=200, lr=5e-3, freeze_bn_fraction=0.3, agreement_images=100,
-                   latency_batch_sizes=[1], latency_warmup=0, latency_repeats=1, test_images=1000)
+                   calibration_batch=200, lr=5e-3, freeze_bn_fraction=0.3, test_images=1000)
     trainer = pl.Trainer(default_root_dir=str(out), accelerator="cpu", max_steps=steps, limit_val_batches=0,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)

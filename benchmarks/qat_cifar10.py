@@ -2,7 +2,8 @@
 
 For the smallest subnet, the largest and one in between (the sampled subnet whose MACs are closest
 to the geometric mean of those two), this runs :class:`lightning_nas.tasks.qat.QATTask` from the
-supernet checkpoint under three policies and prints a markdown table:
+supernet checkpoint under three policies (the W8A8 subnet then deployed as ``lightning-nas deploy``
+does it, :func:`lightning_nas.stages.deploy.deploy_qat_subnet`) and prints a markdown table:
 
 * fp32 top-1: the extracted subnet after batch-norm recalibration, before any finetuning;
 * W8A8: uniform 8-bit QAT, converted to real int8 kernels (torch onednn and onnxruntime QDQ), with
@@ -110,7 +111,7 @@ def run_qat(args: argparse.Namespace, config: dict, policy: int | dict, deploy: 
     from lightning.pytorch.loggers import CSVLogger
 
     from lightning_nas.registry import DATA
-    from lightning_nas.tasks.qat import LATENCY_FILE, QAT_METRICS_FILE, QATTask
+    from lightning_nas.tasks.qat import QAT_METRICS_FILE, QAT_SUBNET_FILE, QATTask
 
     pl.seed_everything(args.seed, verbose=False)
     data_spec: dict[str, Any] = {
@@ -129,9 +130,7 @@ def run_qat(args: argparse.Namespace, config: dict, policy: int | dict, deploy: 
         lr=args.lr,
         bn_recalibration_images=args.bn_images,
         deploy=deploy,
-        agreement_images=args.agreement_images,
         test_images=args.test_images,
-        latency_repeats=args.latency_repeats,
     )
     trainer = pl.Trainer(
         max_epochs=args.epochs,
@@ -147,7 +146,13 @@ def run_qat(args: argparse.Namespace, config: dict, policy: int | dict, deploy: 
     trainer.fit(task, datamodule=datamodule)
     result = json.loads((run_dir / QAT_METRICS_FILE).read_text())
     if deploy:
-        result["latency"] = json.loads((run_dir / LATENCY_FILE).read_text())
+        from lightning_nas.recipe.sections import DeploySettings
+        from lightning_nas.stages.deploy import deploy_qat_subnet, read_record
+
+        path = run_dir / QAT_SUBNET_FILE
+        settings = DeploySettings(agreement_images=args.agreement_images, calibration_images=args.bn_images,
+                                  latency_repeats=args.latency_repeats, progress=False)
+        result["latency"] = deploy_qat_subnet(path, datamodule, run_dir, settings, task.target, read_record(path))
     return result
 
 
@@ -164,7 +169,7 @@ def table(rows: list[dict]) -> str:
         cells.append(f"{row['mixed']['test_top1']:.2f} ({row['mixed_bits']:.2f})" if "mixed" in row else "-")
         cells.append(f"{row['w4a4']['test_top1']:.2f}" if "w4a4" in row else "-")
         if "w8a8" in row:
-            deploy = row["w8a8"]["deploy"]
+            deploy = row["w8a8"]["latency"]
             cells += [f"{deploy['agreement']['int8_vs_fake_quant']:.1f}% / "
                       f"{deploy['agreement']['onnx_vs_fake_quant']:.1f}%",
                       f"{deploy['speedup_torch_int8']['batch_1']:.2f}x / {deploy['speedup_torch_int8']['batch_32']:.2f}x",

@@ -241,3 +241,108 @@ class SmokeRuns:
 def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> SmokeRuns:
     """Recipe smoke runs on demand, cached for the session (see :class:`SmokeRuns`)."""
     return SmokeRuns(tmp_path_factory.mktemp("runs"))
+
+
+# --- a tiny supernet and QAT runs from it (tests/tasks/test_qat.py, tests/stages/test_deploy.py) ----------
+#: A narrow, shallow OFA MobileNetV3 space (SE and h-swish stages kept, so every kind of int8
+#: rounding point occurs) on 16 x 16 digits.
+TINY_SPACE = {
+    "name": "ofa_mbv3_cifar",
+    "num_classes": 10,
+    "width_mult": 0.5,
+    "resolutions": [16],
+    "kernel_choices": [3, 5],
+    "expand_choices": [3, 4],
+    "depth_choices": [1, 2],
+    "head_channels": 96,
+    "feature_channels": 128,
+}
+#: The data of the tiny runs, as a recipe's data section.
+TINY_DATA = {"name": "digits", "image_size": 16, "batch_size": 64, "num_workers": 0, "holdout_size": 200}
+#: Every concrete deployment target, in the order the tests are parametrised.
+TARGET_NAMES = ("x86_vnni/torch", "x86_avx2/torch", "arm/torch", "x86_vnni/onnxruntime", "x86_avx2/onnxruntime")
+
+
+def tiny_datamodule() -> Any:
+    from lightning_nas.data.digits import DigitsDataModule
+
+    return DigitsDataModule(**{k: v for k, v in TINY_DATA.items() if k != "name"})
+
+
+def quiet_trainer(root: Path, **kwargs: Any) -> Any:
+    import lightning.pytorch as pl
+
+    return pl.Trainer(default_root_dir=str(root), accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def target_param(name: str) -> Any:
+    """``name`` as a pytest param, skipped where this host cannot compute its int8 arithmetic: a
+    test of agreement never assumes the CPU's instruction set."""
+    from lightning_nas.targets import host_can_run, resolve_target
+
+    reason = f"this host ({resolve_target('auto').isa}) does not compute {name}'s int8 arithmetic natively"
+    return pytest.param(name, marks=pytest.mark.skipif(not host_can_run(name), reason=reason), id=name)
+
+
+@pytest.fixture(scope="session")
+def tiny_supernet_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny supernet trained for a few epochs on digits, saved the way ``lightning-nas fit`` does."""
+    import lightning.pytorch as pl
+    import torch
+
+    from lightning_nas.tasks.supernet import SupernetTask
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pl.seed_everything(0, verbose=False)
+        root = tmp_path_factory.mktemp("supernet")
+        task = SupernetTask(space=TINY_SPACE, lr=0.1, kd_ratio=0.0, num_reference_random=1,
+                            bn_recalibration_images=100, bn_recalibration_batch=100, label_smoothing=0.0)
+        fit = quiet_trainer(root, max_epochs=4, limit_val_batches=0)
+        fit.fit(task, datamodule=tiny_datamodule())
+        path = root / "last.ckpt"
+        fit.save_checkpoint(path)
+    finally:
+        torch.set_num_threads(threads)
+    return str(path)
+
+
+class QATRuns:
+    """QAT runs of the tiny supernet's largest subnet (uniform 8 bits, trained for deployment), one
+    per target, each at most once per session: ``get(target)`` -> ``{task, root, metrics}``; the
+    run directory holds ``qat_subnet.pt`` and ``qat_metrics.json``."""
+
+    def __init__(self, checkpoint: str, root: Path) -> None:
+        self.checkpoint, self.root = checkpoint, root
+        self.runs: dict[str, dict] = {}
+
+    def get(self, target: str) -> dict:
+        if target not in self.runs:
+            import json
+
+            import lightning.pytorch as pl
+            import torch
+
+            from lightning_nas.tasks.qat import QAT_METRICS_FILE, QATTask
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                pl.seed_everything(0, verbose=False)
+                root = self.root / target.replace("/", "_")
+                task = QATTask(supernet_checkpoint=self.checkpoint, subnet="largest", policy=8, freeze_bn_fraction=0.5,
+                               target=target, bn_recalibration_images=100, calibration_batch=100)
+                quiet_trainer(root, max_epochs=1, limit_train_batches=6, limit_val_batches=1).fit(
+                    task, datamodule=tiny_datamodule())
+            finally:
+                torch.set_num_threads(threads)
+            self.runs[target] = {"task": task, "root": root,
+                                 "metrics": json.loads((root / QAT_METRICS_FILE).read_text())}
+        return self.runs[target]
+
+
+@pytest.fixture(scope="session")
+def qat_runs(tiny_supernet_checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> QATRuns:
+    return QATRuns(tiny_supernet_checkpoint, tmp_path_factory.mktemp("qat"))

@@ -116,6 +116,9 @@ def test_recipe_verb_from_sections() -> None:
     assert recipe_verb({"search": {}}) == "search"
     assert recipe_verb({"export": {}}) == "export"
     assert recipe_verb({"profile": {}}) == "profile"
+    # a deploy: section alone is a target (every stage recipe may have one); naming a QAT subnet makes a deploy
+    assert recipe_verb({"task": {}, "deploy": {"target": "auto"}}) == "fit"
+    assert recipe_verb({"deploy": {"target": "auto", "qat_subnet": "runs/qat/qat_subnet.pt"}}) == "deploy"
 
 
 def test_sweep_definition_runs_fit_with_flat_dotted_parameters(tmp_path: Path) -> None:

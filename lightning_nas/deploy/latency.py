@@ -69,13 +69,15 @@ def compare_fp32_int8(
     repeats: int = 50,
     threads: int = 1,
     target: str | None = None,
+    on_measured: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
     """Latency of fp32 against int8 within each runtime: torch fp32 vs torch int8 and, given the
     ONNX files, ONNX Runtime fp32 vs ONNX Runtime int8 (QDQ), so that no speed-up mixes a runtime
     with a number format.
 
     ``input_shape`` is one sample's shape (e.g. ``(3, 224, 224)``). ``target`` names the deployment
-    target (default: this host's, torch runtime). Returns a JSON-able dict::
+    target (default: this host's, torch runtime). ``on_measured(runner, batch_size)`` is called
+    after each measurement (a progress display). Returns a JSON-able dict::
 
         {"device": {..., "isa": "x86_vnni", "cpu_flags": [...]}, "target": "x86_vnni/torch",
          "threads": 1, "input_shape": [...],
@@ -103,6 +105,8 @@ def compare_fp32_int8(
             stats = measure_latency(run, x, warmup=warmup, repeats=repeats, threads=threads)
             stats["images_per_s"] = batch * 1000.0 / stats["median_ms"]
             results[key][f"batch_{batch}"] = stats
+            if on_measured is not None:
+                on_measured(key, batch)
 
     report: dict[str, Any] = {
         "device": {

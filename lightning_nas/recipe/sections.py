@@ -14,6 +14,7 @@ from .markers import (
     DataSpec,
     ExistingFile,
     LoggerName,
+    NonNegativeInt,
     PositiveInt,
     SpaceSpec,
     TaskSpec,
@@ -170,11 +171,15 @@ class AllocateSettings:
 
 @dataclass
 class DeploySettings:
-    """The deployment target, decided once per recipe (``lightning_nas.targets``).
+    """The deployment target, decided once per recipe (``lightning_nas.targets``), and with
+    ``qat_subnet``, the settings of ``lightning-nas deploy``.
 
-    Stage recipes hand it to what depends on it (``task.target: ${deploy.target}``, the quantized
-    pair collector, the latency profile, the search); a pipeline resolves ``auto`` once and gives
-    every stage the same concrete target.
+    Stage recipes hand the target to what depends on it (``task.target: ${deploy.target}``, the
+    quantized pair collector, the latency profile, the search); a pipeline resolves ``auto`` once
+    and gives every stage the same concrete target. A recipe whose section names ``qat_subnet`` is
+    run by ``lightning-nas deploy`` (:mod:`lightning_nas.stages.deploy`): the subnet a QAT run
+    finetuned is converted to int8 for the target, exported to ONNX, compared with its
+    fake-quantized self and timed.
     """
 
     #: ``auto`` (this host's CPU kind, torch runtime), ``auto/onnxruntime``, or a concrete
@@ -186,6 +191,28 @@ class DeploySettings:
                     "x86_vnni/onnxruntime", "x86_avx2/onnxruntime", "arm/torch"] = "auto"
     #: Let a stage combine artifacts of different targets (pairs, predictors, latency tables).
     allow_mixed_targets: bool = False
+    #: ``lightning-nas deploy``: the ``qat_subnet.pt`` a QAT run (``task.name: qat``) wrote into its
+    #: run directory when fit ended (or that directory). Checked when the stage starts, since in a
+    #: pipeline the QAT stage before it writes the file.
+    qat_subnet: str | None = None
+    #: Test images the int8 / ONNX top-1 is compared on with the fake-quantized model (a stratified
+    #: sample of the data's test split, the QAT run's ``test_images`` order).
+    agreement_images: PositiveInt = 1000
+    #: Held-out training images (and their batch size) that calibrate the int8 tensors no quantizer
+    #: learned a range for (none for a subnet finetuned with ``task.fake_quantize_outputs``).
+    calibration_images: PositiveInt = 2000
+    calibration_batch: PositiveInt = 200
+    #: The quantized engine of the torch conversion; default: the one the QAT run trained for
+    #: (its ``task.int8_backend``, else the target's: ``onednn`` on x86, ``qnnpack`` on ARM).
+    int8_backend: Literal["onednn", "x86", "fbgemm", "qnnpack"] | None = None
+    #: Latency protocol: the median of ``latency_repeats`` calls after ``latency_warmup``, per
+    #: batch size, at ``latency_threads`` intra-op threads.
+    latency_batch_sizes: list[PositiveInt] = field(default_factory=lambda: [1, 32])
+    latency_warmup: NonNegativeInt = 10
+    latency_repeats: PositiveInt = 50
+    latency_threads: PositiveInt = 1
+    #: A rich progress bar over the deployment's steps.
+    progress: bool = True
 
 
 @dataclass

@@ -6,11 +6,15 @@ recipes to their stages too; the CLI only turns it into subcommands. Torch-free.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 #: verb -> (stage module running it, help). The stage module has ``run(recipe) -> Path``.
 STAGE_VERBS = {
     "fit": ("lightning_nas.stages.fit", "train the recipe's task (supernet, QAT, predictor, ...)"),
     "search": ("lightning_nas.stages.search", "run the recipe's joint architecture/pruning/quantization search"),
     "export": ("lightning_nas.stages.export", "extract and export a subnet from a trained supernet"),
+    "deploy": ("lightning_nas.stages.deploy", "convert a QAT-finetuned subnet (deploy.qat_subnet) to int8, export "
+               "it to ONNX, measure its agreement and latency"),
     "profile": ("lightning_nas.stages.profile", "measure a latency table of a space on this machine"),
     "rank": ("lightning_nas.stages.rank", "score NAS-Bench-201 architectures of a CSV with a proxy or ParZC "
              "(`archs=IN.csv out=OUT.csv` set rank.archs / rank.out)"),
@@ -25,6 +29,12 @@ STAGE_VERBS = {
 VERB_SECTIONS = ("search", "export", "profile", "rank", "mqbench", "emq", "allocate", "pipeline")
 
 
-def recipe_verb(config: dict) -> str:
-    """The verb that runs a recipe: the one whose section it has, else ``fit``."""
-    return next((verb for verb in VERB_SECTIONS if config.get(verb) is not None), "fit")
+def recipe_verb(config: Mapping) -> str:
+    """The verb that runs a recipe: the one whose section it has, else ``deploy`` when its
+    ``deploy:`` section names a ``qat_subnet`` (every stage recipe may have a ``deploy:`` section:
+    its target), else ``fit``."""
+    verb = next((verb for verb in VERB_SECTIONS if config.get(verb) is not None), None)
+    if verb is not None:
+        return verb
+    deploy = config.get("deploy")
+    return "deploy" if isinstance(deploy, Mapping) and deploy.get("qat_subnet") is not None else "fit"

@@ -1,4 +1,4 @@
-"""Quantization-aware finetuning (QAT) of one subnet under an APQ policy, then int8 deployment.
+"""Quantization-aware finetuning (QAT) of one subnet under an APQ policy, trained for int8 deployment.
 
 The subnet comes from a trained supernet (a checkpoint of ``lightning-nas fit`` with a supernet
 recipe, plus a reference-subnet name or a config) or from an exported ``subnet.pt``. Its layers get
@@ -11,15 +11,15 @@ Training is plain cross-entropy (optionally distilled from the float subnet) wit
 learning rate; batch-norm statistics are frozen for the last ``freeze_bn_fraction`` of the steps.
 
 When fit ends, the fake-quantized model is evaluated on the test split and written with the run's
-figures to ``qat_metrics.json`` (``fp32_top1``, ``initial_top1``, ``test_top1``), and its weights
-with quantizers to ``qat_subnet.pt`` (:func:`load_qat_subnet`). With ``deploy`` (uniform 8-bit
-policies only) it is converted to real int8 kernels (:func:`~lightning_nas.deploy.int8.convert_to_int8`)
-and exported to ONNX (QDQ); the top-1 agreement of both with the fake-quantized model, and fp32 /
-int8 / onnxruntime latency, go to ``latency.json``.
+figures to ``qat_metrics.json``, and its weights with quantizers to ``qat_subnet.pt``
+(:func:`load_qat_subnet`). Deployment is a stage of its own: ``lightning-nas deploy``
+(:mod:`lightning_nas.stages.deploy`) reads ``qat_subnet.pt`` from the run directory, converts it to
+real int8 kernels and to ONNX (QDQ), and measures their top-1 agreement with the fake-quantized
+model and their latency. With ``deploy`` (uniform 8-bit policies only) the subnet is trained for
+that conversion.
 
 Every accuracy here is top-1 in percent: the logged ``train/acc`` (the batch), ``val/acc`` (the
-validation set) and ``test/top1``, the ``*_top1`` figures, and int8 / ONNX agreement (the share of
-test images on which two models predict the same class).
+validation set) and ``test/top1``, and the ``*_top1`` figures.
 
 Deployment-faithful QAT: int8 kernels also round tensors that input quantizers never see (a conv
 output before h-swish, the operands and result of a residual add, the squeeze-excite input and
@@ -77,15 +77,12 @@ from ..recipe.markers import (
     PositiveInt,
 )
 from ..spaces.quant_policy import QuantPolicySpace
-from ..targets import TargetName, check_same_target, host_can_run, resolve_target
+from ..targets import TargetName, check_same_target, resolve_target
 from .optim import build_optimizer, parameter_groups, step_scheduler
 from .supernet import holdout_batches
 
 QAT_METRICS_FILE = "qat_metrics.json"
-LATENCY_FILE = "latency.json"
 QAT_SUBNET_FILE = "qat_subnet.pt"
-ONNX_FILE = "model_int8.onnx"
-ONNX_FP32_FILE = "model_fp32.onnx"
 
 
 # --- what int8 kernels round ----------------------------------------------------------------------
@@ -230,7 +227,7 @@ def _load_exported_source(path: str) -> tuple[Any, dict, dict, nn.Module]:
 
 # --- the task -------------------------------------------------------------------------------------
 class QATTask(pl.LightningModule):
-    """Quantization-aware finetuning of one subnet under a quantization policy, then deployment.
+    """Quantization-aware finetuning of one subnet under a quantization policy, for int8 deployment.
 
     Args:
         supernet_checkpoint: a supernet checkpoint (``lightning-nas fit`` of a supernet recipe);
@@ -254,8 +251,8 @@ class QATTask(pl.LightningModule):
             percentile of magnitudes a clipping value starts from.
         test_images: test images for the top-1 figures, a seeded sample stratified by class
             (``None``: all).
-        deploy: convert to int8 and ONNX and measure agreement and latency when fit ends; needs a
-            uniform 8-bit policy (every layer at 8/8 bits, or full precision).
+        deploy: train for int8 deployment by ``lightning-nas deploy``; needs a uniform 8-bit policy
+            (every layer at 8/8 bits, or full precision).
         fake_quantize_outputs: with ``deploy``, also fake-quantize what int8 kernels round
             (:func:`int8_rounding_points`) during training.
         target: the deployment target (:mod:`lightning_nas.targets`; ``auto``: this host's CPU kind,
@@ -264,11 +261,8 @@ class QATTask(pl.LightningModule):
         allow_mixed_targets: accept a search ``candidate`` found for another target.
         int8_backend: override the quantized engine the target implies (``onednn`` on x86,
             ``qnnpack`` on ARM); fbgemm's depthwise kernels (picked by ``x86``) saturate even
-            with VNNI (see :mod:`lightning_nas.deploy.int8`).
-        agreement_images: test images on which int8 / ONNX top-1 is compared with the
-            fake-quantized model (a stratified sample like ``test_images``).
-        latency_batch_sizes, latency_warmup, latency_repeats, latency_threads: latency protocol
-            (median of ``latency_repeats`` calls after ``latency_warmup``, at this many threads).
+            with VNNI (see :mod:`lightning_nas.deploy.int8`). Recorded in ``qat_subnet.pt``: the
+            deploy stage converts with it.
     """
 
     def __init__(
@@ -299,18 +293,13 @@ class QATTask(pl.LightningModule):
         target: TargetName = "auto",
         allow_mixed_targets: bool = False,
         int8_backend: Literal["onednn", "x86", "fbgemm", "qnnpack"] | None = None,
-        agreement_images: PositiveInt = 1000,
-        latency_batch_sizes: list[int] = [1, 32],  # noqa: B006 - read only
-        latency_warmup: NonNegativeInt = 10,
-        latency_repeats: PositiveInt = 50,
-        latency_threads: PositiveInt = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if not 0.0 <= freeze_bn_fraction <= 1.0:
             raise RecipeError(f"freeze_bn_fraction must be in [0, 1], got {freeze_bn_fraction}", key="task.freeze_bn_fraction")
-        if agreement_images < 1 or latency_repeats < 1 or bn_recalibration_images < 1:
-            raise RecipeError("agreement_images, latency_repeats and bn_recalibration_images must be positive", key="task")
+        if bn_recalibration_images < 1:
+            raise RecipeError("bn_recalibration_images must be positive", key="task.bn_recalibration_images")
         self.target = resolve_target(target, key="task.target")
         self.hparams.target = self.target.name  # the resolved target, not "auto", goes into checkpoints
         if candidate:
@@ -529,7 +518,7 @@ class QATTask(pl.LightningModule):
             teacher.load_state_dict(saved["teacher"])
             self._teacher = [teacher.eval().requires_grad_(False)]
 
-    # --- after training: test, save, deploy ---------------------------------------------------
+    # --- after training: test, save (``lightning-nas deploy`` deploys the saved subnet) --------
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:
             return
@@ -537,7 +526,6 @@ class QATTask(pl.LightningModule):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.figures["test_top1"] = self._test_top1(self.model)
         self.save_qat_subnet(run_dir / QAT_SUBNET_FILE)
-        deployment = self.deploy(run_dir) if self.hparams.deploy else None
         weight_bits, act_bits = self.policy_space.average_bits(self.policy, self.layer_specs)
         metrics = {
             "config": self.config,
@@ -557,33 +545,13 @@ class QATTask(pl.LightningModule):
             "bn_frozen_at_step": self._bn_frozen_at,
             "fake_quantized_outputs": len(self.output_points),
             "target": self.target.name,
-            "deploy": deployment,
         }
         write_text(run_dir / QAT_METRICS_FILE, json.dumps(metrics, indent=2))
         logged = {"test/top1": metrics["test_top1"]}
-        if deployment is not None:
-            logged.update(
-                {
-                    "deploy/agreement_int8": deployment["agreement"]["int8_vs_fake_quant"],
-                    "deploy/agreement_onnx": deployment["agreement"]["onnx_vs_fake_quant"],
-                    "deploy/speedup_torch_int8_b1": deployment["speedup_torch_int8"].get("batch_1", float("nan")),
-                    "deploy/speedup_onnxruntime_int8_b1": deployment["speedup_onnxruntime_int8"].get(
-                        "batch_1", float("nan")
-                    ),
-                }
-            )
         for logger in self.trainer.loggers:
             logger.log_metrics(logged, step=self.global_step)
             logger.save()
-        summary = f"QAT done: test top-1 {metrics['test_top1']:.2f}% (fake-quantized)"
-        if deployment is not None:
-            summary += (
-                f"; int8 agreement {deployment['agreement']['int8_vs_fake_quant']:.1f}%, "
-                f"ONNX {deployment['agreement']['onnx_vs_fake_quant']:.1f}% on "
-                f"{deployment['agreement']['images']} images, target {deployment['target']} "
-                f"-> {run_dir / LATENCY_FILE}"
-            )
-        print(summary)
+        print(f"QAT done: test top-1 {metrics['test_top1']:.2f}% (fake-quantized) -> {run_dir / QAT_SUBNET_FILE}")
 
     def _count_test_images(self) -> int:
         total = len(self.trainer.datamodule.test_dataloader().dataset)
@@ -596,6 +564,7 @@ class QATTask(pl.LightningModule):
             "space": self.space_spec,
             "policy": self.policy,
             "target": self.target.name,
+            "int8_backend": self.hparams.int8_backend,
             "bits": {k: list(v) for k, v in get_bits(self.model).items()},
             "output_points": self.output_points,
             "fixed_ranges": self.fixed_ranges,
@@ -606,90 +575,6 @@ class QATTask(pl.LightningModule):
         }
         with replacing(path) as temporary:
             torch.save(record, temporary)
-
-    @torch.no_grad()
-    def deploy(self, run_dir: Path) -> dict[str, Any]:
-        """int8 conversion, ONNX export, agreement with the fake-quantized model, latency."""
-        from ..deploy.int8 import convert_to_int8, export_onnx, onnx_session, run_onnx, top1_agreement
-        from ..deploy.latency import compare_fp32_int8
-
-        hp = self.hparams
-        cpu = torch.device("cpu")
-        fake = copy.deepcopy(self.model).to(cpu).eval()  # compared on the CPU, where int8 runs
-        images, labels = [], []
-        for x, y in self._test_batches(hp.agreement_images, cpu):
-            images.append(x)
-            labels.append(y)
-        images, labels = torch.cat(images), torch.cat(labels)
-        calibration = [b.to(cpu) for b in self._holdout()]
-        int8 = convert_to_int8(fake, calibration, backend=hp.int8_backend, target=self.target)
-        onnx_path = export_onnx(int8, images[:1], run_dir / ONNX_FILE)
-        session = onnx_session(onnx_path, threads=hp.latency_threads)
-        fake_logits, int8_logits = fake(images), int8(images)
-        onnx_logits = torch.from_numpy(run_onnx(session, images))
-        float_model = copy.deepcopy(fake)
-        remove_quantizers(float_model)
-        onnx_fp32_path = export_onnx(float_model, images[:1], run_dir / ONNX_FP32_FILE)
-        report = compare_fp32_int8(
-            float_model,
-            int8,
-            (3, self.resolution, self.resolution),
-            batch_sizes=hp.latency_batch_sizes,
-            onnx_path=onnx_path,
-            onnx_fp32_path=onnx_fp32_path,
-            target=self.target.name,
-            warmup=hp.latency_warmup,
-            repeats=hp.latency_repeats,
-            threads=hp.latency_threads,
-        )
-
-        def top1(logits: torch.Tensor) -> float:
-            return float(percent_accuracy(logits, labels))
-
-        deployed = "onnx_vs_fake_quant" if self.target.runtime == "onnxruntime" else "int8_vs_fake_quant"
-        report.update(
-            {
-                "config": self.config,
-                "target": self.target.name,
-                # a committed latency.json read on another CPU kind says so instead of misleading
-                "target_native_on_host": host_can_run(self.target),
-                "int8_backend": int8.engine,
-                "weight_qmax": int8.weight_qmax,
-                "agreement": {
-                    "images": len(labels),
-                    "int8_vs_fake_quant": top1_agreement(int8_logits, fake_logits),
-                    "onnx_vs_fake_quant": top1_agreement(onnx_logits, fake_logits),
-                    "onnx_vs_int8": top1_agreement(onnx_logits, int8_logits),
-                },
-                "deployed_runtime": self.target.runtime,
-                "deployed_agreement": top1_agreement(
-                    onnx_logits if deployed == "onnx_vs_fake_quant" else int8_logits, fake_logits
-                ),
-                "top1": {
-                    "fake_quant": top1(fake_logits),
-                    "int8": top1(int8_logits),
-                    "onnx_int8": top1(onnx_logits),
-                },
-                "carried_ranges": len(int8.carried_ranges) + len(int8.carried_output_ranges),
-                "calibrated_tensors": int8.calibrated_tensors,
-                "onnx": str(onnx_path),
-                "onnx_fp32": str(onnx_fp32_path),
-            }
-        )
-        write_text(run_dir / LATENCY_FILE, json.dumps(report, indent=2))
-        return {
-            key: report[key]
-            for key in (
-                "target",
-                "agreement",
-                "deployed_agreement",
-                "top1",
-                "speedup_torch_int8",
-                "speedup_onnxruntime_int8",
-                "int8_backend",
-                "calibrated_tensors",
-            )
-        }
 
 
 # --- helpers --------------------------------------------------------------------------------------

@@ -314,8 +314,7 @@ def qat_command(runs: Path, run_dir: Path, *extra: str) -> list[str]:
 def qat_results(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "qat_metrics.json").read_text())
     return {k: metrics[k] for k in ("config", "policy", "test_top1", "test_images", "epochs", "steps",
-                                    "bn_frozen_at_step")} | {"agreement": metrics["deploy"]["agreement"],
-                                                             "top1": metrics["deploy"]["top1"]}
+                                    "bn_frozen_at_step")}
 
 
 def test_killed_qat_resumes_exactly(tmp_path: Path, supernet_runs: Path) -> None:
@@ -328,14 +327,40 @@ def test_killed_qat_resumes_exactly(tmp_path: Path, supernet_runs: Path) -> None
     assert_complete(killed)
 
 
-def test_qat_killed_while_exporting_onnx_reruns_to_the_same_result(tmp_path: Path, supernet_runs: Path) -> None:
+def test_qat_killed_while_writing_its_metrics_reruns_to_the_same_result(tmp_path: Path, supernet_runs: Path) -> None:
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run(qat_command(supernet_runs, reference, "trainer.max_epochs=1"))
-    kill_at(qat_command(supernet_runs, killed, "trainer.max_epochs=1"), "replace:model_int8.onnx",
+    kill_at(qat_command(supernet_runs, killed, "trainer.max_epochs=1"), "replace:qat_metrics.json",
             tmp_path / "paused")
-    assert not (killed / "model_int8.onnx").exists() and not (killed / "qat_metrics.json").exists()
+    assert (killed / "qat_subnet.pt").is_file() and not (killed / "qat_metrics.json").exists()
     run(qat_command(supernet_runs, killed, "trainer.max_epochs=1"))
     assert qat_results(killed) == qat_results(reference)
+    assert_complete(killed)
+
+
+# --------------------------------------------------------------------------- deploy
+
+
+def deploy_command(qat_dir: Path, run_dir: Path) -> list[str]:
+    """The shipped deploy recipe on the subnet of ``qat_dir`` (its images: the QAT run's config.yaml)."""
+    return cli("deploy", "recipes/deploy_int8.yaml", "--smoke", f"deploy.qat_subnet={qat_dir / 'qat_subnet.pt'}",
+               f"run_dir={run_dir}", "deploy.progress=false")
+
+
+def deploy_results(run_dir: Path) -> dict:
+    latency = json.loads((run_dir / "latency.json").read_text())  # timings apart, a deployment repeats exactly
+    return {k: latency[k] for k in ("config", "target", "agreement", "top1", "calibrated_tensors", "carried_ranges")}
+
+
+def test_deploy_killed_while_exporting_onnx_reruns_to_the_same_result(tmp_path: Path, supernet_runs: Path) -> None:
+    qat = tmp_path / "qat"
+    run(qat_command(supernet_runs, qat, "trainer.max_epochs=1"))
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run(deploy_command(qat, reference))
+    kill_at(deploy_command(qat, killed), "replace:model_int8.onnx", tmp_path / "paused")
+    assert not (killed / "model_int8.onnx").exists() and not (killed / "latency.json").exists()
+    run(deploy_command(qat, killed))
+    assert deploy_results(killed) == deploy_results(reference)
     assert_complete(killed)
 
 
@@ -371,7 +396,7 @@ def test_killed_quickstart_pipeline_resumes_at_the_unfinished_stage(tmp_path: Pa
     with (run_dir / "pipeline.csv").open(newline="") as stream:
         status = {Path(r["recipe"]).stem: r["status"] for r in csv.DictReader(stream)}
     assert status == {"ofa_supernet": "reused", "pairs_fp32": "reused", "predictor_fp32": "reused",
-                      "pairs_quant": "ran", "apq_int8": "ran", "qat_finetune": "ran"}
+                      "pairs_quant": "ran", "apq_int8": "ran", "qat_finetune": "ran", "deploy_int8": "ran"}
     assert done.stdout.count("finished before") == 3
     after = {p.pair_key: p.top1 for p in PairStore(store).pairs()}
     import yaml
@@ -380,4 +405,5 @@ def test_killed_quickstart_pipeline_resumes_at_the_unfinished_stage(tmp_path: Pa
     assert len(after) == planned["init_args"]["num_pairs"] > len(before)
     assert all(after[key] == top1 for key, top1 in before.items())
     assert json.loads((run_dir / "qat_finetune" / "qat_metrics.json").read_text())["test_top1"] >= 0
+    assert json.loads((run_dir / "deploy_int8" / "latency.json").read_text())["agreement"]["images"] > 0
     assert_complete(run_dir)

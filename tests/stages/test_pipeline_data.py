@@ -41,6 +41,7 @@ def test_one_data_argument_reaches_every_image_stage_with_its_classes_and_size(t
         section = stages[name]["data"]
         assert section["name"] == "npz" and section["train_path"] == str(data.resolve()), name
         assert section["resolutions"] == [SIZE], name
+    assert stages["deploy_int8"]["data"] is None  # the deploy stage reads the QAT run's data (its config.yaml)
     # the stages keep their own batch sizes and held-out splits (after their smoke blocks)
     assert stages["ofa_supernet"]["data"]["batch_size"] == 16 and stages["pairs_fp32"]["data"]["holdout_size"] == 400
     for name in ("ofa_supernet", "pairs_fp32", "predictor_fp32", "pairs_quant", "apq_int8"):
@@ -90,7 +91,7 @@ def test_pair_data_is_refused_as_pipeline_data(tmp_path: Path, capsys: pytest.Ca
     assert "recipes/quickstart.yaml: pipeline.data: file not found (from the command line)" in err
 
 
-@pytest.mark.slow  # the quickstart's six stages at smoke size: about 1.5 min on 2 shared cores
+@pytest.mark.slow  # the quickstart's seven stages at smoke size: about 1.5 min on 2 shared cores
 def test_a_copied_quickstart_runs_on_the_users_npz_to_the_int8_network(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxruntime
@@ -111,9 +112,9 @@ def test_a_copied_quickstart_runs_on_the_users_npz_to_the_int8_network(tmp_path:
         assert pairs and {p.resolution for p in pairs} == {SIZE}
     top = json.loads((runs / "apq_int8" / "search" / "topk.json").read_text())["topk"][0]
     assert top["config"]["r"] == SIZE
-    latency = json.loads((runs / "qat_finetune" / "latency.json").read_text())
+    latency = json.loads((runs / "deploy_int8" / "latency.json").read_text())  # the pipeline's data, via the QAT run
     assert latency["input_shape"] == [3, SIZE, SIZE]
-    session = onnxruntime.InferenceSession(str(runs / "qat_finetune" / "model_int8.onnx"),
+    session = onnxruntime.InferenceSession(str(runs / "deploy_int8" / "model_int8.onnx"),
                                            providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, SIZE, SIZE), np.float32)})
     assert logits.shape == (1, CLASSES)
@@ -128,4 +129,5 @@ def test_a_copied_pipeline_takes_the_stages_beside_it_else_the_packaged_ones(tmp
     paths = {path.stem: path.resolve() for path, *_ in stages}
     assert paths["pairs_fp32"] == tmp_path / "pairs_fp32.yaml"  # the copy beside the pipeline wins
     assert paths["ofa_supernet"] == REPO / "recipes" / "ofa_supernet.yaml"
-    assert paths["qat_finetune"] == REPO / "recipes" / "qat_finetune.yaml" and len(paths) == 6
+    assert paths["qat_finetune"] == REPO / "recipes" / "qat_finetune.yaml"
+    assert paths["deploy_int8"] == REPO / "recipes" / "deploy_int8.yaml" and len(paths) == 7

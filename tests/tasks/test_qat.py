@@ -1,8 +1,9 @@
-"""QAT finetuning from a tiny supernet trained here on digits, int8 / ONNX deployment, policies.
+"""QAT finetuning from a tiny supernet trained here on digits, policies, the saved subnet.
 
-The module fixture trains a narrow, shallow OFA MobileNetV3 supernet (SE and h-swish stages kept,
-so every kind of int8 rounding point occurs) for a few epochs, saves it as a Lightning checkpoint
-the way ``lightning-nas fit`` does, and runs one deploying QAT fit from it.
+The session fixtures of ``conftest.py`` train a narrow, shallow OFA MobileNetV3 supernet (SE and
+h-swish stages kept, so every kind of int8 rounding point occurs) for a few epochs, save it as a
+Lightning checkpoint the way ``lightning-nas fit`` does, and run one QAT fit per deployment target
+from it. Its int8 / ONNX deployment is tested with the deploy stage (tests/stages/test_deploy.py).
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import TARGET_NAMES, TINY_SPACE, QATRuns, target_param
 from torch import nn
 
-from lightning_nas.data.digits import DigitsDataModule
 from lightning_nas.deploy.int8 import convert_to_int8, fixed_output_range
 from lightning_nas.errors import RecipeError
 from lightning_nas.nn.quantize_model import (
@@ -27,10 +27,8 @@ from lightning_nas.nn.quantize_model import (
     output_quantizers,
     remove_quantizers,
 )
-from lightning_nas.targets import host_can_run, resolve_target
+from lightning_nas.targets import resolve_target
 from lightning_nas.tasks.qat import (
-    LATENCY_FILE,
-    QAT_METRICS_FILE,
     QAT_SUBNET_FILE,
     QATTask,
     int8_rounding_points,
@@ -38,86 +36,20 @@ from lightning_nas.tasks.qat import (
 )
 from lightning_nas.tasks.supernet import SupernetTask, network_record
 
-SPACE = {
-    "name": "ofa_mbv3_cifar",
-    "num_classes": 10,
-    "width_mult": 0.5,
-    "resolutions": [16],
-    "kernel_choices": [3, 5],
-    "expand_choices": [3, 4],
-    "depth_choices": [1, 2],
-    "head_channels": 96,
-    "feature_channels": 128,
-}
-FAST = {"bn_recalibration_images": 100, "calibration_batch": 100, "latency_warmup": 1, "latency_repeats": 3}
-
-
-def datamodule() -> DigitsDataModule:
-    return DigitsDataModule(image_size=16, batch_size=64, num_workers=0, holdout_size=200)
-
-
-def trainer(root: Path, **kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        default_root_dir=str(root),
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
-
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> str:
-    pl.seed_everything(0, verbose=False)
-    root = tmp_path_factory.mktemp("supernet")
-    task = SupernetTask(
-        space=SPACE,
-        lr=0.1,
-        kd_ratio=0.0,
-        num_reference_random=1,
-        bn_recalibration_images=100,
-        bn_recalibration_batch=100,
-        label_smoothing=0.0,
-    )
-    fit = trainer(root, max_epochs=4, limit_val_batches=0)
-    fit.fit(task, datamodule=datamodule())
-    path = root / "last.ckpt"
-    fit.save_checkpoint(path)
-    return str(path)
+def checkpoint(tiny_supernet_checkpoint: str, one_thread: None) -> str:
+    return tiny_supernet_checkpoint
 
 
-def _target_param(name: str):  # noqa: ANN202 - a pytest param
-    reason = f"this host ({resolve_target('auto').isa}) does not compute {name}'s int8 arithmetic natively"
-    return pytest.param(name, marks=pytest.mark.skipif(not host_can_run(name), reason=reason), id=name)
+@pytest.fixture(scope="module", params=[target_param(n) for n in TARGET_NAMES])
+def finetuned(request: pytest.FixtureRequest, qat_runs: QATRuns) -> dict:
+    """A uniform 8-bit QAT fit trained for the deployment target (``{task, root, metrics}``)."""
+    return qat_runs.get(request.param)
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        _target_param(n)
-        for n in ("x86_vnni/torch", "x86_avx2/torch", "arm/torch", "x86_vnni/onnxruntime", "x86_avx2/onnxruntime")
-    ],
-)
-def deployed(request: pytest.FixtureRequest, checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    pl.seed_everything(0, verbose=False)
-    root = tmp_path_factory.mktemp("qat")
-    task = QATTask(
-        supernet_checkpoint=checkpoint, subnet="largest", policy=8, freeze_bn_fraction=0.5, target=request.param,
-        **FAST,
-    )
-    trainer(root, max_epochs=1, limit_train_batches=6, limit_val_batches=1).fit(task, datamodule=datamodule())
-    return {
-        "task": task,
-        "root": root,
-        "metrics": json.loads((root / QAT_METRICS_FILE).read_text()),
-        "latency": json.loads((root / LATENCY_FILE).read_text()),
-    }
-
-
-def test_finetune_writes_metrics_and_freezes_bn_late(deployed: dict) -> None:
-    metrics = deployed["metrics"]
+def test_finetune_writes_metrics_and_freezes_bn_late(finetuned: dict) -> None:
+    metrics = finetuned["metrics"]
     assert metrics["steps"] == 6 and metrics["bn_frozen_at_step"] == 3  # the last half of 6 steps
     assert metrics["test_images"] == 359  # the whole digits test split
     # a trained network: far above chance before and after quantization, and QAT did not break it
@@ -125,55 +57,26 @@ def test_finetune_writes_metrics_and_freezes_bn_late(deployed: dict) -> None:
     assert abs(metrics["test_top1"] - metrics["fp32_top1"]) < 5
     assert metrics["average_bits"] == {"weight": 8.0, "activation": 8.0}
     assert metrics["policy"]["pw_w"] == [8] * 10  # 5 stages x depth 2
-    frozen = [m for m in deployed["task"].model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert (finetuned["root"] / QAT_SUBNET_FILE).is_file() and "deploy" not in metrics  # deployed by its own stage
+    frozen = [m for m in finetuned["task"].model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert frozen and all(not m.training for m in frozen)
 
 
-def test_int8_and_onnx_agree_with_fake_quantized_model(deployed: dict) -> None:
-    latency = deployed["latency"]
-    agreement = latency["agreement"]
-    assert agreement["images"] == 359
-    assert agreement["int8_vs_fake_quant"] >= 99.0, agreement
-    target = resolve_target(deployed["task"].target)
-    if target.runtime == "onnxruntime":  # trained with the int32 bias grid ONNX Runtime adds
-        assert agreement["onnx_vs_fake_quant"] >= 99.0, agreement
-    else:
-        # onnxruntime rounds conv biases to int32 (scale = input scale x weight scale), which neither
-        # training nor the onednn kernels do: a small per-layer offset that a barely trained net feels
-        assert agreement["onnx_vs_fake_quant"] >= 95.0, agreement
-    # every tensor the int8 model rounds had its range learned in training
-    assert latency["calibrated_tensors"] == 0
-    assert latency["target"] == target.name == deployed["metrics"]["target"]
-    assert latency["int8_backend"] == target.engine and latency["weight_qmax"] == target.weight_qmax
-    assert Path(latency["onnx"]).is_file()
-    assert deployed["metrics"]["deploy"]["agreement"] == agreement
-
-
-def test_bias_grids_follow_the_runtime_and_reload(deployed: dict) -> None:
-    task = deployed["task"]
+def test_bias_grids_follow_the_runtime_and_reload(finetuned: dict) -> None:
+    task = finetuned["task"]
     trained_with_grids = resolve_target(task.target).runtime == "onnxruntime"
     assert has_bias_grids(task.model) == trained_with_grids
-    loaded = load_qat_subnet(deployed["root"] / QAT_SUBNET_FILE)
+    loaded = load_qat_subnet(finetuned["root"] / QAT_SUBNET_FILE)
     assert has_bias_grids(loaded) == trained_with_grids
-    resolution = torch.load(deployed["root"] / QAT_SUBNET_FILE, map_location="cpu", weights_only=False)["config"]["r"]
+    resolution = torch.load(finetuned["root"] / QAT_SUBNET_FILE, map_location="cpu", weights_only=False)["config"]["r"]
     x = torch.randn(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), task.model.cpu().eval()(x))
 
 
-def test_latency_report_has_both_batch_sizes(deployed: dict) -> None:
-    results = deployed["latency"]["results"]
-    assert set(results) == {"torch_fp32", "torch_int8", "onnxruntime_fp32", "onnxruntime_int8"}
-    for runner in results.values():
-        assert set(runner) == {"batch_1", "batch_32"}
-        assert runner["batch_1"]["median_ms"] > 0 and runner["batch_32"]["repeats"] == 3
-    for runtime in ("torch", "onnxruntime"):
-        assert deployed["latency"][f"speedup_{runtime}_int8"]["batch_32"] > 0
-
-
-def test_saved_qat_subnet_reloads_with_the_same_outputs(deployed: dict) -> None:
-    task = deployed["task"]
-    reloaded = load_qat_subnet(deployed["root"] / QAT_SUBNET_FILE)
+def test_saved_qat_subnet_reloads_with_the_same_outputs(finetuned: dict) -> None:
+    task = finetuned["task"]
+    reloaded = load_qat_subnet(finetuned["root"] / QAT_SUBNET_FILE)
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), task.model.eval()(x))
@@ -253,7 +156,7 @@ def test_exported_subnet_is_a_source(checkpoint: str, tmp_path: Path) -> None:
     supernet = SupernetTask.from_checkpoint_file(checkpoint, "checkpoint")
     config = supernet.reference_subnets["random0"]
     subnet = supernet.supernet.extract(config)
-    torch.save(network_record(subnet, SPACE, config), tmp_path / "subnet.pt")  # what `lightning-nas export` writes
+    torch.save(network_record(subnet, TINY_SPACE, config), tmp_path / "subnet.pt")  # what `lightning-nas export` writes
     task = QATTask(exported_subnet=str(tmp_path / "subnet.pt"), policy=8)
     assert task.config == config
     remove_quantizers(task.model)
