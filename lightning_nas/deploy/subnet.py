@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from lightning_nas.deploy.int8 import convert_to_int8, export_onnx, onnx_session, run_onnx, top1_agreement
-from lightning_nas.nn.metrics import percent_accuracy
 from lightning_nas.deploy.latency import compare_fp32_int8
 from lightning_nas.files import write_text
+from lightning_nas.nn.metrics import percent_accuracy
 from lightning_nas.nn.quantize_model import remove_quantizers
 from lightning_nas.targets import DeployTarget, host_can_run
 
