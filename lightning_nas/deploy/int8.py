@@ -28,6 +28,11 @@ Agreement with the fake-quantized training model comes from using the same grids
 * a layer whose input tensor also feeds other ops (the block input that is also the residual)
   gets its own requantized copy (:class:`Requantize`): training clips that input for the layer
   only, so the residual path must keep an unclipped version.
+
+Why one module of about 750 lines: every step above rewrites or reads the same FX graph with
+private helpers (the tracer, the rewrite, the carried ranges, codes and bias grids, and the export
+that rounds the codes the conversion carried); split, those helpers would become a public API
+that nothing else should call.
 * tensors that the training graph never quantized (a conv output before h-swish or before a
   residual add, the SE product, a block output) must be int8 in the real model; their ranges come
   from a calibration pass (histogram observer), so they add 8-bit rounding that training did not

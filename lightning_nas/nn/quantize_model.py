@@ -18,6 +18,9 @@ Quantizers are created once; attaching again, or :func:`set_bits`, only changes 
 so a policy switch during training keeps the learned clipping values and takes effect on the
 next forward pass. Layer names are qualified module names, the same names a search space gives
 its ``LayerSpec``s.
+
+Why one module of about 540 lines: attaching, re-biting, calibrating, bias grids and removal act
+on the same hooks and quantizer attributes, and each must undo or find what the others attach.
 """
 
 from __future__ import annotations
