@@ -158,12 +158,12 @@ def tiny_supernet_module():  # noqa: ANN201
     import torch
 
     from lightning_nas.nn.builders import build_supernet
-    from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3CifarSpace
+    from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 
     torch.manual_seed(0)
-    space = OFAMobileNetV3CifarSpace(resolutions=[16], stage_widths=[8, 8, 16, 16, 16], head_channels=32,
-                                     feature_channels=32, kernel_choices=[3], expand_choices=[3],
-                                     depth_choices=[2], stem_channels=8, first_block_channels=8)
+    space = OFAMobileNetV3Space.from_preset(
+        "ofa_mbv3_cifar", resolutions=[16], stage_widths=[8, 8, 16, 16, 16], head_channels=32, feature_channels=32,
+        kernel_choices=[3], expand_choices=[3], depth_choices=[2], stem_channels=8, first_block_channels=8)
     return SimpleNamespace(space=space, supernet=build_supernet(space), device=torch.device("cpu"))
 
 

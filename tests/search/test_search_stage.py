@@ -226,7 +226,7 @@ def test_every_strategy_runs_through_nni_with_the_same_outputs(tmp_path: Path, p
 def test_concurrency_must_be_positive(tmp_path: Path, predictors) -> None:
     path = write_recipe(tmp_path, RECIPE.format(run_dir=tmp_path / "run", predictor=predictors["quant"],
                                                 strategy="random", evaluations=10, constraints="{}",
-                                                bits="[4, 6, 8]", logger="csv") + "  concurrency: 0\n")
+                                                bits="[4, 6, 8]", logger="csv", progress="false") + "  concurrency: 0\n")
     with pytest.raises(RecipeError, match="must be at least 1") as caught:
         stage.run(load_recipe(path, validate=False))
     assert caught.value.key == "search.concurrency"
@@ -301,7 +301,7 @@ def test_a_latency_table_of_another_target_is_refused_and_its_validation_reaches
     assert stage.build_scorer(SearchSettings(**settings, allow_mixed_targets=True)) is not None
 
     recipe = RECIPE.format(run_dir=tmp_path / "run", predictor=predictors["quant"], strategy="apq_evolution",
-                           evaluations=100, constraints="{}", bits="[4, 6, 8]", logger="csv").replace(
+                           evaluations=100, constraints="{}", bits="[4, 6, 8]", logger="csv", progress="false").replace(
         '    - {name: bitfusion, space: "${space}"}',
         f'    - {{name: latency_table, space: "${{space}}", table: {table(host)}}}')
     run_dir = stage.run(load_recipe(write_recipe(tmp_path, recipe), validate=False))
