@@ -59,7 +59,7 @@ def test_an_installed_wheel_lists_and_runs_packaged_recipes_from_an_empty_direct
     # its fragments (fragments/cifar10_space, fragments/cifar10_data) and presets from the package
     config = run(str(venv / "bin" / "lightning-nas"), "config", "ofa_supernet_cifar10", "data.root=.")
     assert config.returncode == 0, config.stderr
-    assert "name: ofa_mbv3\n" in config.stdout and "progressive_shrinking:" in config.stdout
+    assert "name: ofa_mbv3_cifar\n" in config.stdout and "progressive_shrinking:" in config.stdout
     fit = run(str(venv / "bin" / "lightning-nas"), "fit", "ofa_supernet", "--smoke")
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "run directory: runs/ofa_supernet" in fit.stdout
