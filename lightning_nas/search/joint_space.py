@@ -232,13 +232,18 @@ class JointSpace:
         if not isinstance(candidate, Candidate):
             raise ValueError(f"a joint-space point is a Candidate, got {type(candidate).__name__}")
         config = self.space.validate(candidate.config)
+        policy = self._policy_of(candidate)
+        return Candidate(config, None if policy is None else self.policy_space.validate(policy, self.num_blocks))
+
+    def _policy_of(self, candidate: Candidate) -> Any:
+        """The candidate's policy, checked against whether this space quantizes at all."""
         if self.policy_space is None:
             if candidate.policy is not None:
                 raise ValueError("this joint space searches full precision only: candidates have no policy")
-            return Candidate(config, None)
+            return None
         if candidate.policy is None:
             raise ValueError("this joint space is quantized: every candidate needs a policy")
-        return Candidate(config, self.policy_space.validate(candidate.policy, self.num_blocks))
+        return candidate.policy
 
     @property
     def encoding_size(self) -> int:
@@ -293,13 +298,8 @@ class JointSpace:
     def canonical(self, candidate: Candidate) -> Candidate:
         """Validated copy whose skipped blocks hold the smallest kernel, ratio and bits."""
         config = self.space.canonical(candidate.config)
-        if self.policy_space is None:
-            if candidate.policy is not None:
-                raise ValueError("this joint space searches full precision only: candidates have no policy")
-            return Candidate(config, None)
-        if candidate.policy is None:
-            raise ValueError("this joint space is quantized: every candidate needs a policy")
-        return Candidate(config, self._canonical_policy(config, candidate.policy))
+        policy = self._policy_of(candidate)
+        return Candidate(config, None if policy is None else self._canonical_policy(config, policy))
 
     # ------------------------------------------------------------------ reference points
 
