@@ -28,6 +28,7 @@ from typing import Any
 
 from lightning_nas.hardware.counts import BlockDecomposition
 from lightning_nas.spaces.layers import LayerSpec
+from lightning_nas.spaces.protocol import ElasticSpace
 
 __all__ = ["Unit", "UnitDecomposition", "block_key", "layer_key", "space_units"]
 
@@ -106,7 +107,7 @@ def _fixed_units(specs: Sequence[LayerSpec]) -> list[Unit]:
     ]
 
 
-def _block_unit(space: Any, block: int, specs: Sequence[LayerSpec], kernel: int, expand: int) -> Unit:
+def _block_unit(space: ElasticSpace, block: int, specs: Sequence[LayerSpec], kernel: int, expand: int) -> Unit:
     by_role = {spec.role: spec for spec in specs}
     try:
         expand_conv, dw, project = by_role["pw_expand"], by_role["dw"], by_role["pw_project"]
@@ -125,7 +126,7 @@ class UnitDecomposition:
     :class:`~lightning_nas.hardware.counts.BlockDecomposition`: ``fixed[ri]`` and
     ``blocks[ri][b][ki][ei]``."""
 
-    def __init__(self, space: Any, decomposition: BlockDecomposition | None = None) -> None:
+    def __init__(self, space: ElasticSpace, decomposition: BlockDecomposition | None = None) -> None:
         self.space = space
         self.decomposition = d = decomposition or BlockDecomposition(space)
         self.fixed: list[list[Unit]] = [_fixed_units(specs) for specs in d.fixed]
@@ -166,7 +167,7 @@ class UnitDecomposition:
         return list(seen.values())
 
 
-def space_units(space: Any, resolutions: Sequence[int] | None = None) -> list[Unit]:
+def space_units(space: ElasticSpace, resolutions: Sequence[int] | None = None) -> list[Unit]:
     """Every distinct unit (table key) of ``space`` at ``resolutions``."""
     return UnitDecomposition(space).all_units(resolutions)
 

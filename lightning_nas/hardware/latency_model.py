@@ -20,6 +20,7 @@ import numpy as np
 
 from lightning_nas.hardware.latency_keys import Unit, UnitDecomposition
 from lightning_nas.hardware.latency_table import OVERHEAD_KEY, LatencyTable
+from lightning_nas.spaces.protocol import ElasticSpace
 
 __all__ = ["TableLatencyModel"]
 
@@ -36,7 +37,7 @@ class TableLatencyModel:
             candidates at others are refused.
     """
 
-    def __init__(self, space: Any, table: LatencyTable | str | os.PathLike[str], precision: str = "fp32",
+    def __init__(self, space: ElasticSpace, table: LatencyTable | str | os.PathLike[str], precision: str = "fp32",
                  stat: str = "median", resolutions: Sequence[int] | None = None,
                  units: UnitDecomposition | None = None) -> None:
         self.space = space

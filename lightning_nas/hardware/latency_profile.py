@@ -44,6 +44,7 @@ from lightning_nas.hardware.latency_table import (
     cpu_name,
     open_table,
 )
+from lightning_nas.spaces.protocol import ElasticSpace
 
 __all__ = ["ProfileResult", "profile_meta", "profile_space", "profiling_configs"]
 
@@ -79,7 +80,7 @@ class _Network:
         return int(self.config["r"])
 
 
-def profiling_configs(space: Any, units: UnitDecomposition, resolution: int, seed: int = 0) -> list[dict]:
+def profiling_configs(space: ElasticSpace, units: UnitDecomposition, resolution: int, seed: int = 0) -> list[dict]:
     """Random subnets at ``resolution`` steered to hold every block choice of the space.
 
     Each network draws every stage's depth at random and every running block's (kernel, expand)
@@ -125,7 +126,7 @@ def profiling_configs(space: Any, units: UnitDecomposition, resolution: int, see
 
 
 def profile_space(
-    space: Any,
+    space: ElasticSpace,
     output: str | os.PathLike[str],
     resolutions: Sequence[int] | None = None,
     batch_size: int = 1,
@@ -246,7 +247,7 @@ class _Timing:
                                     strip_output=strip_output, threads=self.threads, workdir=workdir)
 
 
-def _profile_networks(space: Any, decomposition: UnitDecomposition, table: LatencyTable, output: Path,
+def _profile_networks(space: ElasticSpace, decomposition: UnitDecomposition, table: LatencyTable, output: Path,
                       resolutions: Sequence[int], precisions: Sequence[str], batch_size: int, timing: _Timing,
                       limit: int | None, progress: bool, seed: int, workdir: Path, rounds: int) -> int:
     import torch
@@ -306,7 +307,7 @@ def _profile_networks(space: Any, decomposition: UnitDecomposition, table: Laten
     return measured
 
 
-def _profile_isolated(space: Any, units: Sequence[Unit], table: LatencyTable, output: Path,
+def _profile_isolated(space: ElasticSpace, units: Sequence[Unit], table: LatencyTable, output: Path,
                       precisions: Sequence[str], batch_size: int, timing: _Timing, limit: int | None,
                       progress: bool, seed: int, workdir: Path) -> int:
     import torch
@@ -342,7 +343,7 @@ def _profile_isolated(space: Any, units: Sequence[Unit], table: LatencyTable, ou
     return measured
 
 
-def _subnet_for(space: Any, kernel: int | None, expand: int | None) -> Any:
+def _subnet_for(space: ElasticSpace, kernel: int | None, expand: int | None) -> Any:
     """A subnet running every block with ``kernel`` and ``expand`` (all blocks, random weights)."""
     from lightning_nas.nn.builders import build_subnet
 
@@ -385,7 +386,7 @@ def _flattened_class() -> type:
     return Flattened
 
 
-def profile_meta(space: Any, resolutions: Sequence[int], batch_size: int, threads: int, int8_backend: str,
+def profile_meta(space: ElasticSpace, resolutions: Sequence[int], batch_size: int, threads: int, int8_backend: str,
                  warmup: int, repeats: int, context: str = "network", realtime: bool = False,
                  rounds: int = 1, target: Any = None, precisions: Sequence[str] = ("fp32",)) -> dict[str, Any]:
     """The metadata written into (and checked when resuming) a profiled table.
@@ -409,8 +410,7 @@ def profile_meta(space: Any, resolutions: Sequence[int], batch_size: int, thread
         "warmup": int(warmup),
         "repeats": int(repeats),
         "rounds": int(rounds),
-        "space": {"name": getattr(space, "name", type(space).__name__),
-                  **(space.hparams() if hasattr(space, "hparams") else {})},
+        "space": {"name": space.name, **space.hparams()},
         "resolutions": [int(r) for r in resolutions],
         "unit": "ms",
     }
