@@ -230,6 +230,9 @@ class _DepthwiseToeplitz(torch.autograd.Function):
     """
 
     @staticmethod
+    # under bf16-mixed autocast the saved operands would come out in two dtypes; the matrices are
+    # small, so this CPU path runs in float32 whatever autocast chose around it
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
     def forward(ctx, x: Tensor, weight: Tensor, index: Tensor, stride: int) -> Tensor:  # type: ignore[override]
         n, c, h, w = x.shape
         kh, kw = weight.shape[-2:]
@@ -245,6 +248,7 @@ class _DepthwiseToeplitz(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         xc, toeplitz, index = ctx.saved_tensors
         toeplitz = toeplitz.view(xc.shape[0], xc.shape[2], -1)

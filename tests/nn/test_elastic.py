@@ -85,6 +85,21 @@ def test_depthwise_fast_paths_match_conv2d(channels, size, kernel, stride, chann
         torch.testing.assert_close(g, r)
 
 
+def test_depthwise_matrix_form_trains_under_bf16_autocast() -> None:
+    """Under ``trainer.precision=bf16-mixed`` the matrix form gets a bf16 input and a float32 weight;
+    it runs in float32 and hands back gradients in each operand's own dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 8, 8).to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(8, 1, 7, 7, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = depthwise_conv2d(x, w, 1)
+    out.float().square().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    ref = F.conv2d(x.detach().float(), w.detach(), None, 1, 3, 1, 8)
+    torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.05)
+    assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize(("size", "channels_last"), [(1, False), (4, True), (8, True)])
 def test_pointwise_matmul_matches_conv2d(size: int, channels_last: bool) -> None:
     x = torch.randn(4, 12, size, size, dtype=torch.float64)
