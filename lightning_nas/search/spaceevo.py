@@ -117,6 +117,7 @@ class SpaceEvoTables:
         self.source = source
         self.cells = dict(cells)
         self._windows: dict[tuple[int, str, tuple[int, int]], tuple[np.ndarray, np.ndarray]] = {}
+        self._values: dict[tuple[int, str, tuple[int, int]], np.ndarray] = {}
 
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping[str, Any]], layout: MacroLayout = CIFAR_LAYOUT,
@@ -181,6 +182,14 @@ class SpaceEvoTables:
                                   f"{sorted(set(cell.width.tolist()))})")
             self._windows[key] = (cell.latency_ms[keep], cell.loss[keep])
         return self._windows[key]
+
+    def window_values(self, stage: int, block_type: str, window: tuple[int, int]) -> np.ndarray:
+        """:meth:`window_rows` as one complex column, latency + 1j * loss (cached; the sampler's form)."""
+        key = (stage, block_type, tuple(window))
+        if key not in self._values:
+            latency, loss = self.window_rows(stage, block_type, window)
+            self._values[key] = latency + 1j * loss
+        return self._values[key]
 
     def check_complete(self) -> None:
         """:class:`RecipeError` unless every stage window of every block type has rows."""
@@ -291,17 +300,41 @@ class QTScore:
     budgets: tuple[BudgetScore, ...]
 
 
+#: Subnets drawn per pass over the stages: the working columns (a few 64 KiB) stay in the cache.
+_CHUNK = 8192
+
+
 def sample_subnets(tables: SpaceEvoTables, choice: SpaceChoice, rng: np.random.Generator, size: int | tuple[int, ...],
                    fixed_latency_ms: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Latencies and losses of ``size`` subnets of ``choice`` drawn from the tables (module docstring)."""
-    latency = np.full(size, float(fixed_latency_ms))
-    loss = np.zeros(size)
-    for stage, stage_choice in enumerate(choice.stages):
-        lat, los = tables.window_rows(stage, stage_choice.block_type, stage_choice.window)
-        index = rng.integers(len(lat), size=size)
-        latency += lat[index]
-        loss += los[index]
-    return latency, loss
+    """Latencies and losses of ``size`` subnets of ``choice`` drawn from the tables (module docstring).
+
+    Speed (the whole search is this function; ~3x ``Generator.integers`` and fancy indexing over
+    the whole sample, measured in one process): subnets are drawn in chunks of :data:`_CHUNK` so the
+    temporaries stay in the cache; a stage's row index is the top half of ``bits * rows`` for 32
+    random bits (two stages per 64-bit draw of the generator), uniform to within ``rows / 2**32``
+    (below 1e-7 for any table here); latency and loss travel as one complex column
+    (latency + 1j * loss), so a stage costs one gather and one add.
+    """
+    shape = (size,) if isinstance(size, int) else tuple(size)
+    total = math.prod(shape)
+    columns = [tables.window_values(stage, stage_choice.block_type, stage_choice.window)
+               for stage, stage_choice in enumerate(choice.stages)]
+    acc = np.full(total, complex(fixed_latency_ms, 0.0))
+    low, shift = np.uint64(0xFFFFFFFF), np.uint64(32)
+    bit_generator = rng.bit_generator
+    for start in range(0, total, _CHUNK):
+        part = acc[start:start + _CHUNK]
+        raw = np.empty(0, dtype=np.uint64)
+        for stage, values in enumerate(columns):
+            if stage % 2 == 0:
+                raw = bit_generator.random_raw(len(part))
+                bits = raw & low
+            else:
+                bits = raw >> shift
+            bits *= np.uint64(len(values))
+            bits >>= shift
+            part += values.take(bits.view(np.int64))
+    return acc.real.reshape(shape), acc.imag.reshape(shape)
 
 
 def _space_rng(settings: QTSettings, vector: Sequence[int]) -> np.random.Generator:

@@ -232,3 +232,20 @@ def test_sample_subnets_draws_rows_of_the_window_only() -> None:
     # stage 0 widths 16, 24 -> latency 2 or 3; stage 1 widths 16, 24 -> 1 or 2
     assert set(np.round(latency, 6)) == {3.25, 4.25, 5.25}
     assert loss.shape == (2000,)
+
+
+def test_sample_subnets_is_uniform_and_independent_over_stages() -> None:
+    # latencies 1, 2, 4 (stage 0) and 10, 20, 40 (stage 1) decode which rows a subnet drew
+    values = {(0, "mbconv", w): (float(2 ** i), 0.1 * i) for i, w in enumerate(TINY.stages[0].widths)}
+    values |= {(1, "bottleneck", w): (10.0 * 2 ** i, 0.0) for i, w in enumerate(TINY.stages[1].widths)}
+    tables = SpaceEvoTables.from_rows(_rows(values), TINY)
+    latency, loss = S.sample_subnets(tables, _space("mbconv[0:3]-bottleneck[0:3]"), np.random.default_rng(3),
+                                     (2, 45_000))
+    assert latency.shape == loss.shape == (2, 45_000)
+    counts = Counter(np.round(latency.ravel(), 6).tolist())
+    assert set(counts) == {a + b for a in (1, 2, 4) for b in (10, 20, 40)}
+    shares = np.array(list(counts.values())) / latency.size
+    assert np.abs(shares - 1 / 9).max() < 0.006  # ~4 standard errors of 90,000 draws
+    # a stage's loss comes from the same row as its latency
+    first = np.round(latency % 10, 6)
+    np.testing.assert_allclose(loss, np.select([first == 1, first == 2, first == 4], [0.0, 0.1, 0.2]))
