@@ -29,14 +29,17 @@ __all__ = [
 
 
 def make_activation(name: str | None) -> nn.Module | None:
-    """``"relu"`` -> ``nn.ReLU``, ``"h_swish"`` -> ``nn.Hardswish``, ``None`` -> no activation."""
+    """``"relu"`` -> ``nn.ReLU``, ``"relu6"`` -> ``nn.ReLU6``, ``"h_swish"`` -> ``nn.Hardswish``,
+    ``None`` -> no activation."""
     if name is None:
         return None
     if name == "relu":
         return nn.ReLU(inplace=True)
+    if name == "relu6":
+        return nn.ReLU6(inplace=True)
     if name == "h_swish":
         return nn.Hardswish()
-    raise ValueError(f"unknown activation {name!r}; expected 'relu' or 'h_swish'")
+    raise ValueError(f"unknown activation {name!r}; expected 'relu', 'relu6' or 'h_swish'")
 
 
 class ConvBNAct(nn.Module):
