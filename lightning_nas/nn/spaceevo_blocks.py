@@ -127,7 +127,9 @@ class _BlockForward(nn.Module):
     """The forward pass of elastic and plain non-MBConv blocks (same submodule names and wiring)."""
 
     layer_names: tuple[str, ...]
-    stride: int
+    #: Identity shortcut (stride 1, same widths); a plain attribute, not a shape test, so the plain
+    #: blocks trace with torch.fx (int8 conversion) and export to ONNX.
+    residual: bool
     shortcut: nn.Module | None
     post_act: nn.Module | None
 
@@ -135,7 +137,7 @@ class _BlockForward(nn.Module):
         y = x
         for name in self.layer_names:
             y = getattr(self, name)(y)
-        if self.stride == 1 and x.shape[1] == y.shape[1]:
+        if self.residual:
             y = y + x
         elif self.shortcut is not None:
             y = y + self.shortcut(x)
@@ -244,6 +246,7 @@ class ElasticBlock(_BlockForward):
             self.se.expand.active_out_channels = mid
         if self.shortcut is not None:
             self.shortcut.conv.active_out_channels = out_channels
+        self.residual = self.stride == 1 and in_channels == out_channels
         self.active_in_channels = in_channels
         self.active_out_channels = out_channels
         self.active_kernel_size = kernel_size
@@ -283,6 +286,7 @@ class PlainBlock(_BlockForward):
         spec = BLOCK_TYPES[block_type]
         self.block_type = block_type
         self.stride = stride
+        self.residual = stride == 1 and in_channels == out_channels
         self.layer_names = _layer_names(family, spec.se)
         k, cin, cout = kernel_size, in_channels, out_channels
         mid = mid_channels(block_type, cin, cout, expand)

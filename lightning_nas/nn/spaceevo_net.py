@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lightning_nas.nn.elastic import DynamicBatchNorm2d, DynamicConv2d, DynamicLinear, copy_active_weights
 from lightning_nas.nn.ofa_mbv3 import DynamicConvBN
 from lightning_nas.nn.spaceevo_blocks import ElasticStage, PlainStage, plain_block
-from lightning_nas.nn.static import Classifier, ConvBNAct
+from lightning_nas.nn.static import Classifier, ConvBNAct, init_mobilenet
 from lightning_nas.spaces.spaceevo_space import SpaceEvoSubnetSpace
 
 __all__ = ["SpaceEvoSubnet", "SpaceEvoSupernet"]
@@ -125,7 +125,7 @@ class SpaceEvoSupernet(_StagedNetwork):
 class SpaceEvoSubnet(_StagedNetwork):
     """A standalone subnet of a :class:`SpaceEvoSubnetSpace` made of standard layers.
 
-    Built from a space and a config with fresh weights; :meth:`SpaceEvoSupernet.extract` fills one
+    Built from a space and a config with fresh weights (MobileNet initialisation); :meth:`SpaceEvoSupernet.extract` fills one
     with supernet weights. ``space`` and ``config`` are kept as attributes, so
     ``SpaceEvoSubnet(subnet.space, subnet.config)`` rebuilds the architecture for a ``state_dict``.
     """
@@ -152,3 +152,4 @@ class SpaceEvoSubnet(_StagedNetwork):
         self.stages = nn.ModuleList(stages)
         self.head = ConvBNAct(in_channels, layout.head.channels, 1, activation=layout.head.activation, **bn)
         self.classifier = Classifier(nn.Linear(layout.head.channels, layout.num_classes), layout.head.dropout)
+        init_mobilenet(self)
