@@ -280,7 +280,7 @@ def validate(choice: Any, layout: MacroLayout = CIFAR_LAYOUT) -> SpaceChoice:
     ``{"block_type": ..., "window": [start, stop]}`` mappings / ``(block_type, window)`` pairs;
     :class:`~lightning_nas.errors.RecipeError` naming the stage key and what is allowed otherwise."""
     if isinstance(choice, str):
-        choice = parse_space_id(choice)
+        return parse_space_id(choice, layout)
     stages = choice.stages if isinstance(choice, SpaceChoice) else choice
     if not isinstance(stages, Sequence) or isinstance(stages, str):
         raise RecipeError("a space is a list of stages (block type and window each)", key="stages",
