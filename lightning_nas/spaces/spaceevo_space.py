@@ -36,7 +36,6 @@ from lightning_nas.spaces.spaceevo_layout import (
     StageSpec,
     StemSpec,
     SubStage,
-    parse_space_id,
     space_id,
     subnet_layers,
 )
@@ -103,9 +102,7 @@ class SpaceEvoSubnetSpace:
     def __init__(self, space: SpaceChoice | str | Sequence[Any],
                  layout: MacroLayout | str | Mapping[str, Any] = CIFAR_LAYOUT) -> None:
         self.layout = layout_from_hparams(layout)
-        # parse ids here: spaceevo_layout.validate parses a string against the CIFAR layout
-        self.choice = validate_choice(parse_space_id(space, self.layout) if isinstance(space, str) else space,
-                                      self.layout)
+        self.choice = validate_choice(space, self.layout)
         self.num_stages = self.layout.num_stages
         self.block_types = [stage.block_type for stage in self.choice.stages]
         self.stage_strides = [stage.stride for stage in self.layout.stages]
