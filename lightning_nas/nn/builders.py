@@ -19,11 +19,13 @@ from torch import nn
 from lightning_nas.nn.nb201 import NB201Network
 from lightning_nas.nn.ofa_mbv3 import OFAMobileNetV3
 from lightning_nas.nn.proxyless_net import ProxylessNet, ProxylessSupernet
+from lightning_nas.nn.spaceevo_net import SpaceEvoSubnet, SpaceEvoSupernet
 from lightning_nas.nn.static import MobileNetV3Subnet
 from lightning_nas.spaces.nb201 import NB201Space
 from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 from lightning_nas.spaces.protocol import SearchSpace
 from lightning_nas.spaces.proxyless import ProxylessSpace
+from lightning_nas.spaces.spaceevo_space import SpaceEvoSubnetSpace
 
 __all__ = ["build_subnet", "build_supernet"]
 
@@ -46,6 +48,12 @@ def _proxyless_supernet(space: ProxylessSpace, mixed_op: str = "binary") -> Prox
     return ProxylessSupernet(space, mixed_op=mixed_op)
 
 
+@build_supernet.register(SpaceEvoSubnetSpace)
+def _spaceevo_supernet(space: SpaceEvoSubnetSpace) -> SpaceEvoSupernet:
+    """The elastic supernet of one SpaceEvo space (stages of possibly different block types)."""
+    return SpaceEvoSupernet(space)
+
+
 @singledispatch
 def build_subnet(space: SearchSpace, arch: Any) -> nn.Module:
     """A freshly initialised standalone network of plain torch layers for one architecture of ``space``.
@@ -64,6 +72,11 @@ def _ofa_subnet(space: OFAMobileNetV3Space, arch: Mapping[str, Any]) -> MobileNe
 @build_subnet.register(ProxylessSpace)
 def _proxyless_subnet(space: ProxylessSpace, arch: Sequence[str] | Mapping[str, Any]) -> ProxylessNet:
     return ProxylessNet(space, space.validate(arch))
+
+
+@build_subnet.register(SpaceEvoSubnetSpace)
+def _spaceevo_subnet(space: SpaceEvoSubnetSpace, arch: Mapping[str, Any]) -> SpaceEvoSubnet:
+    return SpaceEvoSubnet(space, arch)
 
 
 @build_subnet.register(NB201Space)

@@ -39,6 +39,7 @@ __all__ = [
     "DynamicLinear",
     "DynamicSqueezeExcite",
     "QuantHookMixin",
+    "copy_active_weights",
     "depthwise_conv2d",
     "pointwise_conv2d",
 ]
@@ -464,3 +465,41 @@ class DynamicSqueezeExcite(nn.Module):
         scale = F.relu(self.reduce(scale), inplace=True)
         scale = F.hardsigmoid(self.expand(scale), inplace=True)
         return x * scale
+
+
+@torch.no_grad()
+def copy_active_weights(target: nn.Module, source: nn.Module) -> None:
+    """Fill the plain layers of ``target`` with the active weights of ``source``'s same-named layers.
+
+    Subnet extraction: every ``nn.Conv2d`` / ``nn.Linear`` of ``target`` takes the active weight
+    (sliced channels, transformed or cropped kernel) and bias of the dynamic layer of the same
+    qualified name in ``source``, every ``nn.BatchNorm2d`` the first channels of the dynamic batch
+    norm's affine parameters and running statistics. Values are copied: ``target`` shares no
+    storage with ``source``.
+    """
+    sources = dict(source.named_modules())
+    for name, module in target.named_modules():
+        if isinstance(module, nn.Conv2d):
+            layer = sources[name]
+            module.weight.copy_(layer.active_weight(module.in_channels))
+            if module.bias is not None:
+                module.bias.copy_(layer.active_bias())
+        elif isinstance(module, nn.Linear):
+            layer = sources[name]
+            module.weight.copy_(layer.active_weight(module.in_features))
+            module.bias.copy_(layer.active_bias())
+        elif isinstance(module, nn.BatchNorm2d):
+            _copy_batchnorm(sources[name], module)
+
+
+def _copy_batchnorm(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> None:
+    c = target.num_features
+    target.eps = source.eps
+    target.momentum = source.momentum
+    if target.affine:
+        target.weight.copy_(source.weight[:c])
+        target.bias.copy_(source.bias[:c])
+    if target.track_running_stats and source.running_mean is not None:
+        target.running_mean.copy_(source.running_mean[:c])
+        target.running_var.copy_(source.running_var[:c])
+        target.num_batches_tracked.copy_(source.num_batches_tracked)

@@ -23,6 +23,7 @@ from lightning_nas.nn.elastic import (
     DynamicDepthwiseConv2d,
     DynamicLinear,
     DynamicSqueezeExcite,
+    copy_active_weights,
 )
 from lightning_nas.nn.static import Classifier, Head, MobileNetV3Subnet, make_activation
 from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
@@ -245,19 +246,7 @@ class OFAMobileNetV3(nn.Module):
         try:
             ref = next(self.parameters())
             subnet = MobileNetV3Subnet(self.space, config).to(device=ref.device, dtype=ref.dtype)
-            sources = dict(self.named_modules())
-            for name, module in subnet.named_modules():
-                if isinstance(module, nn.Conv2d):
-                    source = sources[name]
-                    module.weight.copy_(source.active_weight(module.in_channels))
-                    if module.bias is not None:
-                        module.bias.copy_(source.active_bias())
-                elif isinstance(module, nn.Linear):
-                    source = sources[name]
-                    module.weight.copy_(source.active_weight(module.in_features))
-                    module.bias.copy_(source.active_bias())
-                elif isinstance(module, nn.BatchNorm2d):
-                    _copy_batchnorm(sources[name], module)
+            copy_active_weights(subnet, self)
         finally:
             self.set_active(previous)
         return subnet.train(self.training)
@@ -331,16 +320,3 @@ def _permute_bn(bn: nn.BatchNorm2d, order: Tensor, optimizer=None) -> None:
     for tensor in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
         if tensor is not None:
             _permute(tensor, 0, order, optimizer)
-
-
-def _copy_batchnorm(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> None:
-    c = target.num_features
-    target.eps = source.eps
-    target.momentum = source.momentum
-    if target.affine:
-        target.weight.copy_(source.weight[:c])
-        target.bias.copy_(source.bias[:c])
-    if target.track_running_stats and source.running_mean is not None:
-        target.running_mean.copy_(source.running_mean[:c])
-        target.running_var.copy_(source.running_var[:c])
-        target.num_batches_tracked.copy_(source.num_batches_tracked)

@@ -24,19 +24,39 @@ __all__ = [
     "MBConv",
     "MobileNetV3Subnet",
     "SqueezeExcite",
+    "init_mobilenet",
     "make_activation",
 ]
 
 
+def init_mobilenet(net: nn.Module) -> None:
+    """MobileNet initialisation: He (fan-out) convs, unit BN, small uniform classifier."""
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            bound = 1.0 / module.in_features**0.5
+            nn.init.uniform_(module.weight, -bound, bound)
+            nn.init.zeros_(module.bias)
+
+
 def make_activation(name: str | None) -> nn.Module | None:
-    """``"relu"`` -> ``nn.ReLU``, ``"h_swish"`` -> ``nn.Hardswish``, ``None`` -> no activation."""
+    """``"relu"`` -> ``nn.ReLU``, ``"relu6"`` -> ``nn.ReLU6``, ``"h_swish"`` -> ``nn.Hardswish``,
+    ``None`` -> no activation."""
     if name is None:
         return None
     if name == "relu":
         return nn.ReLU(inplace=True)
+    if name == "relu6":
+        return nn.ReLU6(inplace=True)
     if name == "h_swish":
         return nn.Hardswish()
-    raise ValueError(f"unknown activation {name!r}; expected 'relu' or 'h_swish'")
+    raise ValueError(f"unknown activation {name!r}; expected 'relu', 'relu6' or 'h_swish'")
 
 
 class ConvBNAct(nn.Module):
@@ -210,19 +230,8 @@ class MobileNetV3Subnet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """MobileNet initialisation: He (fan-out) convs, unit BN, small uniform classifier."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                bound = 1.0 / module.in_features**0.5
-                nn.init.uniform_(module.weight, -bound, bound)
-                nn.init.zeros_(module.bias)
+        """MobileNet initialisation (:func:`init_mobilenet`)."""
+        init_mobilenet(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.first_block(self.stem(x))

@@ -23,6 +23,7 @@ from lightning_nas.spaces.ofa_mbv3 import OFAMobileNetV3Space
 from lightning_nas.spaces.protocol import BoundedSpace, CostModelSpace, ElasticSpace, SearchSpace
 from lightning_nas.spaces.proxyless import ProxylessSpace, space_from_record
 from lightning_nas.spaces.quant_policy import QuantPolicySpace
+from lightning_nas.spaces.spaceevo_space import SpaceEvoSubnetSpace
 
 SAMPLES = 12
 
@@ -36,6 +37,9 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "quant_policy": lambda: QuantPolicySpace(bit_choices=[4, 6, 8]).over(10),
     "joint_fp32": lambda: JointSpace(OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar")),
     "joint_quant": lambda: JointSpace(OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar"), QuantPolicySpace()),
+    "spaceevo_subnets": lambda: SpaceEvoSubnetSpace(
+        "dual_dw[0:2]-mbconv[1:5]-bottleneck[2:4]-fused_mbconv_se[0:3]-mbconv_se[3:6]"
+    ),
 }
 
 #: Which of the narrower protocols each space implements, so a lost method fails here.
@@ -48,6 +52,7 @@ CAPABILITIES: dict[str, set[type]] = {
     "quant_policy": {BoundedSpace},
     "joint_fp32": {BoundedSpace},
     "joint_quant": {BoundedSpace},
+    "spaceevo_subnets": {CostModelSpace, BoundedSpace},
 }
 
 
