@@ -67,4 +67,16 @@ def run(recipe: LoadedRecipe) -> Path:
         write_config(recipe, run_dir)
     # Read without pickle unless the recipe trusts its files (checked above, so refusals are clear).
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not pickle_allowed())
+    if final_epoch_unvalidated(trainer):
+        # Otherwise the run's last val metrics (and a supernet's subnets.csv) describe the weights
+        # of an earlier epoch, not the ones in last.ckpt.
+        trainer.validate(task, datamodule=datamodule, verbose=False)
     return run_dir
+
+
+def final_epoch_unvalidated(trainer: Any) -> bool:
+    """Whether fit ended on an epoch that ``check_val_every_n_epoch`` skipped (and validation is on)."""
+    every = trainer.check_val_every_n_epoch
+    if every is None or every <= 1 or trainer.current_epoch == 0 or trainer.limit_val_batches == 0:
+        return False
+    return trainer.current_epoch % every != 0

@@ -23,6 +23,17 @@ def test_fit_writes_config_logs_and_checkpoints(tmp_path: Path) -> None:
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_a_final_epoch_skipped_by_the_validation_interval_is_validated_after_fit(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert main(["fit", RECIPE, "--smoke", f"run_dir={run_dir}", "trainer.max_epochs=2",
+                 "trainer.check_val_every_n_epoch=3"]) == 0
+    rows = list(csv.DictReader((run_dir / "logs" / "metrics.csv").open()))
+    validated = [row for row in rows if row.get("val/acc")]
+    # no epoch reached the interval, so the one validation is the one after fit, at its last step
+    assert len(validated) == 1
+    assert int(validated[0]["step"]) == max(int(row["step"]) for row in rows)
+
+
 def test_resume_from_last_checkpoint_continues_training(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert main(["fit", RECIPE, "--smoke", f"run_dir={run_dir}"]) == 0
