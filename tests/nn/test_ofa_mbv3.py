@@ -39,32 +39,18 @@ PLAIN = (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _randomise(net: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics / affine and kernel transforms, so extraction is really tested."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            if isinstance(m, DynamicDepthwiseConv2d):
-                for p in m.kernel_transforms():
-                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return net
 
 
 @pytest.fixture(scope="module")
-def imagenet() -> tuple[OFAMobileNetV3Space, OFAMobileNetV3]:
+def imagenet(randomise_elastic) -> tuple[OFAMobileNetV3Space, OFAMobileNetV3]:
     space = OFAMobileNetV3Space(num_classes=10, resolutions=[32, 48, 64])
-    return space, _randomise(build_supernet(space).eval())
+    return space, randomise_elastic(build_supernet(space).eval())
 
 
 @pytest.fixture(scope="module")
-def cifar() -> tuple[OFAMobileNetV3Space, OFAMobileNetV3]:
+def cifar(randomise_elastic) -> tuple[OFAMobileNetV3Space, OFAMobileNetV3]:
     space = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar")
-    return space, _randomise(build_supernet(space).eval(), seed=1)
+    return space, randomise_elastic(build_supernet(space).eval(), seed=1)
 
 
 def _configs(space: OFAMobileNetV3Space, n: int, seed: int) -> list[dict]:
@@ -121,11 +107,11 @@ def test_extracted_subnet_roundtrips_through_torch_save(cifar) -> None:
         torch.testing.assert_close(rebuilt(x), subnet(x))
 
 
-def test_channels_last_supernet_matches_extracted(imagenet) -> None:
+def test_channels_last_supernet_matches_extracted(imagenet, randomise_elastic) -> None:
     space, supernet = imagenet
     config = space.sample(random.Random(5))
     subnet = supernet.extract(config)
-    fast = _randomise(build_supernet(space), seed=0).to(memory_format=torch.channels_last).eval()
+    fast = randomise_elastic(build_supernet(space), seed=0).to(memory_format=torch.channels_last).eval()
     fast.load_state_dict(supernet.state_dict())
     fast.set_active(config)
     x = torch.randn(3, 3, 48, 48)
@@ -192,9 +178,9 @@ def _block_importance(block) -> torch.Tensor:
     return block.project.conv.weight.detach().abs().sum(dim=(0, 2, 3))
 
 
-def test_reorder_channels_keeps_full_network_and_sorts_importance(cifar) -> None:
+def test_reorder_channels_keeps_full_network_and_sorts_importance(cifar, randomise_elastic) -> None:
     space, _ = cifar
-    supernet = _randomise(build_supernet(space), seed=3).eval()
+    supernet = randomise_elastic(build_supernet(space), seed=3).eval()
     x = torch.randn(2, 3, 32, 32)
     supernet.set_max()
     with torch.no_grad():
@@ -211,9 +197,9 @@ def test_reorder_channels_keeps_full_network_and_sorts_importance(cifar) -> None
             assert torch.all(se_importance[:-1] >= se_importance[1:])
 
 
-def test_reorder_with_kept_ratio_preserves_that_subnet_and_optimizer_state(cifar) -> None:
+def test_reorder_with_kept_ratio_preserves_that_subnet_and_optimizer_state(cifar, randomise_elastic) -> None:
     space, _ = cifar
-    supernet = _randomise(build_supernet(space), seed=4).eval()
+    supernet = randomise_elastic(build_supernet(space), seed=4).eval()
     optimizer = torch.optim.SGD(supernet.parameters(), lr=0.1, momentum=0.9)
     supernet.set_max()
     F.cross_entropy(supernet(torch.randn(2, 3, 32, 32)), torch.tensor([1, 2])).backward()
