@@ -269,6 +269,32 @@ def tiny_datamodule() -> Any:
     return DigitsDataModule(**{k: v for k, v in TINY_DATA.items() if k != "name"})
 
 
+#: One block per stage of TINY_SPACE, 3x3 depthwise, expand 3: 16 block convolutions, with
+#: depthwise, squeeze-excite (stages 2 and 3) and h-swish (stages 3 and 4).
+TINY_SUBNET_CONFIG = {"ks": [3] * 10, "e": [3] * 10, "d": [1] * 5, "r": 16}
+
+
+def tiny_ofa_subnet(seed: int = 0) -> Any:
+    """A standalone TINY_SPACE subnet (eval mode) with random weights and non-trivial BN statistics."""
+    import torch
+    from torch import nn
+
+    from lightning_nas.nn.builders import build_subnet
+    from lightning_nas.registry import SPACES
+
+    torch.manual_seed(seed)
+    model = build_subnet(SPACES.build(TINY_SPACE), TINY_SUBNET_CONFIG)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
 def quiet_trainer(root: Path, **kwargs: Any) -> Any:
     import lightning.pytorch as pl
 

@@ -63,6 +63,23 @@ def orthogonality(features: Sequence[torch.Tensor]) -> np.ndarray:
     return (inner / (norms[:, None] * norms[None, :]).clamp_min(1e-300)).numpy()
 
 
+class _HardSigmoid(nn.Module):
+    """``nn.Hardsigmoid`` by the same formula (``relu6(x + 3) / 6``) in ops that torch differentiates
+    twice: ``hardsigmoid_backward`` has no derivative, so Hessian-vector products through a
+    squeeze-excite gate would fail."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(x + 3.0) / 6.0
+
+
+def _twice_differentiable(module: nn.Module) -> None:
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Hardsigmoid):
+            setattr(module, name, _HardSigmoid())
+        else:
+            _twice_differentiable(child)
+
+
 def _macs(module: nn.Module, output: torch.Tensor) -> int:
     per_image = output[0].numel()
     if isinstance(module, nn.Conv2d):
@@ -87,6 +104,7 @@ def compute_layer_statistics(model: nn.Module, layers: Sequence[str], images: to
     for m in network.modules():
         if hasattr(m, "inplace"):
             m.inplace = False
+    _twice_differentiable(network)
     modules = [network.get_submodule(name) for name in layers]
     weights = [m.weight for m in modules]
     inputs: dict[str, torch.Tensor] = {}

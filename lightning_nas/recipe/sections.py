@@ -100,9 +100,14 @@ class MQBenchSettings:
     proxies read (``stats.npz``) and the non-triviality check (``benchmark.json``).
     """
 
-    #: A checkpoint of ``lightning-nas fit`` of a classification recipe (e.g. resnet20_cifar10).
+    #: The trained network, told apart by content: a checkpoint of ``lightning-nas fit`` of a
+    #: classification recipe (e.g. resnet20_cifar10), or a ``subnet.pt`` of ``lightning-nas export``
+    #: (e.g. the largest subnet of the CIFAR-10 supernet, recipes/ofa_export_cifar10.yaml), whose
+    #: images are resized to the subnet's resolution.
     checkpoint: ExistingFile
-    #: Layers whose weight bits a configuration chooses; default: the model's ``block_layers()``.
+    #: Layers whose weight bits a configuration chooses; default: the model's ``block_layers()``
+    #: (ResNet: the block convolutions; OFA subnet: every convolution of its blocks, squeeze-excite
+    #: included).
     layers: list[str] | None = None
     bit_choices: list[int] = field(default_factory=lambda: [2, 3, 4])
     activation_bits: int = 8
@@ -152,7 +157,7 @@ class AllocateSettings:
 
     #: ``stats.npz`` of the mqbench run (its PTQ settings are reused).
     stats: ExistingFile
-    #: The same network's checkpoint.
+    #: The same network's file: the classification checkpoint or ``subnet.pt`` the benchmark read.
     checkpoint: ExistingFile
     #: ``best_program.json`` of an emq run; needed by the proxy ``emq``.
     program: ExistingFile | None = None

@@ -34,6 +34,7 @@ from .mqbench import (
     PTQSettings,
     build_evaluator,
     held_out,
+    input_resolution,
     load_network,
     log_summary,
     progress_bar,
@@ -149,18 +150,19 @@ def run(recipe: LoadedRecipe) -> Path:
     if todo:
         datamodule = DATA.build(config["data"])
         datamodule.setup("fit")
-        model = load_network(settings.checkpoint, "allocate.checkpoint")
-        bn_batches, _, _ = held_out(datamodule, ptq.bn_images, settings.batch_size)
-        evaluator = build_evaluator(model, ptq, bn_batches, test_batches(datamodule))
+        network = load_network(settings.checkpoint, "allocate.checkpoint")
+        resolution = input_resolution(network, datamodule, "allocate.checkpoint")
+        bn_batches, _, _ = held_out(datamodule, ptq.bn_images, settings.batch_size, resolution)
+        evaluator = build_evaluator(network.model, ptq, bn_batches, test_batches(datamodule, resolution))
         with progress_bar("allocated configs", settings.progress) as progress:
             bar = progress.add_task("configs", total=len(todo), note="")
             for bits in todo:
                 started = time.perf_counter()
                 top1, loss = evaluator.evaluate(list(bits))
                 key = config_key(ptq, list(bits))
-                store.add(Pair(arch={"network": type(model).__name__, "layers": ptq.layers},
+                store.add(Pair(arch={"network": type(network.model).__name__, "layers": ptq.layers},
                                policy={"w_bits": list(bits), "a_bits": ptq.activation_bits, "ptq": ptq_id(ptq)},
-                               resolution=int(datamodule.image_size), top1=top1, loss=loss,
+                               resolution=int(resolution or datamodule.image_size), top1=top1, loss=loss,
                                checkpoint_hash=ptq.checkpoint_hash, seed=settings.seed,
                                seconds=time.perf_counter() - started, kind=KIND, pair_key=key))
                 progress.update(bar, advance=1, note=f"last top-1 {top1:.2f}")

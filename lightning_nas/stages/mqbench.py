@@ -1,6 +1,8 @@
 """``lightning-nas mqbench``: build a mixed-precision quantization benchmark (MQ-Bench style).
 
-From a trained classification checkpoint: ``num_configs`` random configurations (configuration
+From a trained network (a classification checkpoint, or a standalone subnet that ``lightning-nas
+export`` wrote, e.g. the largest subnet of the CIFAR-10 once-for-all supernet; see
+:func:`load_network`): ``num_configs`` random configurations (configuration
 ``i`` draws every searchable layer's weight bits from ``bit_choices`` with a generator seeded by
 ``seed`` and ``i``), each quantized post-training by :class:`~lightning_nas.nn.ptq.PTQEvaluator`
 and evaluated on the data module's test images. Each result is a pair of kind ``mq`` in the pair
@@ -47,15 +49,80 @@ PLOT_FILE = "benchmark.png"
 TRIVIAL_SPEARMAN = 0.85
 
 
-def load_network(checkpoint: str, key: str) -> Any:
-    """The trained network of a classification checkpoint, in eval mode on the CPU."""
+#: What ``mqbench.checkpoint`` and ``allocate.checkpoint`` accept; told apart by their content.
+NETWORK_FILES = ("a checkpoint of `lightning-nas fit` of a classification recipe (keys state_dict and "
+                 "hyper_parameters naming a model), or a subnet.pt of `lightning-nas export` (keys space, config "
+                 "and state_dict)")
+_SUBNET_KEYS = ("space", "config", "state_dict")
+_CHECKPOINT_KEYS = ("state_dict", "hyper_parameters")
+
+
+@dataclass
+class Network:
+    """A trained network read by :func:`load_network`, in eval mode on the CPU."""
+
+    model: Any
+    #: ``classification`` (a checkpoint of a classification task) or ``subnet`` (an exported subnet).
+    kind: str
+    #: The input size the network was chosen for (an exported OFA subnet's ``r``); None: the data's own.
+    resolution: int | None = None
+
+
+def _classification_model(saved: Mapping[str, Any], path: str, key: str) -> Any:
+    import inspect
+
     from ..tasks.classification import ClassificationTask
 
+    hparams = saved["hyper_parameters"]
+    if not isinstance(hparams, Mapping) or "model" not in hparams:
+        hint = ("; it is a supernet checkpoint: export a subnet of it first (`lightning-nas export`, e.g. "
+                "recipes/ofa_export_cifar10.yaml) and name its subnet.pt"
+                if isinstance(hparams, Mapping) and "space" in hparams else "")
+        raise RecipeError(f"a checkpoint of another task: its hyper_parameters name no model{hint}", key=key,
+                          given=path, allowed=NETWORK_FILES)
+    # As Lightning's load_from_checkpoint: only the arguments the task takes.
+    accepted = inspect.signature(ClassificationTask.__init__).parameters
     try:
-        task = ClassificationTask.load_from_checkpoint(checkpoint, map_location="cpu")
-    except (KeyError, TypeError, RuntimeError) as error:
-        raise RecipeError(f"not a checkpoint of a classification task ({error})", key=key, given=checkpoint) from None
-    return task.model.eval()
+        task = ClassificationTask(**{k: v for k, v in hparams.items() if k in accepted})
+        task.load_state_dict(saved["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # the file's content, not the code
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise RecipeError(f"not a checkpoint of a classification task ({first_line})", key=key, given=path,
+                          allowed=NETWORK_FILES) from None
+    return task.model
+
+
+def load_network(path: str, key: str) -> Network:
+    """The trained network of ``path``: a classification checkpoint or an exported ``subnet.pt``.
+
+    Read without pickle (:func:`~lightning_nas.nn.safe_load.load_torch_file`); the kind is told by
+    the file's keys, never by its name. ``key`` is the recipe key that named the file.
+    """
+    from ..nn.safe_load import load_torch_file
+
+    saved = load_torch_file(path, key=key, what=NETWORK_FILES)
+    if isinstance(saved, Mapping) and all(k in saved for k in _SUBNET_KEYS):
+        from ..tasks.supernet import rebuild_network
+
+        model, _, config = rebuild_network(saved, path=str(path), key=key)
+        resolution = config.get("r") if isinstance(config, Mapping) else None
+        return Network(model.eval(), "subnet", None if resolution is None else int(resolution))
+    if isinstance(saved, Mapping) and all(k in saved for k in _CHECKPOINT_KEYS):
+        return Network(_classification_model(saved, str(path), key).eval(), "classification")
+    found = f"the keys {', '.join(map(str, saved))}" if isinstance(saved, Mapping) else f"a {type(saved).__name__}"
+    raise RecipeError(f"neither kind of network file: it holds {found}", key=key, given=str(path),
+                      allowed=NETWORK_FILES)
+
+
+def input_resolution(network: Network, datamodule: Any, key: str) -> int | None:
+    """The size the network's images are resized to (None: as stored); never above the stored size."""
+    if network.resolution is None or network.resolution == datamodule.image_size:
+        return None
+    if network.resolution > datamodule.image_size:
+        raise RecipeError(f"the subnet runs at {network.resolution} px, the data's images are {datamodule.image_size} "
+                          "px: they would be upsampled", key=key, allowed="a subnet exported at a resolution up to "
+                          f"{datamodule.image_size}, or data with larger images")
+    return network.resolution
 
 
 def choose_layers(model: Any, given: Sequence[str] | None, key: str) -> tuple[list[str], list[str]]:
@@ -74,8 +141,10 @@ def choose_layers(model: Any, given: Sequence[str] | None, key: str) -> tuple[li
     return list(given), [n for n in weighted if n not in given]
 
 
-def held_out(datamodule: Any, images: int, batch_size: int) -> tuple[list[Any], Any, Any]:
-    """(normalised image batches of the first ``images`` held-out images, all their images, labels)."""
+def held_out(datamodule: Any, images: int, batch_size: int,
+             resolution: int | None = None) -> tuple[list[Any], Any, Any]:
+    """(normalised image batches of the first ``images`` held-out images, all their images, labels),
+    resized to ``resolution`` when given."""
     import torch
 
     xs, ys = [], []
@@ -86,13 +155,14 @@ def held_out(datamodule: Any, images: int, batch_size: int) -> tuple[list[Any], 
     if len(x) < images:
         raise RecipeError(f"needs {images} held-out images, the data module holds out {len(x)}",
                           key="data.holdout_size", given=len(x), allowed=f"at least {images}")
-    x, y = datamodule.normalize(x[:images]), y[:images]
+    x, y = datamodule.normalize(x[:images], resolution), y[:images]
     return list(x.split(batch_size)), x, y
 
 
-def test_batches(datamodule: Any) -> list[tuple[Any, Any]]:
-    """The data module's test images (``data.val_subset`` limits them), normalised."""
-    return [(datamodule.normalize(x), y) for x, y in datamodule.val_dataloader()]
+def test_batches(datamodule: Any, resolution: int | None = None) -> list[tuple[Any, Any]]:
+    """The data module's test images (``data.val_subset`` limits them), normalised (and resized to
+    ``resolution`` when given)."""
+    return [(datamodule.normalize(x, resolution), y) for x, y in datamodule.val_dataloader()]
 
 
 def plan_config(seed: int, index: int, num_layers: int, bit_choices: Sequence[int]) -> list[int]:
@@ -239,13 +309,14 @@ def run(recipe: LoadedRecipe) -> Path:
     seed_everything(config["seed"])
     datamodule = DATA.build(config["data"])
     datamodule.setup("fit")
-    model = load_network(settings.checkpoint, "mqbench.checkpoint")
+    network = load_network(settings.checkpoint, "mqbench.checkpoint")
+    model, resolution = network.model, input_resolution(network, datamodule, "mqbench.checkpoint")
     layers, fixed = choose_layers(model, settings.layers, "mqbench.layers")
     ptq = PTQSettings(file_hash(settings.checkpoint), layers, fixed, list(settings.bit_choices),
                       settings.activation_bits, settings.fixed_bits, settings.bn_images, settings.rounding_steps,
                       settings.rounding_images)
-    bn_batches, _, _ = held_out(datamodule, settings.bn_images, settings.batch_size)
-    _, stats_x, stats_y = held_out(datamodule, settings.stats_images, settings.stats_images)
+    bn_batches, _, _ = held_out(datamodule, settings.bn_images, settings.batch_size, resolution)
+    _, stats_x, stats_y = held_out(datamodule, settings.stats_images, settings.stats_images, resolution)
     stats = statistics(run_dir / STATS_FILE, model, ptq, stats_x, stats_y, settings)
 
     store = PairStore(settings.store or run_dir / STORE_FILE)
@@ -255,7 +326,7 @@ def run(recipe: LoadedRecipe) -> Path:
     arch = {"network": type(model).__name__, "layers": layers}
     started = time.perf_counter()
     if todo:
-        evaluator = build_evaluator(model, ptq, bn_batches, test_batches(datamodule))
+        evaluator = build_evaluator(model, ptq, bn_batches, test_batches(datamodule, resolution))
         with progress_bar("mq pairs", settings.progress) as progress:
             bar = progress.add_task("pairs", total=len(todo), note="")
             for n, index in enumerate(todo, start=1):
@@ -264,7 +335,7 @@ def run(recipe: LoadedRecipe) -> Path:
                 top1, loss = evaluator.evaluate(bits)
                 store.add(Pair(arch=arch, policy={"w_bits": bits, "a_bits": settings.activation_bits,
                                                   "ptq": ptq_id(ptq)},
-                               resolution=int(datamodule.image_size), top1=top1, loss=loss,
+                               resolution=int(resolution or datamodule.image_size), top1=top1, loss=loss,
                                checkpoint_hash=ptq.checkpoint_hash, seed=settings.seed,
                                seconds=time.perf_counter() - pair_started, kind=KIND,
                                pair_key=benchmark_key(ptq, settings.seed, index)))

@@ -97,3 +97,47 @@ def test_ptq_with_rounding_steps_uses_learned_rounding() -> None:
     evaluator.evaluate([2])
     learned = evaluator.model[3].weight
     assert not torch.allclose(learned, clipped_quantize(model[3].weight, 2)[0])
+
+
+def test_ptq_of_an_ofa_subnet_quantizes_depthwise_and_se_per_channel() -> None:
+    from conftest import tiny_ofa_subnet
+
+    from lightning_nas.nn.bn_recalibration import recalibrate_batchnorm
+
+    model = tiny_ofa_subnet()
+    layers = model.block_layers()
+    fixed = ["stem.conv", "head.final_expand.conv", "head.feature_mix.conv", "classifier.linear"]
+    g = torch.Generator().manual_seed(0)
+    bn = list(torch.randn(64, 3, 16, 16, generator=g).split(32))
+    tests = [(torch.randn(48, 3, 16, 16, generator=g), torch.randint(0, 10, (48,), generator=g))]
+    # the float network's own BN statistics come from the calibration images, as in an exported subnet
+    recalibrate_batchnorm(model, bn)
+    evaluator = PTQEvaluator(model, layers, fixed, bn, tests)
+    top1, loss = evaluator.evaluate([2] * len(layers))
+    assert 0.0 <= top1 <= 100.0 and torch.isfinite(torch.tensor(loss))
+    quantized = evaluator.model
+    for name in ("first_block.dw.conv", "blocks.6.dw.conv", "blocks.6.se.reduce", "blocks.6.se.expand"):
+        weight, original = quantized.get_submodule(name).weight, model.get_submodule(name).weight
+        torch.testing.assert_close(weight, clipped_quantize(original, 2)[0])
+        # 2 bits: every output channel (one per depthwise channel) on its own ternary grid
+        for channel in weight.detach().reshape(weight.shape[0], -1):
+            assert len(torch.unique(channel)) <= 3
+    # the SE convs' biases and the batch norms after depthwise convs: biases untouched, BN re-estimated
+    torch.testing.assert_close(quantized.get_submodule("blocks.6.se.reduce").bias,
+                               model.get_submodule("blocks.6.se.reduce").bias)
+    assert not torch.allclose(quantized.get_submodule("blocks.6.dw.bn").running_var,
+                              model.get_submodule("blocks.6.dw.bn").running_var)
+    # activation grids: unsigned after ReLU, signed after h-swish (it dips to -0.375) and on the
+    # linear outputs a project conv reads (rescaled by the SE gate in blocks 6 and 8)
+    signed = {n: quantized.get_submodule(n).input_quantizer.signed for n in layers}
+    assert not signed["blocks.2.dw.conv"] and not signed["blocks.2.se.expand"]  # ReLU stage
+    assert signed["blocks.6.dw.conv"] and signed["blocks.6.project.conv"] and signed["blocks.8.expand.conv"]
+    # fewer bits, larger error: the logits of the same images against the float network's
+    images = tests[0][0]
+    with torch.no_grad():
+        float_logits = model(images)
+        errors = []
+        for bits in (8, 4, 2):
+            evaluator.evaluate([bits] * len(layers))
+            errors.append(float((quantized(images) - float_logits).norm()))
+    assert errors[0] < errors[1] < errors[2]

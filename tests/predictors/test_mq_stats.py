@@ -151,3 +151,78 @@ def test_layer_statistics_of_a_tiny_network_match_hand_computations() -> None:
     orth = orthogonality(outputs)
     np.testing.assert_allclose(stats.scalars["ompq_gamma"], [orth[0, 1], orth[1, 0]], rtol=1e-6)
     assert stats.tensors[0]["hessian"].shape == (4, 27)
+
+
+def test_statistics_of_an_ofa_subnet_with_depthwise_se_and_h_swish() -> None:
+    from conftest import tiny_ofa_subnet
+
+    model = tiny_ofa_subnet()
+    layers = model.block_layers()
+    g = torch.Generator().manual_seed(4)
+    images, labels = torch.randn(6, 3, 16, 16, generator=g), torch.randint(0, 10, (6,), generator=g)
+    stats = compute_layer_statistics(model, layers, images, labels, BITS, hessian_samples=2, activation_images=2)
+    assert stats.names == layers
+    for name, tensors in zip(layers, stats.tensors):
+        for key, value in tensors.items():
+            for array in value if isinstance(value, list) else [value]:
+                assert np.isfinite(array).all(), (name, key)
+    for key, values in stats.scalars.items():
+        assert values.shape == (len(layers),) and np.isfinite(values).all(), key
+    assert (stats.scalars["snip"] > 0).all() and (stats.scalars["grad_norm"] > 0).all()
+    for table in ("hawq_v3", "ompq", "snip", "fisher", "synflow", "grad_norm", "bitops", "size"):
+        assert np.isfinite(hand_made_table(table, stats)).all(), table
+    # shapes and counts of a depthwise conv (one 3x3 filter per channel, 4x4 maps in stage 3) and
+    # of the SE convs (1x1 on the pooled map)
+    dw, reduce = layers.index("blocks.6.dw.conv"), layers.index("blocks.6.se.reduce")
+    channels = model.get_submodule("blocks.6.dw.conv").in_channels
+    hidden = model.get_submodule("blocks.6.se.reduce").out_channels
+    assert stats.tensors[dw]["weight"].shape == (channels, 9)
+    assert stats.tensors[dw]["act"].shape[0] == channels
+    side = int(round((stats.tensors[dw]["act"].shape[1] / 2) ** 0.5))  # input side: stride 2 or not
+    out_side = side // model.get_submodule("blocks.6.dw.conv").stride[0]
+    assert stats.scalars["macs"][dw] == out_side * out_side * channels * 9
+    assert stats.scalars["macs"][reduce] == hidden * channels and stats.tensors[reduce]["act"].shape == (channels, 2)
+    assert stats.scalars["params"][dw] == channels * 9
+    # OMPQ: the Gram matrices are positive semi-definite, so each orthogonality is in [0, 1]
+    assert ((stats.scalars["ompq_gamma"] >= 0) & (stats.scalars["ompq_gamma"] <= len(layers) - 1)).all()
+
+
+def test_hutchinson_through_depthwise_se_and_h_swish_matches_finite_differences() -> None:
+    # In float64, the one-draw estimate v_l . (H v)_l against central differences of the gradient
+    # along v: independent of double backward through hard-swish, hard-sigmoid and grouped convs.
+    import copy
+
+    from conftest import tiny_ofa_subnet
+
+    model = tiny_ofa_subnet().double()
+    names = ["blocks.6.dw.conv", "blocks.6.se.reduce", "blocks.6.se.expand", "blocks.8.expand.conv"]
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 10, (4,), generator=g)
+    stats = compute_layer_statistics(model, names, images, labels, BITS, hessian_samples=1, activation_images=1,
+                                     seed=0, zero_cost=())
+    network = copy.deepcopy(model)
+    for m in network.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    weights = [network.get_submodule(n).weight for n in names]
+    generator = torch.Generator().manual_seed(0)
+    vs = [(torch.randint(0, 2, w.shape, generator=generator, dtype=torch.int64) * 2 - 1).double() for w in weights]
+
+    def grads() -> list[torch.Tensor]:
+        return list(torch.autograd.grad(F.cross_entropy(network(images), labels), weights))
+
+    eps = 1e-5
+    with torch.no_grad():
+        for w, v in zip(weights, vs):
+            w.add_(eps * v)
+    plus = grads()
+    with torch.no_grad():
+        for w, v in zip(weights, vs):
+            w.sub_(2 * eps * v)
+    minus = grads()
+    for i, v in enumerate(vs):
+        hv = (plus[i] - minus[i]) / (2 * eps)
+        assert stats.scalars["hessian_trace"][i] == pytest.approx(float((v * hv).sum()), rel=1e-4, abs=1e-9)
+        np.testing.assert_allclose(stats.tensors[i]["hessian"].reshape(-1), (v * hv).reshape(-1).numpy(),
+                                   rtol=1e-3, atol=1e-8)
