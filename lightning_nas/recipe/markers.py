@@ -77,6 +77,7 @@ MAPPING_MARKERS = {
     "ProfileSettings": "signature:lightning_nas.recipe.profile_settings:ProfileSettings",
     "SearchSettings": "signature:lightning_nas.recipe.search_settings:SearchSettings",
     "RankSettings": "signature:lightning_nas.recipe.sections:RankSettings",
+    "SpaceEvoProfileSettings": "signature:lightning_nas.recipe.sections:SpaceEvoProfileSettings",
     "MQBenchSettings": "signature:lightning_nas.recipe.sections:MQBenchSettings",
     "EMQSearchSettings": "signature:lightning_nas.recipe.sections:EMQSearchSettings",
     "AllocateSettings": "signature:lightning_nas.recipe.sections:AllocateSettings",

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ..targets import TargetName
 from .markers import NonNegativeInt, PositiveFloat, PositiveInt, SpaceSpec
+
+if TYPE_CHECKING:
+    from .sections import SpaceEvoProfileSettings
 
 __all__ = ["ProfileSettings"]
 
@@ -20,8 +23,12 @@ class ProfileSettings:
     interrupted run resumes when run again with the same ``output``.
     """
 
-    #: The search space whose units are measured (``{name: ofa_mbv3_cifar, ...}``).
-    space: SpaceSpec
+    #: The search space whose units are measured (``{name: ofa_mbv3_cifar, ...}``); exactly one of
+    #: ``space`` and ``spaceevo`` is given.
+    space: SpaceSpec | None = None
+    #: Time sampled int8 sub-stages of the SpaceEvo cells instead (rows of a CSV, see
+    #: :class:`~lightning_nas.recipe.sections.SpaceEvoProfileSettings`).
+    spaceevo: SpaceEvoProfileSettings | None = None
     #: The table file; default ``<run_dir>/latency_table.json``.
     output: str | None = None
     #: Input resolutions to cover; default: every resolution of the space.

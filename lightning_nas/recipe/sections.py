@@ -132,6 +132,24 @@ class MQBenchSettings:
 
 
 @dataclass
+class SpaceEvoProfileSettings:
+    """``profile.spaceevo``: time sampled sub-stages of the SpaceEvo cells in int8 instead of a
+    space's units (:mod:`lightning_nas.hardware.spaceevo_latency`); the profile's ``target``,
+    ``int8_backend``, ``batch_size``, ``threads``, ``warmup``, ``repeats``, ``realtime``, ``limit``
+    (rows), ``progress``, ``seed`` and ``output`` (default ``<run_dir>/spaceevo_latency.csv``) apply.
+    """
+
+    #: The macro layout: ``spaceevo_cifar`` or the fields of a MacroLayout.
+    layout: str | dict[str, Any] = "spaceevo_cifar"
+    #: Sub-stages timed per (stage, block type) cell, round-robin over the stage's widths.
+    samples_per_cell: PositiveInt = 20
+    #: Stage indices to time; default every stage of the layout.
+    stages: list[NonNegativeInt] | None = None
+    #: Block types to time; default every block type of the layout.
+    block_types: list[str] | None = None
+
+
+@dataclass
 class EMQSearchSettings:
     """``lightning-nas emq``: evolve a proxy program on a benchmark and score every hand-made proxy."""
 

@@ -3,6 +3,11 @@
 Writes the table (``profile.output``, default ``<run_dir>/latency_table.json``) entry by entry:
 running the same recipe again after an interruption measures only what is missing. The table feeds
 the ``latency_table`` cost model of later stages.
+
+With ``profile.spaceevo`` instead of ``profile.space``, sampled sub-stages of every SpaceEvo
+(stage, block type) cell are timed in int8 on the target into a CSV (default
+``<run_dir>/spaceevo_latency.csv``), resumably (:mod:`lightning_nas.hardware.spaceevo_latency`);
+the space search (``lightning-nas search`` with a ``spaceevo:`` section) reads it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ from ..recipe.validate import require_sections
 from .common import prepare_run_dir
 
 TABLE_FILE = "latency_table.json"
+SPACEEVO_FILE = "spaceevo_latency.csv"
+#: Keys of ``profile:`` that only the table of a space's units reads.
+_UNIT_TABLE_KEYS = ("resolutions", "precisions", "context", "rounds", "validation_subnets", "validation_warmup",
+                    "validation_repeats", "validation_rounds", "min_spearman", "max_median_error_pct")
 
 
 def run(recipe: LoadedRecipe) -> Path:
@@ -42,6 +51,13 @@ def run(recipe: LoadedRecipe) -> Path:
         raise RecipeError(f"int8_backend {settings.int8_backend} is not the runtime of target {target.name}",
                           key="profile.int8_backend", given=settings.int8_backend,
                           allowed=f"{target.runtime} (or leave it out)")
+    if (settings.space is None) == (settings.spaceevo is None):
+        raise RecipeError("give exactly one of profile.space (a space's latency table) and profile.spaceevo "
+                          "(SpaceEvo sub-stage rows)", key="profile",
+                          given=sorted(k for k in ("space", "spaceevo") if config["profile"].get(k) is not None),
+                          allowed=["space", "spaceevo"])
+    if settings.spaceevo is not None:
+        return _run_spaceevo(recipe, settings, target)
     run_dir = prepare_run_dir(recipe)
     space = SPACES.build(settings.space)  # validated with the recipe, resolutions included
     output = Path(settings.output) if settings.output else run_dir / TABLE_FILE
@@ -62,6 +78,53 @@ def run(recipe: LoadedRecipe) -> Path:
         validate(space, output, settings, target)
     elif settings.validation_subnets:
         print("validation on whole subnets runs once the table is complete")
+    return run_dir
+
+
+def _run_spaceevo(recipe: LoadedRecipe, settings: Any, target: Any) -> Path:
+    from ..hardware.latency_table import LatencyTableError
+    from ..hardware.spaceevo_latency import profile_substages
+    from ..recipe.sections import SpaceEvoProfileSettings
+    from ..spaces.spaceevo_space import layout_from_hparams
+
+    given = recipe.config["profile"]
+    unused = [k for k in _UNIT_TABLE_KEYS if k in given]
+    if unused:
+        raise RecipeError("this key belongs to a space's latency table, not to SpaceEvo sub-stage rows",
+                          key=f"profile.{unused[0]}", given=given[unused[0]], allowed="leave it out with profile.spaceevo")
+    try:
+        cells = SpaceEvoProfileSettings(**settings.spaceevo)
+    except TypeError as error:
+        raise RecipeError(f"invalid SpaceEvo profile settings ({error})", key="profile.spaceevo") from None
+    try:
+        layout = layout_from_hparams(cells.layout)
+    except RecipeError as error:
+        raise RecipeError(error.message, key="profile.spaceevo.layout", given=cells.layout,
+                          allowed=error.allowed) from None
+    bad_stages = [s for s in cells.stages or [] if not 0 <= s < layout.num_stages]
+    if bad_stages:
+        raise RecipeError("stage index out of range", key="profile.spaceevo.stages", given=bad_stages[0],
+                          allowed=f"0..{layout.num_stages - 1}")
+    bad_types = [b for b in cells.block_types or [] if b not in layout.block_types]
+    if bad_types:
+        raise RecipeError("block type not in the layout", key="profile.spaceevo.block_types", given=bad_types[0],
+                          allowed=list(layout.block_types))
+    run_dir = prepare_run_dir(recipe)
+    output = Path(settings.output) if settings.output else run_dir / SPACEEVO_FILE
+    try:
+        result = profile_substages(
+            layout, output, target=target, samples_per_cell=cells.samples_per_cell, stages=cells.stages,
+            block_types=cells.block_types, batch_size=settings.batch_size, threads=settings.threads,
+            warmup=settings.warmup, repeats=settings.repeats, realtime=settings.realtime, seed=settings.seed,
+            limit=settings.limit, progress=settings.progress,
+        )
+    except LatencyTableError as error:
+        raise RecipeError(str(error), key="profile.output", given=str(output)) from None
+    state = "complete" if result.remaining == 0 else f"{result.remaining} rows still missing (run again to resume)"
+    overhead = result.meta.get("overhead_ms")
+    extra = "" if overhead is None else f"; ONNX Runtime call overhead {overhead:.4f} ms taken off every row"
+    print(f"SpaceEvo int8 sub-stage latencies {output} (target {target.name}): measured {result.measured} now, "
+          f"{result.skipped} reused; {state}{extra}")
     return run_dir
 
 

@@ -107,3 +107,37 @@ def test_an_incomplete_table_is_not_validated_and_another_cpu_kind_is_refused(tm
     other = "arm/torch" if detect_isa() != "arm" else "x86_vnni/torch"
     with pytest.raises(RecipeError, match=rf"profile.target: .*target {other} is another CPU kind"):
         profile.run(smoke(tmp_path / "other", f"deploy.target={other}"))
+
+
+SPACEEVO_RECIPE = "recipes/latency_lut_spaceevo.yaml"
+
+
+def test_spaceevo_profile_smoke_writes_rows_and_resumes(tmp_path: Path) -> None:
+    from lightning_nas.hardware.spaceevo_latency import read_latency_rows, sample_substages
+    from lightning_nas.spaces.spaceevo_layout import CIFAR_LAYOUT
+
+    run_dir = tmp_path / "run"
+    recipe = load_recipe(SPACEEVO_RECIPE, [f"run_dir={run_dir}"], smoke=True)
+    assert profile.run(recipe) == run_dir
+    (row,) = read_latency_rows(run_dir / profile.SPACEEVO_FILE)
+    (planned,) = sample_substages(CIFAR_LAYOUT, 3, "mbconv", 1)
+    assert (int(row["stage"]), row["block_type"], int(row["width"]), int(row["depth"])) == (
+        3, "mbconv", planned.width, planned.depth)
+    assert (int(row["in_channels"]), int(row["in_size"])) == (112, 4) and float(row["latency_ms"]) > 0
+    meta = json.loads((run_dir / (profile.SPACEEVO_FILE + ".meta.json")).read_text())
+    assert meta["target"] == resolve_target("auto").name and meta["samples_per_cell"] == 1
+    # run again: nothing left to measure, the row is kept as it was
+    profile.run(load_recipe(SPACEEVO_RECIPE, [f"run_dir={run_dir}"], smoke=True))
+    assert read_latency_rows(run_dir / profile.SPACEEVO_FILE) == [row]
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["profile.spaceevo.block_types=[resnet]"], "profile.spaceevo.block_types"),
+    (["profile.spaceevo.stages=[7]"], "profile.spaceevo.stages"),
+    (["profile.rounds=2"], "profile.rounds"),
+    (["+profile.space={name: ofa_mbv3_cifar}"], "profile"),
+])
+def test_spaceevo_profile_recipe_errors_name_the_key(tmp_path: Path, overrides: list[str], key: str) -> None:
+    with pytest.raises(RecipeError) as error:
+        profile.run(load_recipe(SPACEEVO_RECIPE, [f"run_dir={tmp_path}", *overrides], smoke=True))
+    assert error.value.key == key

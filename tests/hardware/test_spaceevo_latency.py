@@ -1,0 +1,71 @@
+"""Int8 latency rows of SpaceEvo sub-stages: sampling plan, CSV read back, resume, settings check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lightning_nas.hardware.latency_table import LatencyTableError
+from lightning_nas.hardware.spaceevo_latency import (
+    cell_input,
+    profile_substages,
+    read_latency_rows,
+    sample_substages,
+    substage_key,
+)
+from lightning_nas.spaces.spaceevo_layout import CIFAR_LAYOUT, HeadSpec, MacroLayout, StageSpec, StemSpec
+from lightning_nas.targets import host_target
+
+TINY = MacroLayout(name="tiny", resolution=8, num_classes=10, stem=StemSpec(channels=8),
+                   stages=(StageSpec(2, (8, 16)), StageSpec(1, (16, 24))), head=HeadSpec(channels=32),
+                   block_types=("mbconv", "fused_mbconv"))
+
+
+def test_sampling_is_seeded_distinct_and_covers_every_width() -> None:
+    first = sample_substages(CIFAR_LAYOUT, 2, "mbconv_se", 6, seed=3)
+    assert first == sample_substages(CIFAR_LAYOUT, 2, "mbconv_se", 6, seed=3)
+    assert first != sample_substages(CIFAR_LAYOUT, 2, "mbconv_se", 6, seed=4)
+    assert len(set(first)) == 6
+    assert sorted(s.width for s in first) == list(CIFAR_LAYOUT.stages[2].widths)
+    # a cell with fewer sub-stages than asked gives all of them once: 6 widths x 3 depths x 1 kernel x 2 expands
+    everything = sample_substages(CIFAR_LAYOUT, 0, "fused_mbconv", 1000)
+    assert len(everything) == len(set(everything)) == 36
+
+
+def test_cell_input_is_the_previous_stage_largest_width() -> None:
+    assert cell_input(CIFAR_LAYOUT, 0) == (24, 32)
+    assert cell_input(CIFAR_LAYOUT, 3) == (112, 4)
+    assert cell_input(TINY, 1) == (16, 4)
+
+
+def test_torch_rows_are_written_and_a_resumed_run_measures_only_the_rest(tmp_path) -> None:
+    output = tmp_path / "latency.csv"
+    settings = dict(target=host_target("torch"), samples_per_cell=2, stages=[1], block_types=["mbconv"],
+                    warmup=0, repeats=2, progress=False)
+    first = profile_substages(TINY, output, limit=1, **settings)
+    assert (first.measured, first.skipped, first.remaining) == (1, 0, 1)
+    second = profile_substages(TINY, output, **settings)
+    assert (second.measured, second.skipped, second.remaining) == (1, 1, 0)
+    rows = read_latency_rows(output)
+    planned = sample_substages(TINY, 1, "mbconv", 2)
+    assert [substage_key(r) for r in rows] == [(1, "mbconv", s.width, s.depth, s.kernel, float(s.expand))
+                                              for s in planned]
+    for row in rows:
+        assert (int(row["in_channels"]), int(row["in_size"])) == (16, 4)
+        assert 0 < float(row["latency_ms"]) < 1000
+    meta = json.loads((tmp_path / "latency.csv.meta.json").read_text())
+    assert meta["target"] == host_target("torch").name and meta["repeats"] == 2
+    third = profile_substages(TINY, output, **settings)
+    assert (third.measured, third.skipped) == (0, 2)
+    with pytest.raises(LatencyTableError, match="repeats"):
+        profile_substages(TINY, output, **{**settings, "repeats": 3})
+
+
+def test_onnxruntime_rows_take_off_the_session_overhead(tmp_path) -> None:
+    output = tmp_path / "ort.csv"
+    result = profile_substages(TINY, output, target=host_target("onnxruntime"), samples_per_cell=1, stages=[0],
+                               block_types=["fused_mbconv"], warmup=1, repeats=3, progress=False)
+    assert result.measured == 1 and result.meta["overhead_ms"] > 0
+    (row,) = read_latency_rows(output)
+    assert float(row["latency_ms"]) >= 0 and int(row["in_channels"]) == 8
