@@ -81,6 +81,7 @@ MAPPING_MARKERS = {
     "MQBenchSettings": "signature:lightning_nas.recipe.sections:MQBenchSettings",
     "EMQSearchSettings": "signature:lightning_nas.recipe.sections:EMQSearchSettings",
     "AllocateSettings": "signature:lightning_nas.recipe.sections:AllocateSettings",
+    "DistillSettings": "signature:lightning_nas.recipe.sections:DistillSettings",
     "ShrinkingPhase": "signature:lightning_nas.tasks.phases:ShrinkingPhase",
     "PipelineSettings": "signature:lightning_nas.recipe.sections:PipelineSettings",
     "PipelineStage": "signature:lightning_nas.recipe.sections:PipelineStage",

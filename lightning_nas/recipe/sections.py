@@ -14,7 +14,9 @@ from .markers import (
     DataSpec,
     ExistingFile,
     LoggerName,
+    NonNegativeFloat,
     NonNegativeInt,
+    PositiveFloat,
     PositiveInt,
     SpaceSpec,
     TaskSpec,
@@ -193,6 +195,49 @@ class AllocateSettings:
 
 
 @dataclass
+class DistillSettings:
+    """``lightning-nas distill``: SpaceEvo's quantization term, cell by cell.
+
+    Every (stage, block type) cell's elastic stage learns the teacher's stage by block-wise
+    distillation (sandwich rule, ``epochs`` in float, then ``qat_epochs`` of int8 QAT), then
+    ``table_substages`` sampled sub-stages are scored (int8 fake-quantized normalised loss on the
+    first ``table_images`` held-out images) into ``losses.csv``. Finished cells are skipped when
+    the recipe runs again; a killed cell resumes its training from its last epoch checkpoint.
+    """
+
+    #: A once-for-all supernet checkpoint (``lightning-nas fit`` of ofa_supernet_cifar10): its
+    #: largest subnet is the teacher.
+    teacher: ExistingFile
+    #: Stage indices of the layout to distil (default: all).
+    stages: list[NonNegativeInt] | None = None
+    #: Block types (default: every type of the layout).
+    block_types: list[str] | None = None
+    epochs: PositiveInt = 5
+    #: Epochs of int8 QAT after the float epochs; 0 fake-quantizes after calibration only (PTQ).
+    qat_epochs: NonNegativeInt = 1
+    lr: PositiveFloat = 1.0e-3
+    qat_lr: PositiveFloat = 1.0e-4
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    weight_decay: NonNegativeFloat = 0.0
+    #: Random sub-stages per step besides the largest and the smallest.
+    random_substages: NonNegativeInt = 2
+    #: Sub-stages scored per cell (seeded, spread over every width of the stage).
+    table_substages: PositiveInt = 300
+    #: Held-out images the table's loss is measured on (the first ones of the held-out split).
+    table_images: PositiveInt = 1000
+    #: The next held-out images: activation-range calibration and per-sub-stage batch-norm
+    #: re-estimation (0: no re-estimation).
+    bn_images: NonNegativeInt = 500
+    batch_size: PositiveInt = 250
+    #: 7-bit weight codes, the grid of targets without VNNI.
+    reduce_weight_range: bool = False
+    seed: int = 0
+    #: The table; default ``<run_dir>/losses.csv``.
+    output: str | None = None
+    progress: bool = True
+
+
+@dataclass
 class DeploySettings:
     """The deployment target, decided once per recipe (``lightning_nas.targets``), and with
     ``qat_subnet``, the settings of ``lightning-nas deploy``.
@@ -308,6 +353,7 @@ class Recipe:
     emq: EMQSearchSettings | None = None
     allocate: AllocateSettings | None = None
     pipeline: PipelineSettings | None = None
+    distill: DistillSettings | None = None
     deploy: DeploySettings | None = None
     #: Free-form values for interpolation (``${vars.width}``); never read by the framework.
     vars: dict[str, Any] = field(default_factory=dict)

@@ -23,10 +23,12 @@ STAGE_VERBS = {
     "emq": ("lightning_nas.stages.emq", "evolve a training-free mixed-precision proxy (EMQ) on a benchmark"),
     "allocate": ("lightning_nas.stages.allocate", "allocate bits per layer with an integer program per proxy, "
                  "checked by post-training quantization"),
+    "distill": ("lightning_nas.stages.distill", "SpaceEvo block-wise distillation: train every (stage, block type) "
+                "cell against a teacher, then a table of the int8 loss of sampled sub-stages (resumable)"),
     "pipeline": ("lightning_nas.stages.pipeline", "run a list of recipes in order, reusing stages already finished"),
 }
 #: Top-level sections that make a recipe belong to a verb other than ``fit``.
-VERB_SECTIONS = ("search", "export", "profile", "rank", "mqbench", "emq", "allocate", "pipeline")
+VERB_SECTIONS = ("search", "export", "profile", "rank", "mqbench", "emq", "allocate", "distill", "pipeline")
 
 
 def recipe_verb(config: Mapping) -> str:
