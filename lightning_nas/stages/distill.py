@@ -106,7 +106,7 @@ def _fit_phase(config: Any, task: Any, datamodule: Any, directory: Path, epochs:
 
 
 def distill_cell(config: Any, settings: Any, teacher: Any, datamodule: Any, stage: int, block_type: str,
-                 cell_dir: Path, layout: Any, progress: Any = None,
+                 cell_dir: Path, layout: Any,
                  callbacks: Sequence[Any] = ()) -> list[dict[str, Any]]:
     """Train one cell (resumably) and return its table rows (``callbacks``: extra Lightning
     callbacks of both phases)."""
@@ -148,7 +148,11 @@ def distill_cell(config: Any, settings: Any, teacher: Any, datamodule: Any, stag
     features = [stage_io(teacher, b.to(device), stage) for b in table]
     bn_inputs = [stage_io(teacher, b.to(device), stage)[0] for b in calibration] if settings.bn_images else []
     substages = sample_substages(stage, block_type, settings.table_substages, settings.seed, layout)
-    losses = qat.substage_losses(substages, features, bn_inputs, progress=progress)
+    # The bar is opened only around scoring: a live display open while a Trainer runs breaks
+    # rich's console stack when the trainer's own bar stops.
+    with progress_bar(f"scoring {stage}_{block_type}", settings.progress) as bar:
+        task_id = bar.add_task("sub-stages", total=len(substages), note=f"stage {stage} {block_type}")
+        losses = qat.substage_losses(substages, features, bn_inputs, progress=lambda: bar.advance(task_id))
     return [{"stage": stage, "block_type": block_type, "width": s.width, "depth": s.depth, "kernel": s.kernel,
              "expand": s.expand, "loss": f"{loss:.6g}"} for s, loss in zip(substages, losses)]
 
@@ -156,7 +160,7 @@ def distill_cell(config: Any, settings: Any, teacher: Any, datamodule: Any, stag
 def run(recipe: LoadedRecipe) -> Path:
     from ..recipe.sections import DistillSettings
     from ..registry import DATA
-    from ..spaces.spaceevo_layout import CIFAR_LAYOUT, substage_choices
+    from ..spaces.spaceevo_layout import CIFAR_LAYOUT
     from ..tasks.block_distill import teacher_from_supernet_checkpoint
 
     config = recipe.config
@@ -180,15 +184,10 @@ def run(recipe: LoadedRecipe) -> Path:
     datamodule = DATA.build(config["data"])
     datamodule.prepare_data()
     datamodule.setup("fit")
-    with progress_bar("scoring sub-stages", settings.progress) as bar:
-        for stage, block_type in todo:
-            total = min(settings.table_substages, len(substage_choices(stage, block_type, None, layout)))
-            task_id = bar.add_task(f"{stage}_{block_type}", total=total,
-                                   note=f"stage {stage} {block_type}")
-            cell_rows = distill_cell(config, settings, teacher, datamodule, stage, block_type,
-                                     run_dir / "cells" / f"{stage}_{block_type}", layout,
-                                     progress=lambda t=task_id: bar.advance(t))
-            rows = [*rows, *cell_rows]
-            write_table(output, rows)
+    for stage, block_type in todo:
+        cell_rows = distill_cell(config, settings, teacher, datamodule, stage, block_type,
+                                 run_dir / "cells" / f"{stage}_{block_type}", layout)
+        rows = [*rows, *cell_rows]
+        write_table(output, rows)
     print(f"wrote {output}: {len(rows)} rows, {len(finished_cells(rows))} cells")
     return run_dir
