@@ -24,6 +24,7 @@ def collect_command(run_dir: Path, num_pairs: int) -> list[str]:
             "logger=null"]
 
 
+@pytest.mark.timeout(900)  # two subprocess runs with generous waits for a loaded machine
 def test_killed_collection_resumes_without_duplicates(tmp_path: Path) -> None:
     run_dir, planned = tmp_path / "pairs", 16
     store_path = run_dir / "pairs.sqlite"
