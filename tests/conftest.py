@@ -274,10 +274,22 @@ def tiny_datamodule() -> Any:
 TINY_SUBNET_CONFIG = {"ks": [3] * 10, "e": [3] * 10, "d": [1] * 5, "r": 16}
 
 
+def randomise_batchnorm(net: Any, generator: Any) -> None:
+    """Non-trivial running statistics and affine parameters on every BatchNorm2d of ``net``."""
+    import torch
+    from torch import nn
+
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.weight.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.bias.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+
+
 def tiny_ofa_subnet(seed: int = 0) -> Any:
     """A standalone TINY_SPACE subnet (eval mode) with random weights and non-trivial BN statistics."""
     import torch
-    from torch import nn
 
     from lightning_nas.nn.builders import build_subnet
     from lightning_nas.registry import SPACES
@@ -286,12 +298,7 @@ def tiny_ofa_subnet(seed: int = 0) -> Any:
     model = build_subnet(SPACES.build(TINY_SPACE), TINY_SUBNET_CONFIG)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+        randomise_batchnorm(model, g)
     return model.eval()
 
 
@@ -386,12 +393,8 @@ def randomise_elastic() -> Callable:
     def randomise(net: nn.Module, seed: int = 0) -> nn.Module:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
+            randomise_batchnorm(net, g)
             for m in net.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
                 if isinstance(m, DynamicDepthwiseConv2d):
                     for p in m.kernel_transforms():
                         p.add_(torch.randn(p.shape, generator=g) * 0.05)
