@@ -3,8 +3,9 @@
 A proxy in table form (``gain[l, j]``: the proxy's value of layer ``l`` at the ``j``-th bit
 width, higher predicted better) and a cost table of the same shape (bytes of the weights, or
 BitOps) define a multiple-choice knapsack: choose one bit width per layer, maximise the summed
-gain, keep the summed cost within the budget. It is solved exactly by CBC through PuLP (the
-solver HAWQ-V3 uses), the same way for every proxy. A greedy allocation (start at the lowest bits,
+gain, keep the summed cost within the budget. It is solved exactly as an integer program by
+HiGHS (through ``scipy.optimize.milp``; HAWQ-V3 uses CBC through PuLP), the same way for every
+proxy. A greedy allocation (start at the lowest bits,
 upgrade by the best gain per cost while it fits) and budget-respecting random configurations are
 here as baselines.
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# CBC's integrality tolerance can accept a cost a rounding error above the budget; the solution is
+# The solver's integrality tolerance can accept a cost a rounding error above the budget; the solution is
 # checked against the exact budget afterwards.
 _BUDGET_SLACK = 1e-9
 
@@ -50,35 +51,31 @@ def _summary(choice: np.ndarray, gain: np.ndarray, cost: np.ndarray, status: str
 
 
 def ilp_allocation(gain: np.ndarray, cost: np.ndarray, budget: float, time_limit: float | None = 60.0) -> Allocation:
-    """Maximise ``sum gain[l, c_l]`` subject to ``sum cost[l, c_l] <= budget`` (CBC, exact).
+    """Maximise ``sum gain[l, c_l]`` subject to ``sum cost[l, c_l] <= budget`` (HiGHS, exact).
 
     Raises ``ValueError`` when even the cheapest configuration exceeds the budget.
     """
-    import pulp
+    from scipy.optimize import Bounds, LinearConstraint, milp
 
     gain, cost = _check(gain, cost)
     layers, choices = gain.shape
     if cost.min(axis=1).sum() > budget * (1 + _BUDGET_SLACK):
         raise ValueError(f"budget {budget:g} is below the cheapest configuration ({cost.min(axis=1).sum():g})")
-    # Gains are rescaled so CBC's absolute tolerances mean the same for every proxy's units.
+    # Gains are rescaled so the solver's absolute tolerances mean the same for every proxy's units.
     scale = float(np.abs(gain).max()) or 1.0
-    problem = pulp.LpProblem("bit_allocation", pulp.LpMaximize)
-    x = [[pulp.LpVariable(f"x_{layer}_{j}", cat="Binary") for j in range(choices)] for layer in range(layers)]
-    problem += pulp.lpSum(float(gain[layer, j] / scale) * x[layer][j]
-                          for layer in range(layers) for j in range(choices))
-    for layer in range(layers):
-        problem += pulp.lpSum(x[layer]) == 1
-    problem += pulp.lpSum(float(cost[layer, j]) * x[layer][j] for layer in range(layers) for j in range(choices)) \
-        <= float(budget)
-    solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=0.0)
-    problem.solve(solver)
-    status = pulp.LpStatus[problem.status]
-    if status != "Optimal":
-        raise RuntimeError(f"CBC ended with status {status}")
-    choice = np.array([int(np.argmax([x[layer][j].value() or 0.0 for j in range(choices)])) for layer in range(layers)])
-    result = _summary(choice, gain, cost, status)
+    one_per_layer = np.kron(np.eye(layers), np.ones(choices))
+    constraints = [LinearConstraint(one_per_layer, 1.0, 1.0),
+                   LinearConstraint(cost.reshape(1, -1), -np.inf, float(budget))]
+    options = {"mip_rel_gap": 0.0, **({"time_limit": float(time_limit)} if time_limit is not None else {})}
+    solution = milp(-(gain / scale).ravel(), constraints=constraints, integrality=np.ones(gain.size),
+                    bounds=Bounds(0.0, 1.0), options=options)
+    # status 0: proven optimal; 1: a limit was reached (the incumbent is not proven optimal).
+    if solution.status != 0 or solution.x is None:
+        raise RuntimeError(f"the integer program ended without a proven optimum: {solution.message}")
+    choice = solution.x.reshape(layers, choices).argmax(axis=1)
+    result = _summary(choice, gain, cost, "Optimal")
     if result.cost > budget * (1 + _BUDGET_SLACK):
-        raise RuntimeError(f"CBC returned a configuration of cost {result.cost:g} above the budget {budget:g}")
+        raise RuntimeError(f"the solver returned a configuration of cost {result.cost:g} above the budget {budget:g}")
     return result
 
 
