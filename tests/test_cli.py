@@ -116,6 +116,7 @@ def test_recipe_verb_from_sections() -> None:
     assert recipe_verb({"search": {}}) == "search"
     assert recipe_verb({"export": {}}) == "export"
     assert recipe_verb({"profile": {}}) == "profile"
+    assert recipe_verb({"spaceevo": {}}) == "search"  # SpaceEvo's search over spaces
     # a deploy: section alone is a target (every stage recipe may have one); naming a QAT subnet makes a deploy
     assert recipe_verb({"task": {}, "deploy": {"target": "auto"}}) == "fit"
     assert recipe_verb({"deploy": {"target": "auto", "qat_subnet": "runs/qat/qat_subnet.pt"}}) == "deploy"

@@ -6,7 +6,7 @@ import inspect
 import pytest
 
 from lightning_nas.errors import RecipeError
-from lightning_nas.recipe.sections import DeploySettings
+from lightning_nas.recipe.sections import DeploySettings, SpaceEvoSearchSettings
 from lightning_nas.targets import (
     TARGET_CHOICES,
     TARGETS,
@@ -46,9 +46,10 @@ def test_targets_fix_engine_and_weight_grid() -> None:
     assert "x86_vnni/torch" in str(error.value)
 
 
-def test_deploy_section_lists_every_target() -> None:
+@pytest.mark.parametrize("section", [DeploySettings, SpaceEvoSearchSettings], ids=lambda s: s.__name__)
+def test_target_annotations_list_every_target(section: type) -> None:
     # recipe validation reads the annotation as text, so the section spells the names out
-    source = inspect.getsource(DeploySettings)
+    source = inspect.getsource(section)
     annotation = next(
         node.annotation for node in ast.walk(ast.parse(source)) if isinstance(node, ast.AnnAssign)
         and getattr(node.target, "id", None) == "target"

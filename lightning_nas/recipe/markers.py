@@ -82,6 +82,7 @@ MAPPING_MARKERS = {
     "EMQSearchSettings": "signature:lightning_nas.recipe.sections:EMQSearchSettings",
     "AllocateSettings": "signature:lightning_nas.recipe.sections:AllocateSettings",
     "DistillSettings": "signature:lightning_nas.recipe.sections:DistillSettings",
+    "SpaceEvoSearchSettings": "signature:lightning_nas.recipe.sections:SpaceEvoSearchSettings",
     "ShrinkingPhase": "signature:lightning_nas.tasks.phases:ShrinkingPhase",
     "PipelineSettings": "signature:lightning_nas.recipe.sections:PipelineSettings",
     "PipelineStage": "signature:lightning_nas.recipe.sections:PipelineStage",

@@ -238,6 +238,55 @@ class DistillSettings:
 
 
 @dataclass
+class SpaceEvoSearchSettings:
+    """The ``spaceevo:`` section, run by ``lightning-nas search``: SpaceEvo's aging evolution over
+    spaces (per stage a block type and a width window), each scored by the Q-T score on the
+    sub-stage tables (:mod:`lightning_nas.search.spaceevo`, :mod:`lightning_nas.stages.spaceevo_search`).
+
+    Writes ``spaces.csv``, ``best_spaces.json`` and ``evolution.png`` into the run directory.
+    """
+
+    #: ``spaceevo_latency.csv`` of ``lightning-nas profile recipes/latency_lut_spaceevo.yaml`` (its
+    #: ``.meta.json`` beside it). Checked when the stage starts (in a pipeline an earlier stage writes it).
+    latency: str
+    #: ``losses.csv`` of ``lightning-nas distill recipes/spaceevo_distill_cifar10.yaml``.
+    losses: str
+    #: The macro layout: ``spaceevo_cifar`` or the fields of a MacroLayout.
+    layout: str | dict[str, Any] = "spaceevo_cifar"
+    #: Latency budgets ``c`` (ms, whole subnet); exactly one of ``budgets_ms`` and ``budget_percentiles``.
+    budgets_ms: list[PositiveFloat] | None = None
+    #: Budgets at these percentiles (0-100) of the latency of random subnets of random spaces.
+    budget_percentiles: list[PositiveFloat] | None = None
+    #: Subnets ``N`` drawn per budget and space (reference 100,000).
+    num_subnets: PositiveInt = 100000
+    #: ``k``: the loss term ``L`` averages the ``k`` lowest losses under a budget (reference 50).
+    best_subnets: PositiveInt = 50
+    #: ``T = max(1, (t / p) ** a)`` (reference t = 0.08-0.1, a = 0.01).
+    t: PositiveFloat = 0.1
+    a: NonNegativeFloat = 0.01
+    #: Latency of what the tables leave out (stem, head), added to every subnet; the latency
+    #: table's ONNX Runtime call overhead (its meta ``overhead_ms``) is added on top.
+    fixed_latency_ms: NonNegativeFloat = 0.0
+    #: Aging evolution (reference 500 / 125 / 5,000): members kept, members drawn per cycle, spaces
+    #: evaluated in all (homogeneous seeds and random fill included).
+    population: PositiveInt = 500
+    sample_size: PositiveInt = 125
+    evaluations: PositiveInt = 5000
+    #: Mutations tried per child before a child that is always a duplicate is replaced.
+    max_retries: PositiveInt = 50
+    #: Spaces listed in ``best_spaces.json``.
+    top_k: PositiveInt = 10
+    #: Default: the recipe's ``seed``.
+    seed: int | None = None
+    #: The deployment target searched for; the latency table must have been measured for it.
+    target: Literal["auto", "auto/torch", "auto/onnxruntime", "x86_vnni/torch", "x86_avx2/torch",
+                    "x86_vnni/onnxruntime", "x86_avx2/onnxruntime", "arm/torch"] = "auto"
+    #: Use a latency table of another target anyway.
+    allow_mixed_targets: bool = False
+    progress: bool = True
+
+
+@dataclass
 class DeploySettings:
     """The deployment target, decided once per recipe (``lightning_nas.targets``), and with
     ``qat_subnet``, the settings of ``lightning-nas deploy``.
@@ -354,6 +403,8 @@ class Recipe:
     allocate: AllocateSettings | None = None
     pipeline: PipelineSettings | None = None
     distill: DistillSettings | None = None
+    #: The SpaceEvo space search (run by ``lightning-nas search``).
+    spaceevo: SpaceEvoSearchSettings | None = None
     deploy: DeploySettings | None = None
     #: Free-form values for interpolation (``${vars.width}``); never read by the framework.
     vars: dict[str, Any] = field(default_factory=dict)

@@ -44,7 +44,7 @@ import csv
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -407,7 +407,7 @@ class SpaceSearchResult:
 
 def evolve_spaces(tables: SpaceEvoTables, settings: QTSettings, *, population_size: int = 500,
                   sample_size: int = 125, evaluations: int = 5000, seed: int = 0, max_retries: int = 50,
-                  ) -> SpaceSearchResult:
+                  progress: Callable[[EvaluatedSpace], None] | None = None) -> SpaceSearchResult:
     """Aging evolution over the spaces of ``tables.layout`` (module docstring).
 
     Args:
@@ -419,6 +419,7 @@ def evolve_spaces(tables: SpaceEvoTables, settings: QTSettings, *, population_si
         seed: seeds the evolution's generator (sampling and mutation; subnet draws use
             ``settings.seed``).
         max_retries: mutations tried per child before a child that is always a duplicate is dropped.
+        progress: called with every space once it is evaluated (a progress bar, a live plot).
     """
     for key, value, low in (("population_size", population_size, 1), ("sample_size", sample_size, 1),
                             ("evaluations", evaluations, 1), ("max_retries", max_retries, 1)):
@@ -442,6 +443,8 @@ def evolve_spaces(tables: SpaceEvoTables, settings: QTSettings, *, population_si
         population.append(entry)
         if len(population) > population_size:
             population.popleft()
+        if progress is not None:
+            progress(entry)
         return entry
 
     for space in homogeneous_spaces(layout):

@@ -19,6 +19,9 @@ and, with the ``wandb`` logger, a top-k table, a front table with a scatter plot
 Every strategy, ``apq_evolution`` included, is an NNI strategy run by
 :class:`~lightning_nas.search.nni_engine.BatchedExecutionEngine`, which scores up to
 ``concurrency`` models in flight as one batch.
+
+A recipe with a ``spaceevo:`` section instead runs SpaceEvo's search over spaces
+(:mod:`lightning_nas.stages.spaceevo_search`).
 """
 
 from __future__ import annotations
@@ -307,6 +310,10 @@ def log_results(config: Mapping[str, Any], run_dir: Path, outputs: dict[str, Any
 
 def run(recipe: LoadedRecipe) -> Path:
     config = recipe.config
+    if config.get("spaceevo") is not None:  # SpaceEvo's search over spaces, not over subnets
+        from .spaceevo_search import run as run_spaceevo
+
+        return run_spaceevo(recipe)
     settings = load_settings(config)
     run_dir = prepare_run_dir(recipe)
     seed = int(config.get("seed", 0) if settings.seed is None else settings.seed)

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 #: verb -> (stage module running it, help). The stage module has ``run(recipe) -> Path``.
 STAGE_VERBS = {
     "fit": ("lightning_nas.stages.fit", "train the recipe's task (supernet, QAT, predictor, ...)"),
-    "search": ("lightning_nas.stages.search", "run the recipe's joint architecture/pruning/quantization search"),
+    "search": ("lightning_nas.stages.search", "run the recipe's joint architecture/pruning/quantization search, "
+               "or with a `spaceevo:` section SpaceEvo's search over spaces"),
     "export": ("lightning_nas.stages.export", "extract and export a subnet from a trained supernet"),
     "deploy": ("lightning_nas.stages.deploy", "convert a QAT-finetuned subnet (deploy.qat_subnet) to int8, export "
                "it to ONNX, measure its agreement and latency"),
@@ -29,13 +30,18 @@ STAGE_VERBS = {
 }
 #: Top-level sections that make a recipe belong to a verb other than ``fit``.
 VERB_SECTIONS = ("search", "export", "profile", "rank", "mqbench", "emq", "allocate", "distill", "pipeline")
+#: Sections run by a verb of another name: ``spaceevo:`` (SpaceEvo's search over spaces) is a search.
+SECTION_VERBS = {"spaceevo": "search"}
 
 
 def recipe_verb(config: Mapping) -> str:
-    """The verb that runs a recipe: the one whose section it has, else ``deploy`` when its
+    """The verb that runs a recipe: the one whose section it has (or that runs it, see
+    :data:`SECTION_VERBS`), else ``deploy`` when its
     ``deploy:`` section names a ``qat_subnet`` (every stage recipe may have a ``deploy:`` section:
     its target), else ``fit``."""
     verb = next((verb for verb in VERB_SECTIONS if config.get(verb) is not None), None)
+    if verb is None:
+        verb = next((verb for section, verb in SECTION_VERBS.items() if config.get(section) is not None), None)
     if verb is not None:
         return verb
     deploy = config.get("deploy")

@@ -249,3 +249,12 @@ def test_sample_subnets_is_uniform_and_independent_over_stages() -> None:
     # a stage's loss comes from the same row as its latency
     first = np.round(latency % 10, 6)
     np.testing.assert_allclose(loss, np.select([first == 1, first == 2, first == 4], [0.0, 0.1, 0.2]))
+
+
+def test_evolution_reports_every_evaluated_space_in_order() -> None:
+    tables = _full_tiny_tables()
+    settings = QTSettings(budgets_ms=(4.0, 6.0), num_subnets=100, top_k=5)
+    reported: list[S.EvaluatedSpace] = []
+    result = evolve_spaces(tables, settings, population_size=6, sample_size=3, evaluations=15, seed=2,
+                           progress=reported.append)
+    assert reported == result.history and len(reported) == 15
