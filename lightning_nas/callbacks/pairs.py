@@ -58,6 +58,12 @@ def split_holdout(datamodule: Any, bn_images: int, eval_images: int, batch_size:
     return bn, evaluation
 
 
+def plan_rng(seed: int, index: int) -> random.Random:
+    """The generator that draws pair ``index`` of the plan ``seed`` (its architecture, then its
+    policy): the same pair for every collector and for benchmarks/qat_length_curve.py."""
+    return random.Random(f"pairs-{seed}-{index}")
+
+
 def gather_to_zero(trainer: pl.Trainer, items: list[Any]) -> list[Any]:
     """Every rank's ``items`` on global rank 0 (in rank order); the other ranks get ``[]``.
 
@@ -130,8 +136,7 @@ class AccuracyPairCollector(pl.Callback):
                         progress.update(bar, advance=1)
                         continue
                     pair_started = time.perf_counter()
-                    rng = random.Random(f"pairs-{self.seed}-{index}")
-                    pair = self.measure(pl_module, datamodule, rng, bn_batches, eval_batches)
+                    pair = self.measure(pl_module, datamodule, plan_rng(self.seed, index), bn_batches, eval_batches)
                     batch.append(Pair(**pair, checkpoint_hash=checkpoint, seed=self.seed, kind=self.kind,
                                       target=self.target,
                                       seconds=time.perf_counter() - pair_started,
@@ -221,32 +226,40 @@ class QuantizedPairCollector(AccuracyPairCollector):
         check_same_target({f"pairs in {store.path} ({t})": t for t in store.targets(self.kind)}, self.target,
                           self.allow_mixed_targets, key="callbacks.pairs.init_args.target")
 
-    def finetune_batches(self, datamodule: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first ``finetune_steps`` training batches, drawn once and shared by every pair: each
-        pair is finetuned on the same images (less noise between pairs), and the augmentation cost
-        (a fifth of a pair's time on CIFAR-10 in a profile) is paid once."""
-        if self._finetune_batches is None:
+    def finetune_batches(self, datamodule: Any, steps: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``steps`` (default ``finetune_steps``) training batches, drawn once and shared
+        by every pair: each pair is finetuned on the same images (less noise between pairs), and the
+        augmentation cost (a fifth of a pair's time on CIFAR-10 in a profile) is paid once. A shorter
+        finetuning gets a prefix of the same batches, so lengths differ by their steps alone."""
+        steps = self.finetune_steps if steps is None else steps
+        if self._finetune_batches is None or len(self._finetune_batches) < steps:
+            wanted = max(steps, self.finetune_steps)
             batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-            while len(batches) < self.finetune_steps:
+            while len(batches) < wanted:
                 for batch in datamodule.train_dataloader():
                     batches.append((batch[0], batch[1]))
-                    if len(batches) >= self.finetune_steps:
+                    if len(batches) >= wanted:
                         break
             self._finetune_batches = batches
-        return self._finetune_batches
+        cached = self._finetune_batches
+        return cached if len(cached) == steps else cached[:steps]
 
     def measure(self, pl_module: Any, datamodule: Any, rng: random.Random, bn_batches: list,
-                eval_batches: list) -> dict[str, Any]:
-        config, policy, subnet = self.quantized_subnet(pl_module, datamodule, rng, bn_batches)
+                eval_batches: list, finetune_steps: int | None = None) -> dict[str, Any]:
+        """One pair; ``finetune_steps`` (default the collector's) is the QAT length, which
+        benchmarks/qat_length_curve.py varies to choose the collector's."""
+        config, policy, subnet = self.quantized_subnet(pl_module, datamodule, rng, bn_batches, finetune_steps)
         resolution, device = config["r"], pl_module.device
         batches = [(datamodule.normalize(x.to(device), resolution), y.to(device)) for x, y in eval_batches]
         top1, loss = evaluate(subnet, batches)
         return {"arch": config, "policy": policy, "resolution": resolution, "top1": top1, "loss": loss}
 
-    def quantized_subnet(self, pl_module: Any, datamodule: Any, rng: random.Random,
-                         bn_batches: list) -> tuple[dict[str, Any], dict[str, list[int]], torch.nn.Module]:
+    def quantized_subnet(self, pl_module: Any, datamodule: Any, rng: random.Random, bn_batches: list,
+                         finetune_steps: int | None = None
+                         ) -> tuple[dict[str, Any], dict[str, list[int]], torch.nn.Module]:
         """Draw pair ``rng``'s architecture and policy; return them with the subnet finetuned on the
-        target's grid, the network :meth:`measure` evaluates."""
+        target's grid for ``finetune_steps`` (default the collector's), the network :meth:`measure`
+        evaluates."""
         from ..nn.quantize_model import attach_bias_grids, attach_quantizers, calibrate_activation_ranges
         from ..spaces.quant_policy import QuantPolicySpace
 
@@ -267,10 +280,11 @@ class QuantizedPairCollector(AccuracyPairCollector):
             # norm only with running statistics (evaluation), as in QAT
             attach_bias_grids(subnet)
         calibrate_activation_ranges(subnet, bn_inputs)
-        if self.finetune_steps > 0:
+        steps = self.finetune_steps if finetune_steps is None else finetune_steps
+        if steps > 0:
             optimizer = torch.optim.SGD(subnet.parameters(), lr=self.lr, momentum=self.momentum)
             subnet.train()
-            for images, labels in self.finetune_batches(datamodule):
+            for images, labels in self.finetune_batches(datamodule, steps):
                 images = datamodule.normalize(images.to(device), resolution)
                 loss = F.cross_entropy(subnet(images), labels.to(device))
                 optimizer.zero_grad(set_to_none=True)

@@ -78,6 +78,18 @@ def test_quantized_collector_draws_its_finetuning_batches_once() -> None:
     assert collector.finetune_batches(data) is first and data.loaders == 2  # the next pairs reuse them
 
 
+def test_a_shorter_finetuning_takes_a_prefix_of_the_same_batches() -> None:
+    from lightning_nas.callbacks.pairs import QuantizedPairCollector
+
+    collector, data = QuantizedPairCollector(finetune_steps=5), CountingData()
+    first = collector.finetune_batches(data)
+    shorter = collector.finetune_batches(data, 2)
+    assert len(shorter) == 2 and all(a is b for a, b in zip(shorter, first, strict=False)) and data.loaders == 2
+    assert collector.finetune_batches(data, 0) == []
+    longer = collector.finetune_batches(data, 7)  # more than were drawn: drawn again, from the start
+    assert [float(x[0, 0, 0, 0]) for x, _ in longer] == [30, 31, 32, 40, 41, 42, 50]
+
+
 def free_port() -> int:
     import socket
 
@@ -243,6 +255,26 @@ def test_onnxruntime_pairs_are_finetuned_and_evaluated_on_the_int32_bias_grid() 
     assert evaluate(without, batches)[1] == pytest.approx(loss_grid, rel=1e-6)
     remove_quantizers(without)
     assert not bias_grid_layers(without)
+
+
+def test_measuring_at_a_given_length_is_measuring_with_a_collector_of_that_length() -> None:
+    import torch
+
+    from lightning_nas.callbacks.pairs import QuantizedPairCollector, plan_rng
+
+    module, data = tiny_supernet_module(), TinyData()
+    bn = [x for x, _ in data.holdout_dataloader(16)][:1]
+    evaluation = data.holdout_dataloader(16)[1:]
+
+    def measure(collector: QuantizedPairCollector, steps: int | None = None) -> dict:
+        torch.manual_seed(0)  # the classifier's dropout
+        return collector.measure(module, data, plan_rng(0, 1), bn, evaluation, finetune_steps=steps)
+
+    longer = QuantizedPairCollector(finetune_steps=3, policy_bits=[4, 8], lr=0.05)
+    at_one = measure(longer, 1)
+    assert at_one == measure(QuantizedPairCollector(finetune_steps=1, policy_bits=[4, 8], lr=0.05))
+    assert at_one["loss"] != measure(longer, 0)["loss"] != measure(longer)["loss"]
+    assert measure(longer)["loss"] == measure(longer, 3)["loss"]
 
 
 def test_pairs_of_two_targets_share_a_store_without_taking_each_others_plan(tmp_path: Path) -> None:
