@@ -41,6 +41,7 @@ from lightning_nas.hardware.counts import BlockDecomposition, CandidateArrays
 
 __all__ = [
     "APPLY_MODES",
+    "TooFewSubnets",
     "LatencyCorrection",
     "feature_names",
     "fit_correction",
@@ -53,6 +54,11 @@ ALPHAS = tuple(10.0 ** k for k in np.arange(4.0, -2.5, -0.5))
 #: When the profile applies a fitted correction: when it improves the held-out figures, always, never.
 APPLY_MODES = ("if_better", "always", "never")
 MIN_FIT_SUBNETS = 3
+
+
+class TooFewSubnets(ValueError):
+    """The space has too few subnets besides the validated ones to fit a correction on (a space
+    the recipe made tiny): the profile stage names the recipe key."""
 
 
 def feature_names(decomposition: BlockDecomposition) -> list[str]:

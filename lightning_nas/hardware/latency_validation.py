@@ -39,6 +39,7 @@ from lightning_nas.hardware import profiling
 from lightning_nas.hardware.latency_correction import (
     APPLY_MODES,
     MIN_FIT_SUBNETS,
+    TooFewSubnets,
     feature_names,
     fit_correction,
     improved,
@@ -353,8 +354,8 @@ def correct_table(
     if measured_rows is None:
         configs = fitting_configs(space, subnets, resolutions, fit_seed, exclude=[r["config"] for r in held_out])
         if len(configs) < MIN_FIT_SUBNETS:
-            raise ValueError(f"the space has only {len(configs)} subnets besides the validated ones; a correction "
-                             f"needs at least {MIN_FIT_SUBNETS}")
+            raise TooFewSubnets(f"the space has only {len(configs)} subnets besides the validated ones; a "
+                                f"correction needs at least {MIN_FIT_SUBNETS}")
         from lightning_nas.targets import resolve_target
 
         fitted_rows = measure_subnets(

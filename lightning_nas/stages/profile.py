@@ -183,10 +183,15 @@ def correct(space: Any, output: Path, settings: Any, validation: Any) -> Any:
     from rich.console import Console
     from rich.panel import Panel
 
+    from ..hardware.latency_correction import TooFewSubnets
     from ..hardware.latency_validation import correct_table
 
-    result = correct_table(space, output, validation.rows, subnets=settings.correction_subnets,
-                           apply=settings.apply_correction, report=print)
+    try:
+        result = correct_table(space, output, validation.rows, subnets=settings.correction_subnets,
+                               apply=settings.apply_correction, report=print)
+    except TooFewSubnets as error:
+        raise RecipeError(str(error), key="profile.correction_subnets", given=settings.correction_subnets,
+                          allowed="0, or a space with more subnets than validation_subnets") from None
     record = result.record
     print(f"correction fitted on {record['fit_subnets']} further whole subnets, judged on the "
           f"{record['held_out_subnets']} validation subnets:")

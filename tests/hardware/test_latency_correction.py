@@ -15,6 +15,7 @@ import pytest
 from lightning_nas.hardware.cost_models import LatencyTableCostModel
 from lightning_nas.hardware.latency_correction import (
     LatencyCorrection,
+    TooFewSubnets,
     feature_names,
     fit_correction,
     improved,
@@ -231,3 +232,17 @@ def test_correct_table_refuses_unvalidated_tables_and_shared_subnets(space, unit
         correct_table(space, path, validation.rows, subnets=10, measured_rows=rows)
     with pytest.raises(ValueError, match="apply"):
         correct_table(space, path, validation.rows, subnets=10, apply="sometimes", measured_rows=rows)
+
+
+def test_a_space_with_too_few_other_subnets_is_refused_before_measuring(tmp_path: Path) -> None:
+    tiny = OFAMobileNetV3Space.from_preset("ofa_mbv3_cifar", kernel_choices=[3], expand_choices=[3],
+                                           depth_choices=[2, 3], resolutions=[32])  # 2 ** 5 subnets
+    units = UnitDecomposition(tiny)
+    path = tmp_path / "table.json"
+    LatencyTable({"resolutions": [32]}, {"fp32": {u.key: {"median": 0.1} for u in units.all_units()}}).save(path)
+    model = TableLatencyModel(tiny, LatencyTable.load(path), units=units)
+    configs = validation_configs(tiny, 30, seed=0)
+    assert len({json.dumps(c, sort_keys=True) for c in configs}) == 30
+    validation = validate_table(tiny, path, measured_rows=measured_rows(model, configs, 0.0, 0), precisions=["fp32"])
+    with pytest.raises(TooFewSubnets, match="only 2 subnets besides the validated ones"):
+        correct_table(tiny, path, validation.rows, subnets=10)

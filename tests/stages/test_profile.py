@@ -68,12 +68,12 @@ def test_profile_smoke_writes_a_complete_validated_table_and_resumes(tmp_path: P
         if row["precision"] == "fp32":
             assert float(row["predicted_ms"]) == pytest.approx(model.predict(json.loads(row["config"])), rel=1e-4)
 
-    # the learned correction: fitted on 6 further subnets, judged on the 4 validated ones
+    # the learned correction: fitted on 3 further subnets, judged on the 4 validated ones
     correction = table.meta["correction"]
-    assert correction["fit_subnets"] == 6 and correction["held_out_subnets"] == 4 and correction["seed"] == 1
+    assert correction["fit_subnets"] == 3 and correction["held_out_subnets"] == 4 and correction["seed"] == 1
     with (run_dir / "latency_table_correction.csv").open(newline="") as handle:
         correction_rows = list(csv.DictReader(handle))
-    assert len(correction_rows) == (6 + 4) * 2
+    assert len(correction_rows) == (3 + 4) * 2
     validated = {r["config"] for r in rows}
     assert {r["config"] for r in correction_rows if r["role"] == "held_out"} == validated
     assert not {r["config"] for r in correction_rows if r["role"] == "fit"} & validated
@@ -83,7 +83,7 @@ def test_profile_smoke_writes_a_complete_validated_table_and_resumes(tmp_path: P
         assert figures["applied"] == figures["improved"]  # the recipe's apply_correction: if_better
         assert len(figures["model"]["coef"]) == len(figures["model"]["features"])
     captured = capsys.readouterr()
-    assert "correction fitted on 6 further whole subnets, judged on the 4 validation subnets" in captured.out
+    assert "correction fitted on 3 further whole subnets, judged on the 4 validation subnets" in captured.out
 
     # again after losing three entries: one profiling network is timed, nothing validated (subnets 0)
     record = json.loads(path.read_text())
