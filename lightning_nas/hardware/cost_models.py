@@ -130,10 +130,13 @@ class LatencyTableCostModel(CostModel):
             fp32 for the others; CPUs run any policy with 8-bit kernels).
         stat: ``median`` or ``mean`` of the measured repeats.
         resolutions: the resolutions the table covers, when it does not cover all of the space's.
+        correction: apply the learned correction of the sum the table carries where ``lightning-nas
+            profile`` marked it applied (``profile.correction_subnets``); false: the plain sum.
 
     ``target`` is the deployment target the table was timed for (searches refuse to combine it with
     another, :func:`~lightning_nas.targets.check_same_target`); ``validation`` the table's
-    whole-subnet check (:mod:`~lightning_nas.hardware.latency_validation`).
+    whole-subnet check (:mod:`~lightning_nas.hardware.latency_validation`), with the held-out
+    figures of the correction where the table carries one.
     """
 
     metrics = ("latency_ms",)
@@ -145,6 +148,7 @@ class LatencyTableCostModel(CostModel):
         precision: Literal["fp32", "int8", "auto"] = "fp32",
         stat: Literal["median", "mean"] = "median",
         resolutions: list[int] | None = None,
+        correction: bool = True,
     ) -> None:
         if precision not in (*PRECISIONS, "auto"):
             raise ValueError(f"precision {precision!r} must be one of {[*PRECISIONS, 'auto']}")
@@ -159,7 +163,7 @@ class LatencyTableCostModel(CostModel):
         wanted = list(PRECISIONS) if precision == "auto" else [precision]
         units = UnitDecomposition(self.space)
         self.models = {p: TableLatencyModel(self.space, loaded, precision=p, stat=stat, resolutions=resolutions,
-                                            units=units) for p in wanted}
+                                            units=units, correction=correction) for p in wanted}
 
     @property
     def validation(self) -> dict[str, Any]:

@@ -11,6 +11,10 @@ correlation and the median absolute percentage error. The figures are written in
 (``meta["validation"]``, read back by cost models built on it) and every subnet's predicted and
 measured latency into a CSV next to the table (:func:`validation_csv_path`).
 
+:func:`correct_table` then fits a learned correction of the sum (:mod:`.latency_correction`) on
+further whole subnets, measured the same way but distinct from the validation subnets, and judges
+it on the validation subnets only (``meta["correction"]``, ``<table>_correction.csv``).
+
 ``benchmarks/latency_model.py`` and ``lightning-nas profile`` both validate through this module.
 """
 
@@ -32,11 +36,23 @@ from typing import Any
 
 from lightning_nas.files import write_text
 from lightning_nas.hardware import profiling
+from lightning_nas.hardware.latency_correction import (
+    APPLY_MODES,
+    MIN_FIT_SUBNETS,
+    TooFewSubnets,
+    feature_names,
+    fit_correction,
+    improved,
+)
 from lightning_nas.hardware.latency_model import TableLatencyModel
 from lightning_nas.hardware.latency_table import LatencyTable, now
 
 __all__ = [
+    "CorrectionResult",
     "ValidationResult",
+    "correct_table",
+    "correction_csv_path",
+    "fitting_configs",
     "measure_subnets",
     "spearman",
     "summarise",
@@ -224,13 +240,8 @@ def validate_table(
     for p in precisions:
         for row, value in zip(rows, predicted[p]):
             row[f"{p}_predicted"] = value
-        summary = summarise(predicted[p], [row[f"{p}{measured_key}"] for row in rows])
-        passed = not math.isnan(summary["spearman"])
-        if min_spearman is not None:
-            passed = passed and summary["spearman"] >= min_spearman
-        if max_median_abs_pct_error is not None:
-            passed = passed and summary["median_abs_pct_error"] <= max_median_abs_pct_error
-        figures[p] = {k: _finite(v) for k, v in summary.items()} | {"passed": passed}
+        figures[p] = _judged(summarise(predicted[p], [row[f"{p}{measured_key}"] for row in rows]),
+                             min_spearman, max_median_abs_pct_error)
     record = {
         "validated": now(),
         "subnets": len(configs),
@@ -254,8 +265,176 @@ def validate_table(
         record["csv"] = result.csv_path.name
         table = LatencyTable.load(table_path)  # what other writers added since
         table.meta["validation"] = record
+        # a correction is judged on the validation subnets of its run: a new validation outdates it
+        table.meta.pop("correction", None)
         table.merge_save(table_path)
     return result
+
+
+def fitting_configs(space: Any, subnets: int, resolutions: Sequence[int], seed: int,
+                    exclude: Sequence[Mapping[str, Any]] = ()) -> list[dict]:
+    """Up to ``subnets`` distinct random subnets at ``resolutions``, none of them in ``exclude``
+    (drawn from ``random.Random(seed)``; fewer where the space has too few others)."""
+    wanted = set(resolutions)
+    rng = random.Random(seed)
+    seen = {json.dumps(dict(c), sort_keys=True) for c in exclude}
+    configs: list[dict] = []
+    for _ in range(200 * max(subnets, 1)):
+        if len(configs) >= subnets:
+            break
+        config = space.sample(rng)
+        key = json.dumps(config, sort_keys=True)
+        if config["r"] in wanted and key not in seen:
+            seen.add(key)
+            configs.append(config)
+    return configs
+
+
+def correction_csv_path(table_path: str | os.PathLike[str]) -> Path:
+    """Where the rows of a table's correction go: ``<table>_correction.csv`` beside it."""
+    path = Path(table_path)
+    return path.with_name(f"{path.stem}_correction.csv")
+
+
+@dataclass
+class CorrectionResult:
+    """What :func:`correct_table` fitted and how it did on the held-out subnets: ``record`` is
+    what the table stores (``meta["correction"]``)."""
+
+    record: dict[str, Any]
+    rows: list[dict] = field(default_factory=list)
+    csv_path: Path | None = None
+
+    def figures(self, precision: str) -> dict[str, Any]:
+        return self.record["precisions"][precision]
+
+
+def correct_table(
+    space: Any,
+    table_path: str | os.PathLike[str],
+    validation_rows: Sequence[Mapping[str, Any]],
+    *,
+    subnets: int,
+    apply: str = "if_better",
+    seed: int | None = None,
+    measured_rows: Sequence[Mapping[str, Any]] | None = None,
+    write: bool = True,
+    report: Callable[[str], None] | None = None,
+) -> CorrectionResult:
+    """Fit a correction of the table's sum on ``subnets`` further whole subnets and judge it on the
+    validated ones.
+
+    The table must carry a validation (:func:`validate_table`); ``validation_rows`` are its rows
+    (:attr:`ValidationResult.rows`). The fitting subnets are drawn with ``seed`` (default: the
+    validation's seed + 1) among the subnets not validated, and measured as the validation measured
+    its subnets (target, warm-up, repeats, rounds, priority, statistic: the validation record's);
+    ``measured_rows`` (rows of :func:`measure_subnets`) reuse measurements instead. Per precision
+    the record holds the fitted model, the held-out figures of the raw sum and of the corrected
+    one (``held_out``: ``raw``, ``corrected``, each ``passed`` against the validation's
+    thresholds), ``improved`` (:func:`~.latency_correction.improved`) and ``applied``: by ``apply``
+    (``if_better``: when improved; ``always``; ``never``: recorded only). Cost models built on the
+    table use a correction marked applied. With ``write`` the record goes into
+    ``meta["correction"]`` and every subnet's numbers into :func:`correction_csv_path`.
+    """
+    if apply not in APPLY_MODES:
+        raise ValueError(f"apply {apply!r} must be one of {list(APPLY_MODES)}")
+    table_path = Path(table_path)
+    table = LatencyTable.load(table_path)
+    validation = table.meta.get("validation")
+    if not isinstance(validation, dict):
+        raise ValueError(f"{table_path} has no validation: validate the table first (its subnets judge the correction)")
+    precisions = list(validation["precisions"])
+    stat, resolutions = validation.get("stat", "median"), [int(r) for r in validation["resolutions"]]
+    measured_key = "" if stat == "median" else "_mean"
+    held_out = [dict(row) for row in validation_rows]
+    if len(held_out) != validation["subnets"]:
+        raise ValueError(f"got {len(held_out)} validation rows for a validation of {validation['subnets']} subnets")
+    fit_seed = int(validation.get("seed", 0)) + 1 if seed is None else int(seed)
+    started = time.perf_counter()
+    if measured_rows is None:
+        configs = fitting_configs(space, subnets, resolutions, fit_seed, exclude=[r["config"] for r in held_out])
+        if len(configs) < MIN_FIT_SUBNETS:
+            raise TooFewSubnets(f"the space has only {len(configs)} subnets besides the validated ones; a "
+                                f"correction needs at least {MIN_FIT_SUBNETS}")
+        from lightning_nas.targets import resolve_target
+
+        fitted_rows = measure_subnets(
+            space, configs, precisions, target=resolve_target(validation["target"]),
+            batch_size=int(table.meta.get("batch_size", 1)), threads=int(table.meta.get("threads", 1)),
+            warmup=int(validation["warmup"]), repeats=int(validation["repeats"]), rounds=int(validation["rounds"]),
+            realtime=bool(validation["realtime"]), report=report)
+    else:
+        fitted_rows = [dict(row) for row in measured_rows]
+    validated = {json.dumps(dict(r["config"]), sort_keys=True) for r in held_out}
+    if any(json.dumps(dict(r["config"]), sort_keys=True) in validated for r in fitted_rows):
+        raise ValueError("a fitting subnet is also a validation subnet: a correction is judged on unseen subnets only")
+    fit_configs = [dict(r["config"]) for r in fitted_rows]
+    val_configs = [dict(r["config"]) for r in held_out]
+    thresholds = validation.get("min_spearman"), validation.get("max_median_abs_pct_error")
+    figures: dict[str, dict[str, Any]] = {}
+    for p in precisions:
+        model = TableLatencyModel(space, table, precision=p, stat=stat, resolutions=resolutions)
+        names = feature_names(model.units.decomposition)
+        fit_table = model.evaluate_table(fit_configs)
+        correction = fit_correction(model.features(fit_configs), fit_table,
+                                    [r[f"{p}{measured_key}"] for r in fitted_rows], names)
+        val_table = model.evaluate_table(val_configs)
+        val_corrected = correction.apply(val_table, model.features(val_configs))
+        measured = [r[f"{p}{measured_key}"] for r in held_out]
+        raw = _judged(summarise([float(v) for v in val_table], measured), *thresholds)
+        corrected = _judged(summarise([float(v) for v in val_corrected], measured), *thresholds)
+        better = improved(raw, corrected)
+        fit_corrected = correction.apply(fit_table, model.features(fit_configs))
+        for rows, sums, values in ((fitted_rows, fit_table, fit_corrected), (held_out, val_table, val_corrected)):
+            for row, table_value, value in zip(rows, sums, values):
+                row[f"{p}_table"], row[f"{p}_corrected"] = float(table_value), float(value)
+        figures[p] = {"model": correction.to_record(), "held_out": {"raw": raw, "corrected": corrected},
+                      "improved": better, "applied": apply == "always" or (apply == "if_better" and better)}
+    record = {
+        "fitted": now(),
+        "fit_subnets": len(fitted_rows),
+        "held_out_subnets": len(held_out),
+        "seed": fit_seed,
+        "stat": stat,
+        "apply": apply,
+        "resolutions": resolutions,
+        "seconds": time.perf_counter() - started,
+        "precisions": figures,
+    }
+    result = CorrectionResult(record, [*({"role": "fit", **r} for r in fitted_rows),
+                                       *({"role": "held_out", **r} for r in held_out)])
+    if write:
+        result.csv_path = _write_correction_csv(correction_csv_path(table_path), result.rows, precisions,
+                                                measured_key)
+        record["csv"] = result.csv_path.name
+        table = LatencyTable.load(table_path)  # what other writers added since
+        table.meta["correction"] = record
+        table.merge_save(table_path)
+    return result
+
+
+def _judged(summary: Mapping[str, float], min_spearman: float | None,
+            max_median_abs_pct_error: float | None) -> dict[str, Any]:
+    """Finite figures and ``passed`` against the validation's thresholds (as :func:`validate_table`)."""
+    passed = not math.isnan(summary["spearman"])
+    if min_spearman is not None:
+        passed = passed and summary["spearman"] >= min_spearman
+    if max_median_abs_pct_error is not None:
+        passed = passed and summary["median_abs_pct_error"] <= max_median_abs_pct_error
+    return {k: _finite(v) for k, v in summary.items()} | {"passed": passed}
+
+
+def _write_correction_csv(path: Path, rows: Sequence[Mapping[str, Any]], precisions: Sequence[str],
+                          measured_key: str) -> Path:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["subnet", "role", "precision", "resolution", "table_ms", "corrected_ms", "measured_ms", "config"])
+    for i, row in enumerate(rows):
+        for p in precisions:
+            writer.writerow([i, row["role"], p, row["config"]["r"], f"{row[f'{p}_table']:.6g}",
+                             f"{row[f'{p}_corrected']:.6g}", f"{row[f'{p}{measured_key}']:.6g}",
+                             json.dumps(row["config"], separators=(",", ":"))])
+    return write_text(path, buffer.getvalue())
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], precisions: Sequence[str], measured_key: str) -> Path:

@@ -69,3 +69,12 @@ class ProfileSettings:
     min_spearman: float = 0.9
     #: Also fail a precision whose median absolute error exceeds this many percent (None: no check).
     max_median_error_pct: PositiveFloat | None = None
+    #: A learned correction of the table's sum: this many further random whole subnets (distinct from
+    #: the validation subnets, measured as they are) fit a small ridge regression on log latency,
+    #: judged on the validation subnets only (figures in the table's ``meta.correction`` and a
+    #: ``<table>_correction.csv``). 0: none. Needs ``validation_subnets``; at least 3.
+    correction_subnets: NonNegativeInt = 0
+    #: When cost models apply the fitted correction: ``if_better`` (its held-out Spearman is not
+    #: lower and its median error not higher than the plain sum's, one of them better), ``always``,
+    #: or ``never`` (recorded only).
+    apply_correction: Literal["if_better", "always", "never"] = "if_better"

@@ -24,10 +24,12 @@ TABLE_FILE = "latency_table.json"
 SPACEEVO_FILE = "spaceevo_latency.csv"
 #: Keys of ``profile:`` that only the table of a space's units reads.
 _UNIT_TABLE_KEYS = ("resolutions", "precisions", "context", "rounds", "validation_subnets", "validation_warmup",
-                    "validation_repeats", "validation_rounds", "min_spearman", "max_median_error_pct")
+                    "validation_repeats", "validation_rounds", "min_spearman", "max_median_error_pct",
+                    "correction_subnets", "apply_correction")
 
 
 def run(recipe: LoadedRecipe) -> Path:
+    from ..hardware.latency_correction import MIN_FIT_SUBNETS
     from ..hardware.latency_profile import profile_space
     from ..hardware.latency_table import LatencyTable, LatencyTableError
     from ..recipe.profile_settings import ProfileSettings
@@ -58,6 +60,13 @@ def run(recipe: LoadedRecipe) -> Path:
                           allowed=["space", "spaceevo"])
     if settings.spaceevo is not None:
         return _run_spaceevo(recipe, settings, target)
+    if settings.correction_subnets and not settings.validation_subnets:
+        raise RecipeError("a learned correction is judged on the validation subnets: give validation_subnets too",
+                          key="profile.correction_subnets", given=settings.correction_subnets,
+                          allowed="0, or validation_subnets > 0")
+    if 0 < settings.correction_subnets < MIN_FIT_SUBNETS:
+        raise RecipeError("too few subnets to fit a correction on", key="profile.correction_subnets",
+                          given=settings.correction_subnets, allowed=f"0 or >= {MIN_FIT_SUBNETS}")
     run_dir = prepare_run_dir(recipe)
     space = SPACES.build(settings.space)  # validated with the recipe, resolutions included
     output = Path(settings.output) if settings.output else run_dir / TABLE_FILE
@@ -75,7 +84,9 @@ def run(recipe: LoadedRecipe) -> Path:
     state = "complete" if result.remaining == 0 else f"{result.remaining} entries still missing (run again to resume)"
     print(f"latency table {output}: {sizes} entries; measured {result.measured} now, {result.skipped} reused; {state}")
     if settings.validation_subnets and result.remaining == 0:
-        validate(space, output, settings, target)
+        validation = validate(space, output, settings, target)
+        if settings.correction_subnets:
+            correct(space, output, settings, validation)
     elif settings.validation_subnets:
         print("validation on whole subnets runs once the table is complete")
     return run_dir
@@ -161,4 +172,50 @@ def validate(space: Any, output: Path, settings: Any, target: Any) -> Any:
             f"({limits}) for {', '.join(failed)}: searches that constrain latency with it rank candidates "
             "unreliably. Profile with more rounds/repeats, realtime: true, or on a quieter machine.",
             title="[bold red]latency table FAILED validation", border_style="red"))
+    return result
+
+
+def correct(space: Any, output: Path, settings: Any, validation: Any) -> Any:
+    """The learned correction of the table's sum
+    (:func:`~lightning_nas.hardware.latency_validation.correct_table`), printed next to the plain
+    sum's held-out figures; a correction that is not applied, or applied without improving, is
+    shouted on stderr."""
+    from rich.console import Console
+    from rich.panel import Panel
+
+    from ..hardware.latency_correction import TooFewSubnets
+    from ..hardware.latency_validation import correct_table
+
+    try:
+        result = correct_table(space, output, validation.rows, subnets=settings.correction_subnets,
+                               apply=settings.apply_correction, report=print)
+    except TooFewSubnets as error:
+        raise RecipeError(str(error), key="profile.correction_subnets", given=settings.correction_subnets,
+                          allowed="0, or a space with more subnets than validation_subnets") from None
+    record = result.record
+    print(f"correction fitted on {record['fit_subnets']} further whole subnets, judged on the "
+          f"{record['held_out_subnets']} validation subnets:")
+    shouts = []
+    for precision, figures in record["precisions"].items():
+        raw, corrected = figures["held_out"]["raw"], figures["held_out"]["corrected"]
+
+        def line(f: dict) -> str:
+            spearman = "nan" if f["spearman"] is None else f"{f['spearman']:.3f}"
+            return f"Spearman {spearman}, median |error| {f['median_abs_pct_error']:.1f} %"
+
+        alpha = figures["model"]["alpha"]
+        state = "applied" if figures["applied"] else "NOT applied"
+        print(f"  {precision}: table sum {line(raw)}; corrected {line(corrected)} "
+              f"(ridge alpha {'inf (a scale)' if alpha is None else f'{alpha:g}'}; {state})")
+        if not figures["improved"]:
+            shouts.append(f"{precision}: the correction does not improve the held-out figures; "
+                          + ("applied anyway (apply_correction: always)" if figures["applied"]
+                             else "recorded, not applied (cost models use the plain sum)"))
+        elif not figures["applied"]:
+            shouts.append(f"{precision}: the correction improves the held-out figures but is not applied "
+                          "(apply_correction: never)")
+    print(f"wrote {result.csv_path} and the correction into {output} (meta.correction)")
+    if shouts:
+        Console(stderr=True).print(Panel("\n".join(shouts), title="[bold yellow]latency correction",
+                                         border_style="yellow"))
     return result

@@ -339,6 +339,11 @@ def run(recipe: LoadedRecipe) -> Path:
     print(f"wrote {outputs['topk']}, {outputs['pareto_csv']}, {outputs['pareto_png']}")
     for name, per_precision in summary["cost_model_validation"].items():
         for precision, figures in per_precision.items():
+            correction = figures.get("correction") if figures is not None else None
+            if correction is not None:  # a learned correction of the table's sum (lightning-nas profile)
+                print(f"cost model {name} ({precision}) {'applies' if correction['applied'] else 'does not apply'} "
+                      f"its table's learned correction (held-out Spearman: table sum "
+                      f"{correction['raw'].get('spearman')}, corrected {correction['corrected'].get('spearman')})")
             if figures is None:
                 print(f"cost model {name} ({precision}): its latency table was not validated on whole subnets")
             elif not figures.get("passed", True):

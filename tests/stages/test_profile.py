@@ -33,7 +33,7 @@ def smoke(run_dir: Path, *overrides: str):
     return load_recipe(RECIPE, [f"run_dir={run_dir}", *overrides], smoke=True)
 
 
-def test_profile_smoke_writes_a_complete_validated_table_and_resumes(tmp_path: Path,
+def test_profile_smoke_writes_a_complete_validated_table_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_nas.registry import SPACES
 
@@ -68,6 +68,23 @@ def test_profile_smoke_writes_a_complete_validated_table_and_resumes(tmp_path: P
         if row["precision"] == "fp32":
             assert float(row["predicted_ms"]) == pytest.approx(model.predict(json.loads(row["config"])), rel=1e-4)
 
+    # the learned correction: fitted on 3 further subnets, judged on the 4 validated ones
+    correction = table.meta["correction"]
+    assert correction["fit_subnets"] == 3 and correction["held_out_subnets"] == 4 and correction["seed"] == 1
+    with (run_dir / "latency_table_correction.csv").open(newline="") as handle:
+        correction_rows = list(csv.DictReader(handle))
+    assert len(correction_rows) == (3 + 4) * 2
+    validated = {r["config"] for r in rows}
+    assert {r["config"] for r in correction_rows if r["role"] == "held_out"} == validated
+    assert not {r["config"] for r in correction_rows if r["role"] == "fit"} & validated
+    for precision in ("fp32", "int8"):
+        figures = correction["precisions"][precision]
+        assert figures["held_out"]["raw"]["spearman"] == validation["precisions"][precision]["spearman"]
+        assert figures["applied"] == figures["improved"]  # the recipe's apply_correction: if_better
+        assert len(figures["model"]["coef"]) == len(figures["model"]["features"])
+    captured = capsys.readouterr()
+    assert "correction fitted on 3 further whole subnets, judged on the 4 validation subnets" in captured.out
+
     # again after losing three entries: one profiling network is timed, nothing validated (subnets 0)
     record = json.loads(path.read_text())
     for key in sorted(record["entries"]["fp32"])[:3]:
@@ -75,7 +92,8 @@ def test_profile_smoke_writes_a_complete_validated_table_and_resumes(tmp_path: P
     path.write_text(json.dumps(record))
     calls: list[int] = []
     monkeypatch.setattr(profiling, "time_chain", fake_chain(calls))
-    profile.run(smoke(run_dir, "profile.precisions=[fp32]", "profile.validation_subnets=0"))
+    profile.run(smoke(run_dir, "profile.precisions=[fp32]", "profile.validation_subnets=0",
+                      "profile.correction_subnets=0"))
     assert len(calls) == 1 and LatencyTable.load(path).keys("fp32") == keys
 
 
@@ -109,6 +127,17 @@ def test_an_incomplete_table_is_not_validated_and_another_cpu_kind_is_refused(tm
         profile.run(smoke(tmp_path / "other", f"deploy.target={other}"))
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["profile.validation_subnets=0"], "judged on the validation subnets"),
+    (["profile.correction_subnets=2"], "too few subnets"),
+])
+def test_a_correction_needs_validation_and_enough_subnets(tmp_path: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(RecipeError, match=message) as error:
+        profile.run(smoke(tmp_path / "run", *overrides))
+    assert error.value.key == "profile.correction_subnets"
+    assert not (tmp_path / "run" / "latency_table.json").exists()  # refused before measuring anything
+
+
 SPACEEVO_RECIPE = "recipes/latency_lut_spaceevo.yaml"
 
 
@@ -135,6 +164,7 @@ def test_spaceevo_profile_smoke_writes_rows_and_resumes(tmp_path: Path) -> None:
     (["profile.spaceevo.block_types=[resnet]"], "profile.spaceevo.block_types"),
     (["profile.spaceevo.stages=[7]"], "profile.spaceevo.stages"),
     (["profile.rounds=2"], "profile.rounds"),
+    (["profile.correction_subnets=5"], "profile.correction_subnets"),
     (["+profile.space={name: ofa_mbv3_cifar}"], "profile"),
 ])
 def test_spaceevo_profile_recipe_errors_name_the_key(tmp_path: Path, overrides: list[str], key: str) -> None:
