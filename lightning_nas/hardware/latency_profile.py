@@ -44,6 +44,7 @@ from lightning_nas.hardware.latency_table import (
     cpu_name,
     open_table,
 )
+from lightning_nas.progress import progress_bar
 from lightning_nas.spaces.protocol import ElasticSpace
 
 __all__ = ["ProfileResult", "profile_meta", "profile_space", "profiling_configs"]
@@ -221,13 +222,6 @@ def profile_space(
     return ProfileResult(output, measured, skipped, remaining)
 
 
-def _progress_bar(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = [TextColumn("profiling {task.fields[what]}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    return Progress(*columns, disable=not enabled)
-
-
 @dataclass(frozen=True)
 class _Timing:
     """How every entry of one run is timed."""
@@ -290,7 +284,7 @@ def _profile_networks(space: ElasticSpace, decomposition: UnitDecomposition, tab
                 yield network, precision, runners, x, wanted
 
     kept: list[tuple[_Network, str, list[Any], Any, set[str]]] = []
-    with _progress_bar(progress) as bar:
+    with progress_bar("profiling {task.fields[what]}", progress, elapsed=False) as bar:
         task = bar.add_task("profile", total=len(networks) * len(precisions) * rounds, what="")
         for round_index in range(rounds):
             for item in prepare() if round_index == 0 else kept:
@@ -318,7 +312,7 @@ def _profile_isolated(space: ElasticSpace, units: Sequence[Unit], table: Latency
         todo = todo[: max(int(limit), 0)]
     subnet, choice = None, None
     measured = 0
-    with _progress_bar(progress) as bar:
+    with progress_bar("profiling {task.fields[what]}", progress, elapsed=False) as bar:
         task = bar.add_task("profile", total=len(todo), what="")
         for unit, precision in todo:
             bar.update(task, what=f"{precision} {unit.key[:60]}")

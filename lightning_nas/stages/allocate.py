@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import RecipeError
 from ..files import replacing, save_png, write_json
 from ..predictors.pair_store import Pair, PairStore, file_hash
+from ..progress import progress_bar
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import prepare_run_dir, seed_everything
@@ -37,7 +38,6 @@ from .mqbench import (
     input_resolution,
     load_network,
     log_summary,
-    progress_bar,
     ptq_id,
     test_batches,
 )
@@ -154,7 +154,7 @@ def run(recipe: LoadedRecipe) -> Path:
         resolution = input_resolution(network, datamodule, "allocate.checkpoint")
         bn_batches, _, _ = held_out(datamodule, ptq.bn_images, settings.batch_size, resolution)
         evaluator = build_evaluator(network.model, ptq, bn_batches, test_batches(datamodule, resolution))
-        with progress_bar("allocated configs", settings.progress) as progress:
+        with progress_bar("allocated configs", settings.progress, fields=["{task.fields[note]}"]) as progress:
             bar = progress.add_task("configs", total=len(todo), note="")
             for bits in todo:
                 started = time.perf_counter()

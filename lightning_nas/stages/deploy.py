@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RecipeError
+from ..progress import progress_bar
 from ..recipe.loader import LoadedRecipe
 from ..recipe.sections import DeploySettings
 from ..recipe.validate import require_sections
@@ -119,13 +120,6 @@ def test_split_sample(datamodule: Any, limit: int, resolution: int) -> tuple[Any
     return torch.cat(images), torch.cat(labels)
 
 
-def progress_bar(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("deploy"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
-                    TimeElapsedColumn(), disable=not enabled)
-
-
 def deploy_qat_subnet(path: Path, datamodule: Any, out_dir: Path, settings: DeploySettings,
                       target: DeployTarget, record: Mapping[str, Any]) -> dict[str, Any]:
     """Deploy the subnet of ``path`` (its plain data ``record``) on ``datamodule``'s images;
@@ -141,7 +135,7 @@ def deploy_qat_subnet(path: Path, datamodule: Any, out_dir: Path, settings: Depl
     images, labels = test_split_sample(datamodule, settings.agreement_images, resolution)
     fake = load_qat_subnet(path)
     backend = settings.int8_backend or record.get("int8_backend")  # None: the target's engine
-    with progress_bar(settings.progress) as progress:
+    with progress_bar("deploy", settings.progress, fields=["{task.fields[note]}"], remaining=False) as progress:
         bar = progress.add_task("deploy", total=latency_steps(settings.latency_batch_sizes), note="converting")
         return deploy_int8(
             fake, calibration, images, labels, out_dir, target, record["config"], backend=backend,

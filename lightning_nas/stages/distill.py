@@ -24,10 +24,10 @@ from typing import Any
 
 from ..errors import RecipeError
 from ..files import replacing
+from ..progress import progress_bar
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import atomic_checkpoint_io, build_loggers, prepare_run_dir, seed_everything
-from .mqbench import progress_bar
 
 TABLE_FILE = "losses.csv"
 COLUMNS = ("stage", "block_type", "width", "depth", "kernel", "expand", "loss")
@@ -150,7 +150,7 @@ def distill_cell(config: Any, settings: Any, teacher: Any, datamodule: Any, stag
     substages = sample_substages(stage, block_type, settings.table_substages, settings.seed, layout)
     # The bar is opened only around scoring: a live display open while a Trainer runs breaks
     # rich's console stack when the trainer's own bar stops.
-    with progress_bar(f"scoring {stage}_{block_type}", settings.progress) as bar:
+    with progress_bar(f"scoring {stage}_{block_type}", settings.progress, fields=["{task.fields[note]}"]) as bar:
         task_id = bar.add_task("sub-stages", total=len(substages), note=f"stage {stage} {block_type}")
         losses = qat.substage_losses(substages, features, bn_inputs, progress=lambda: bar.advance(task_id))
     return [{"stage": stage, "block_type": block_type, "width": s.width, "depth": s.depth, "kernel": s.kernel,

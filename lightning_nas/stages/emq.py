@@ -23,10 +23,11 @@ import numpy as np
 from ..errors import RecipeError
 from ..files import replacing, save_png, write_json
 from ..predictors.pair_store import PairStore
+from ..progress import progress_bar
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import prepare_run_dir
-from .mqbench import KIND, PTQSettings, log_summary, progress_bar, ptq_id
+from .mqbench import KIND, PTQSettings, log_summary, ptq_id
 
 OUT_DIR = "emq"
 PROGRAM_FILE = "best_program.json"
@@ -88,7 +89,7 @@ def run(recipe: LoadedRecipe) -> Path:
         raise RecipeError(str(error), key="emq.train_fraction", given=settings.train_fraction) from None
 
     results, histories = [], []
-    with progress_bar("evolving proxies", settings.progress) as progress:
+    with progress_bar("evolving proxies", settings.progress, fields=["{task.fields[note]}"]) as progress:
         for restart in range(settings.restarts):
             bar = progress.add_task("generations", total=settings.generations, note="")
             evolution = ProxyEvolution(stats, train, population=settings.population,

@@ -35,6 +35,7 @@ import numpy as np
 from ..errors import RecipeError
 from ..files import replacing, save_png, write_json
 from ..predictors.pair_store import Pair, PairStore, file_hash, plan_key
+from ..progress import progress_bar
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import build_loggers, prepare_run_dir, seed_everything
@@ -222,14 +223,6 @@ def statistics(path: Path, model: Any, ptq: PTQSettings, images: Any, labels: An
     return stats
 
 
-def progress_bar(label: str, enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
-               TimeRemainingColumn()]
-    return Progress(*columns, disable=not enabled)
-
-
 def benchmark_pairs(store: PairStore, ptq: PTQSettings) -> list[Pair]:
     wanted = ptq_id(ptq)
     return [p for p in store.pairs(kind=KIND, checkpoint_hash=ptq.checkpoint_hash)
@@ -327,7 +320,7 @@ def run(recipe: LoadedRecipe) -> Path:
     started = time.perf_counter()
     if todo:
         evaluator = build_evaluator(model, ptq, bn_batches, test_batches(datamodule, resolution))
-        with progress_bar("mq pairs", settings.progress) as progress:
+        with progress_bar("mq pairs", settings.progress, fields=["{task.fields[note]}"]) as progress:
             bar = progress.add_task("pairs", total=len(todo), note="")
             for n, index in enumerate(todo, start=1):
                 bits = plan_config(settings.seed, index, len(layers), settings.bit_choices)

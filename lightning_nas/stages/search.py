@@ -38,6 +38,7 @@ import numpy as np
 
 from ..errors import RecipeError
 from ..files import replacing, save_png, write_text
+from ..progress import progress_bar
 from ..recipe.loader import LoadedRecipe
 from ..recipe.validate import require_sections
 from .common import build_loggers, prepare_run_dir
@@ -120,7 +121,7 @@ def run_search(settings: Any, scorer: Any, run_dir: Path, seed: int) -> tuple[An
     options = _strategy_options(settings)
     if settings.concurrency < 1:
         raise RecipeError("must be at least 1", key="search.concurrency", given=settings.concurrency)
-    with _progress_bar(settings.progress, settings.strategy) as bar:
+    with progress_bar(f"search ({settings.strategy})", settings.progress, fields=["cand"]) as bar:
         task = bar.add_task("search", total=settings.evaluations)
         try:
             search = NNISearch(
@@ -167,23 +168,6 @@ def _total_origins(selected: list[dict[str, int]]) -> dict[str, int]:
         for origin, count in generation.items():
             total[origin] = total.get(origin, 0) + count
     return total
-
-
-def _progress_bar(enabled: bool, name: str) -> Any:
-    """Scored candidates out of the budget, on stderr (stdout carries the stage's report)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = [TextColumn(f"search ({name})"), BarColumn(), MofNCompleteColumn(), TextColumn("cand"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
-    return Progress(*columns, console=Console(stderr=True), refresh_per_second=2, disable=not enabled)
 
 
 # --------------------------------------------------------------------------------------- outputs

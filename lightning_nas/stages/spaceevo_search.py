@@ -57,6 +57,7 @@ import numpy as np
 
 from ..errors import RecipeError
 from ..files import replacing, save_png, write_json
+from ..progress import progress_bar
 from ..recipe.loader import LoadedRecipe
 from .common import prepare_run_dir
 
@@ -334,23 +335,6 @@ def plot_evolution(path: Path, history: Sequence[Any], homogeneous: Sequence[Any
     return save_png(figure, path)
 
 
-def _progress_bar(enabled: bool) -> Any:
-    """Spaces evaluated out of the budget, on stderr (stdout carries the stage's report)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = [TextColumn("search (spaceevo)"), BarColumn(), MofNCompleteColumn(), TextColumn("spaces"),
-               TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    return Progress(*columns, console=Console(stderr=True), refresh_per_second=2, disable=not enabled)
-
-
 # ------------------------------------------------------------------------------------ the stage
 
 
@@ -386,7 +370,7 @@ def run(recipe: LoadedRecipe) -> Path:
                     t=settings.t, a=settings.a, fixed_latency_ms=fixed, seed=seed)
     run_dir = prepare_run_dir(recipe)
 
-    with _progress_bar(settings.progress) as bar:
+    with progress_bar("search (spaceevo)", settings.progress, fields=["spaces", "best {task.fields[best]}"]) as bar:
         task = bar.add_task("spaces", total=settings.evaluations, best="-")
         best = [-math.inf]
 
