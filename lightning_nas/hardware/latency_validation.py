@@ -53,9 +53,11 @@ __all__ = [
     "correct_table",
     "correction_csv_path",
     "fitting_configs",
+    "judged",
     "measure_subnets",
     "spearman",
     "summarise",
+    "time_in_passes",
     "validate_table",
     "validation_configs",
     "validation_csv_path",
@@ -110,38 +112,47 @@ def validation_configs(space: Any, subnets: int, resolutions: Sequence[int] | No
     return configs
 
 
+def time_in_passes(runners: Sequence[Mapping[str, tuple[Any, Any]]], *, threads: int = 1, warmup: int = 5,
+                   repeats: int = 30, rounds: int = 3, realtime: bool = False,
+                   report: Callable[[str], None] | None = None) -> list[dict[str, list[profiling.Timing]]]:
+    """Time prepared ``(run, input)`` pairs (by name, one mapping per network) in ``rounds`` passes
+    over all of them, so that every network is measured at several moments of the run; each pass is
+    :func:`~.profiling.time_callable` (``warmup``, then the median of ``repeats``). Returns, per
+    network and name, the pass timings in order."""
+    samples: list[dict[str, list[profiling.Timing]]] = [{name: [] for name in r} for r in runners]
+    for round_index in range(rounds):
+        started = time.perf_counter()
+        for i, named in enumerate(runners):
+            for name, (run, x) in named.items():
+                samples[i][name].append(profiling.time_callable(
+                    run, x, warmup=warmup, repeats=repeats, threads=threads, realtime=realtime))
+        if report is not None:
+            report(f"whole-network pass {round_index + 1}/{rounds} ({time.perf_counter() - started:.0f}s)")
+    return samples
+
+
 def measure_subnets(space: Any, configs: Sequence[Mapping[str, Any]], precisions: Sequence[str], *,
                     target: Any = None, batch_size: int = 1, threads: int = 1, warmup: int = 5,
                     repeats: int = 30, rounds: int = 3, realtime: bool = False,
                     report: Callable[[str], None] | None = None) -> list[dict]:
-    """Whole-network latency of every subnet: ``rounds`` passes over all subnets (so that every
-    subnet is measured at several moments of the run), each pass the median of ``repeats`` calls
-    after ``warmup``; a subnet's figure is the median over passes (``<precision>``), with the mean
-    over passes of the calls' means (``<precision>_mean``) and every pass's median
-    (``<precision>_passes``). int8 runs on ``target`` (see :func:`~.profiling.runner_for`)."""
+    """Whole-network latency of every subnet (:func:`time_in_passes`): a subnet's figure is the
+    median over passes (``<precision>``), with the mean over passes of the calls' means
+    (``<precision>_mean``) and every pass's median (``<precision>_passes``). int8 runs on
+    ``target`` (see :func:`~.profiling.runner_for`)."""
     import torch
 
     from lightning_nas.nn.builders import build_subnet
 
-    samples: list[dict[str, list[profiling.Timing]]] = [{p: [] for p in precisions} for _ in configs]
     with tempfile.TemporaryDirectory() as workdir:
         prepared = []
         for i, config in enumerate(configs):
             net = build_subnet(space, config).eval()
             x = torch.randn(batch_size, 3, config["r"], config["r"], generator=torch.Generator().manual_seed(i))
-            runners = {}
-            for precision in precisions:
-                runners[precision] = profiling.runner_for(net, x, precision, target, threads=threads,
-                                                          workdir=workdir)
-            prepared.append(runners)
-        for round_index in range(rounds):
-            started = time.perf_counter()
-            for i, runners in enumerate(prepared):
-                for precision, (run, x) in runners.items():
-                    samples[i][precision].append(profiling.time_callable(
-                        run, x, warmup=warmup, repeats=repeats, threads=threads, realtime=realtime))
-            if report is not None:
-                report(f"whole-network pass {round_index + 1}/{rounds} ({time.perf_counter() - started:.0f}s)")
+            prepared.append({precision: profiling.runner_for(net, x, precision, target, threads=threads,
+                                                             workdir=workdir)
+                             for precision in precisions})
+        samples = time_in_passes(prepared, threads=threads, warmup=warmup, repeats=repeats, rounds=rounds,
+                                 realtime=realtime, report=report)
     rows = []
     for config, per_precision in zip(configs, samples):
         row: dict[str, Any] = {"config": dict(config)}
@@ -240,7 +251,7 @@ def validate_table(
     for p in precisions:
         for row, value in zip(rows, predicted[p]):
             row[f"{p}_predicted"] = value
-        figures[p] = _judged(summarise(predicted[p], [row[f"{p}{measured_key}"] for row in rows]),
+        figures[p] = judged(summarise(predicted[p], [row[f"{p}{measured_key}"] for row in rows]),
                              min_spearman, max_median_abs_pct_error)
     record = {
         "validated": now(),
@@ -381,8 +392,8 @@ def correct_table(
         val_table = model.evaluate_table(val_configs)
         val_corrected = correction.apply(val_table, model.features(val_configs))
         measured = [r[f"{p}{measured_key}"] for r in held_out]
-        raw = _judged(summarise([float(v) for v in val_table], measured), *thresholds)
-        corrected = _judged(summarise([float(v) for v in val_corrected], measured), *thresholds)
+        raw = judged(summarise([float(v) for v in val_table], measured), *thresholds)
+        corrected = judged(summarise([float(v) for v in val_corrected], measured), *thresholds)
         better = improved(raw, corrected)
         fit_corrected = correction.apply(fit_table, model.features(fit_configs))
         for rows, sums, values in ((fitted_rows, fit_table, fit_corrected), (held_out, val_table, val_corrected)):
@@ -413,8 +424,8 @@ def correct_table(
     return result
 
 
-def _judged(summary: Mapping[str, float], min_spearman: float | None,
-            max_median_abs_pct_error: float | None) -> dict[str, Any]:
+def judged(summary: Mapping[str, float], min_spearman: float | None,
+           max_median_abs_pct_error: float | None) -> dict[str, Any]:
     """Finite figures and ``passed`` against the validation's thresholds (as :func:`validate_table`)."""
     passed = not math.isnan(summary["spearman"])
     if min_spearman is not None:

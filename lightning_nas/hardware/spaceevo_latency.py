@@ -28,6 +28,14 @@ drawn round-robin over the widths from a generator seeded by ``seed`` and the ce
 width (and every window) has rows as soon as there are as many samples as widths; the same seed
 gives the same plan.
 
+*Self-validation* (:func:`validate_substage_rows`, run by ``lightning-nas profile`` once the rows
+are complete): random whole subnets made of table rows (per stage a row drawn uniformly, in a space
+whose window of that stage holds the row's width) are built as standalone networks, converted and
+timed whole on the same target; each is predicted as the stem + the sum of its rows + the head at
+its last width (both timed alone like the rows, and recorded as ``fixed_ms`` in the metadata) + the
+ONNX Runtime call overhead, and Spearman's rank correlation and the median error go into the
+metadata (``validation``) with a ``<table>_validation.csv`` of every subnet.
+
 *Crash safety.* The CSV is rewritten (temporary name, then rename) after every row, with a JSON
 sidecar ``<output>.meta.json`` (device, target, threads, batch size, protocol, layout). A run
 with the same output skips the rows already there; metadata that differ raise
@@ -37,30 +45,45 @@ with the same output skips the rows already there; metadata that differ raise
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import platform
 import random
+import statistics
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_nas.files import replacing, write_json
+from lightning_nas.files import replacing, write_json, write_text
 from lightning_nas.hardware import profiling
-from lightning_nas.hardware.latency_table import LatencyTableError, cpu_name
-from lightning_nas.spaces.spaceevo_layout import MacroLayout, SubStage, substage_choices
+from lightning_nas.hardware.latency_table import LatencyTableError, cpu_name, now
+from lightning_nas.hardware.latency_validation import judged, summarise, time_in_passes, validation_csv_path
+from lightning_nas.spaces.spaceevo_layout import (
+    MacroLayout,
+    SpaceChoice,
+    StageChoice,
+    SubStage,
+    space_id,
+    stage_windows,
+    substage_choices,
+)
 
 __all__ = [
     "LATENCY_COLUMNS",
     "KEY_COLUMNS",
     "SubStageProfile",
+    "SubStageValidation",
     "cell_input",
     "profile_substages",
     "read_latency_rows",
     "sample_substages",
     "substage_key",
+    "validate_substage_rows",
+    "validation_subnets",
 ]
 
 #: The sub-stage key, shared with the loss tables of the block-wise distillation.
@@ -243,3 +266,158 @@ def profile_substages(
             measured += 1
             bar.advance(task)
     return SubStageProfile(output, measured, skipped, len(plan) - skipped - measured, meta)
+
+
+def validation_subnets(layout: MacroLayout, rows: Sequence[dict[str, Any]], count: int,
+                       seed: int = 0) -> list[tuple[SpaceChoice, list[dict[str, Any]]]]:
+    """``count`` random whole subnets made of ``rows``: per stage a row drawn uniformly from that
+    stage's rows (every block type) and a window drawn uniformly from those holding the row's
+    width; returns ``(space, rows per stage)``. Raises ``ValueError`` when a stage has no rows."""
+    by_stage: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_stage.setdefault(int(row["stage"]), []).append(row)
+    missing = [s for s in range(layout.num_stages) if s not in by_stage]
+    if missing:
+        raise ValueError(f"no rows for stage(s) {missing}: whole subnets need a row of every stage")
+    rng = random.Random(f"{seed}/validation/{layout.name}")
+    subnets = []
+    for _ in range(count):
+        stages, picked = [], []
+        for stage in range(layout.num_stages):
+            row = by_stage[stage][rng.randrange(len(by_stage[stage]))]
+            index = layout.stages[stage].widths.index(int(row["width"]))
+            windows = [w for w in stage_windows(stage, layout) if w[0] <= index < w[1]]
+            stages.append(StageChoice(str(row["block_type"]), windows[rng.randrange(len(windows))]))
+            picked.append(row)
+        subnets.append((SpaceChoice(tuple(stages)), picked))
+    return subnets
+
+
+@dataclass
+class SubStageValidation:
+    """What :func:`validate_substage_rows` measured: ``record`` is what the metadata stores."""
+
+    record: dict[str, Any]
+    rows: list[dict[str, Any]]
+    csv_path: Path
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.record["passed"])
+
+
+def validate_substage_rows(
+    layout: MacroLayout,
+    output: str | os.PathLike[str],
+    *,
+    target: Any,
+    subnets: int = 30,
+    warmup: int = 5,
+    repeats: int = 30,
+    rounds: int = 3,
+    realtime: bool = False,
+    seed: int = 0,
+    min_spearman: float | None = None,
+    max_median_abs_pct_error: float | None = None,
+    report: Any = None,
+) -> SubStageValidation:
+    """Measure ``subnets`` whole subnets made of the rows of ``output`` and compare them with the
+    rows' prediction (module docstring); batch size and threads are the rows' (metadata). Writes
+    ``fixed_ms`` and ``validation`` into the metadata and the subnets into
+    ``<output>_validation.csv``."""
+    import torch
+    from torch import nn
+
+    from lightning_nas.nn.spaceevo_net import SpaceEvoSubnet
+    from lightning_nas.spaces.spaceevo_space import SpaceEvoSubnetSpace
+    from lightning_nas.targets import resolve_target
+
+    class Head(nn.Module):
+        """The part after the last stage: 1x1 conv, pooling, classifier."""
+
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.head, self.classifier = net.head, net.classifier
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return self.classifier(torch.flatten(self.head(features).mean((2, 3)), 1))
+
+    target = resolve_target(target)
+    output = Path(output)
+    meta_path = output.with_name(output.name + ".meta.json")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    batch_size, threads = int(meta["batch_size"]), int(meta["threads"])
+    overhead = float(meta.get("overhead_ms") or 0.0)
+    rows = read_latency_rows(output)
+    picked = validation_subnets(layout, rows, subnets, seed)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        networks, runners, heads = [], [], {}
+        for i, (choice, stage_rows) in enumerate(picked):
+            space = SpaceEvoSubnetSpace(choice, layout)
+            config = space.config_of([SubStage(int(r["width"]), int(r["depth"]), int(r["kernel"]),
+                                               float(r["expand"])) for r in stage_rows])
+            net = SpaceEvoSubnet(space, config).eval()
+            x = torch.randn(batch_size, layout.in_channels, layout.resolution, layout.resolution,
+                            generator=torch.Generator().manual_seed(i))
+            named = {"whole": profiling.runner_for(net, x, "int8", target, threads=threads, workdir=workdir)}
+            last_width = int(stage_rows[-1]["width"])
+            if i == 0:
+                named["stem"] = profiling.runner_for(net.stem, x, "int8", target, strip_output=True,
+                                                     threads=threads, workdir=workdir)
+            if last_width not in heads:
+                with torch.no_grad():
+                    features = net.forward_stages(x)[-1]
+                named["head"] = profiling.runner_for(Head(net), features, "int8", target, strip_input=True,
+                                                     threads=threads, workdir=workdir)
+                heads[last_width] = i
+            networks.append((space, config, stage_rows, last_width))
+            runners.append(named)
+        samples = time_in_passes(runners, threads=threads, warmup=warmup, repeats=repeats, rounds=rounds,
+                                 realtime=realtime, report=report)
+
+    def median(timings: Sequence[profiling.Timing]) -> float:
+        return statistics.median(t.median for t in timings)
+
+    # a fixed part run alone still pays the ONNX Runtime call, as every row did before it was taken off
+    stem_ms = max(median(samples[0]["stem"]) - overhead, 0.0)
+    head_ms = {width: max(median(samples[i]["head"]) - overhead, 0.0) for width, i in sorted(heads.items())}
+    table_rows = []
+    for (space, config, stage_rows, last_width), timings in zip(networks, samples):
+        stages_ms = sum(float(r["latency_ms"]) for r in stage_rows)
+        table_rows.append({
+            "space": space_id(space.choice), "config": config, "stages_ms": stages_ms,
+            "fixed_ms": stem_ms + head_ms[last_width] + overhead,
+            "predicted_ms": stages_ms + stem_ms + head_ms[last_width] + overhead,
+            "measured_ms": median(timings["whole"]),
+        })
+    predicted = [r["predicted_ms"] for r in table_rows]
+    measured = [r["measured_ms"] for r in table_rows]
+    figures = judged(summarise(predicted, measured), min_spearman, max_median_abs_pct_error)
+    record = {
+        "validated": now(), "subnets": len(table_rows), "seed": int(seed), "target": target.name,
+        "warmup": int(warmup), "repeats": int(repeats), "rounds": int(rounds), "realtime": bool(realtime),
+        "min_spearman": min_spearman, "max_median_abs_pct_error": max_median_abs_pct_error,
+        "seconds": time.perf_counter() - started,
+        # the rows alone (no stem, head or call overhead): how much of the ranking they carry
+        "spearman_stages_only": judged(summarise([r["stages_ms"] for r in table_rows], measured),
+                                       None, None)["spearman"],
+        **figures,
+    }
+    csv_path = validation_csv_path(output)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["subnet", "space", "stages_ms", "fixed_ms", "predicted_ms", "measured_ms", "abs_pct_error",
+                     "config"])
+    for i, r in enumerate(table_rows):
+        writer.writerow([i, r["space"], f"{r['stages_ms']:.6g}", f"{r['fixed_ms']:.6g}", f"{r['predicted_ms']:.6g}",
+                         f"{r['measured_ms']:.6g}",
+                         f"{100.0 * abs(r['predicted_ms'] - r['measured_ms']) / r['measured_ms']:.4g}",
+                         json.dumps(r["config"], separators=(",", ":"))])
+    write_text(csv_path, buffer.getvalue())
+    record["csv"] = csv_path.name
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["fixed_ms"] = {"stem": stem_ms, "head": {str(w): v for w, v in head_ms.items()}}
+    meta["validation"] = record
+    write_json(meta_path, meta)
+    return SubStageValidation(record, table_rows, csv_path)

@@ -265,8 +265,10 @@ class SpaceEvoSearchSettings:
     t: PositiveFloat = 0.1
     a: NonNegativeFloat = 0.01
     #: Latency of what the tables leave out (stem, head), added to every subnet; the latency
-    #: table's ONNX Runtime call overhead (its meta ``overhead_ms``) is added on top.
-    fixed_latency_ms: NonNegativeFloat = 0.0
+    #: table's ONNX Runtime call overhead (its meta ``overhead_ms``) is added on top. Default: the
+    #: stem and the head at the last stage's largest width as the profile's self-validation timed
+    #: them (meta ``fixed_ms``), else 0.
+    fixed_latency_ms: NonNegativeFloat | None = None
     #: Aging evolution (reference 500 / 125 / 5,000): members kept, members drawn per cycle, spaces
     #: evaluated in all (homogeneous seeds and random fill included).
     population: PositiveInt = 500

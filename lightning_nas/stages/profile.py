@@ -12,6 +12,7 @@ the space search (``lightning-nas search`` with a ``spaceevo:`` section) reads i
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,7 @@ from .common import prepare_run_dir
 TABLE_FILE = "latency_table.json"
 SPACEEVO_FILE = "spaceevo_latency.csv"
 #: Keys of ``profile:`` that only the table of a space's units reads.
-_UNIT_TABLE_KEYS = ("resolutions", "precisions", "context", "rounds", "validation_subnets", "validation_warmup",
-                    "validation_repeats", "validation_rounds", "min_spearman", "max_median_error_pct",
-                    "correction_subnets", "apply_correction")
+_UNIT_TABLE_KEYS = ("resolutions", "precisions", "context", "rounds", "correction_subnets", "apply_correction")
 
 
 def run(recipe: LoadedRecipe) -> Path:
@@ -136,18 +135,63 @@ def _run_spaceevo(recipe: LoadedRecipe, settings: Any, target: Any) -> Path:
     extra = "" if overhead is None else f"; ONNX Runtime call overhead {overhead:.4f} ms taken off every row"
     print(f"SpaceEvo int8 sub-stage latencies {output} (target {target.name}): measured {result.measured} now, "
           f"{result.skipped} reused; {state}{extra}")
+    if settings.validation_subnets and result.remaining == 0:
+        validate_spaceevo(layout, output, settings, target)
+    elif settings.validation_subnets:
+        print("validation on whole subnets runs once the rows are complete")
     return run_dir
+
+
+def validate_spaceevo(layout: Any, output: Path, settings: Any, target: Any) -> Any:
+    """The SpaceEvo rows' self-validation on whole subnets
+    (:func:`~lightning_nas.hardware.spaceevo_latency.validate_substage_rows`), printed; ``None``
+    when the rows do not cover every stage (a profile of some cells only)."""
+    from ..hardware.spaceevo_latency import read_latency_rows, validate_substage_rows
+
+    covered = {int(row["stage"]) for row in read_latency_rows(output)}
+    if len(covered) < layout.num_stages:
+        print(f"no validation on whole subnets: the rows cover stages {sorted(covered)} of "
+              f"{layout.num_stages} (a subnet needs every stage)")
+        return None
+    result = validate_substage_rows(
+        layout, output, target=target, subnets=settings.validation_subnets, warmup=settings.validation_warmup,
+        repeats=settings.validation_repeats, rounds=settings.validation_rounds, realtime=settings.realtime,
+        seed=settings.seed, min_spearman=settings.min_spearman,
+        max_median_abs_pct_error=settings.max_median_error_pct, report=print,
+    )
+    r = result.record
+    spearman, alone = ("nan" if v is None else f"{v:.3f}" for v in (r["spearman"], r["spearman_stages_only"]))
+    fixed = json.loads(output.with_name(output.name + ".meta.json").read_text(encoding="utf-8"))["fixed_ms"]
+    print(f"validation int8 on {r['subnets']} whole subnets: Spearman {spearman} (rows alone "
+          f"{alone}), median |error| {r['median_abs_pct_error']:.1f} %, mean |error| "
+          f"{r['mean_abs_pct_error']:.1f} %, predicted/measured {r['median_ratio_predicted_to_measured']:.3f} "
+          f"({'passed' if r['passed'] else 'FAILED'}); stem {fixed['stem']:.4f} ms, head "
+          f"{min(fixed['head'].values()):.4f}-{max(fixed['head'].values()):.4f} ms")
+    print(f"wrote {result.csv_path} and the figures into {output.name}.meta.json (validation, fixed_ms)")
+    if not result.passed:
+        _shout_failed(f"The SpaceEvo latency rows {output}", settings, ["int8"])
+    return result
+
+
+def _shout_failed(what: str, settings: Any, failed: list[str]) -> None:
+    from rich.console import Console
+    from rich.panel import Panel
+
+    limits = f"Spearman >= {settings.min_spearman}"
+    if settings.max_median_error_pct is not None:
+        limits += f", median |error| <= {settings.max_median_error_pct} %"
+    Console(stderr=True).print(Panel(
+        f"{what} do not predict whole subnets on this machine as the recipe asks ({limits}) for "
+        f"{', '.join(failed)}: searches that constrain latency with them rank candidates unreliably. "
+        "Profile with more repeats, realtime: true, or on a quieter machine.",
+        title="[bold red]latency table FAILED validation", border_style="red"))
 
 
 def validate(space: Any, output: Path, settings: Any, target: Any) -> Any:
     """The profile's self-validation (:func:`~lightning_nas.hardware.latency_validation.validate_table`),
     printed; a failed check is shouted on stderr and recorded as ``validation.passed: false``."""
-    from rich.console import Console
-    from rich.panel import Panel
-
     from ..hardware.latency_validation import validate_table
 
-    console = Console(stderr=True)
     result = validate_table(
         space, output, subnets=settings.validation_subnets, precisions=settings.precisions,
         resolutions=settings.resolutions, target=target, warmup=settings.validation_warmup,
@@ -164,14 +208,7 @@ def validate(space: Any, output: Path, settings: Any, target: Any) -> Any:
     print(f"wrote {result.csv_path} and the figures into {output} (meta.validation)")
     if not result.passed:
         failed = [p for p, f in result.record["precisions"].items() if not f["passed"]]
-        limits = f"Spearman >= {settings.min_spearman}"
-        if settings.max_median_error_pct is not None:
-            limits += f", median |error| <= {settings.max_median_error_pct} %"
-        console.print(Panel(
-            f"The latency table {output} does not predict whole subnets on this machine as the recipe asks "
-            f"({limits}) for {', '.join(failed)}: searches that constrain latency with it rank candidates "
-            "unreliably. Profile with more rounds/repeats, realtime: true, or on a quieter machine.",
-            title="[bold red]latency table FAILED validation", border_style="red"))
+        _shout_failed(f"The latency table {output}", settings, failed)
     return result
 
 

@@ -20,7 +20,8 @@ The latency table's recorded target must be the search's (the project's mixing r
 :func:`~lightning_nas.targets.check_same_target`); the loss table records none. Budgets are given in
 ms (``budgets_ms``) or as percentiles of the latency of random subnets of random spaces
 (``budget_percentiles``, resolved once from the joined tables and recorded). A subnet's latency is
-``fixed_latency_ms`` (what the tables leave out: stem, head) plus the latency table's ONNX
+``fixed_latency_ms`` (what the tables leave out: stem, head; by default the stem and widest head
+the profile's self-validation timed, :func:`fixed_parts_ms`) plus the latency table's ONNX
 Runtime call overhead (``overhead_ms`` of its meta, taken off every row when it was measured)
 plus its stages' rows.
 
@@ -338,6 +339,19 @@ def plot_evolution(path: Path, history: Sequence[Any], homogeneous: Sequence[Any
 # ------------------------------------------------------------------------------------ the stage
 
 
+def fixed_parts_ms(meta: dict[str, Any], given: float | None) -> float:
+    """What a subnet costs beyond its stages' rows (ONNX Runtime call overhead apart): ``given``,
+    else the stem plus the head at the last stage's largest width as the profile timed them
+    (``fixed_ms`` of the latency meta: an upper bound for subnets ending narrower), else 0."""
+    if given is not None:
+        return float(given)
+    parts = meta.get("fixed_ms")
+    if not parts:
+        return 0.0
+    heads = parts.get("head") or {}
+    return float(parts["stem"]) + (float(heads[max(heads, key=int)]) if heads else 0.0)
+
+
 def run(recipe: LoadedRecipe) -> Path:
     from ..search.spaceevo import QTSettings, evolve_spaces
     from ..spaces.spaceevo_space import layout_from_hparams
@@ -359,7 +373,8 @@ def run(recipe: LoadedRecipe) -> Path:
     joined = join_tables(latency_path, losses_path, layout)
     seed = int(config.get("seed", 0) if settings.seed is None else settings.seed)
     overhead = float(meta.get("overhead_ms") or 0.0)
-    fixed = settings.fixed_latency_ms + overhead
+    fixed_parts = fixed_parts_ms(meta, settings.fixed_latency_ms)
+    fixed = fixed_parts + overhead
     if settings.budgets_ms is not None:
         budgets, budget_source = [float(b) for b in settings.budgets_ms], "spaceevo.budgets_ms"
     else:
@@ -394,7 +409,12 @@ def run(recipe: LoadedRecipe) -> Path:
         "target": target, "seed": seed, "layout": layout.name,
         "settings": dataclasses.asdict(settings),
         "budgets_ms": budgets, "budget_source": budget_source,
-        "fixed_latency_ms": settings.fixed_latency_ms, "call_overhead_ms": overhead,
+        "fixed_latency_ms": fixed_parts, "fixed_latency_source": (
+            "spaceevo.fixed_latency_ms" if settings.fixed_latency_ms is not None
+            else "latency meta fixed_ms" if "fixed_ms" in meta else "none (0)"),
+        "call_overhead_ms": overhead,
+        # how far the latency rows can be trusted on this machine (the profile's self-validation)
+        "latency_validation": meta.get("validation"),
         "qt": {"num_subnets": qt.num_subnets, "top_k": qt.top_k, "t": qt.t, "a": qt.a,
                "fixed_latency_ms": qt.fixed_latency_ms, "seed": qt.seed},
         "tables": {

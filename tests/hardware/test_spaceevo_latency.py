@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -13,6 +14,8 @@ from lightning_nas.hardware.spaceevo_latency import (
     read_latency_rows,
     sample_substages,
     substage_key,
+    validate_substage_rows,
+    validation_subnets,
 )
 from lightning_nas.spaces.spaceevo_layout import CIFAR_LAYOUT, HeadSpec, MacroLayout, StageSpec, StemSpec
 from lightning_nas.targets import host_target
@@ -69,3 +72,53 @@ def test_onnxruntime_rows_take_off_the_session_overhead(tmp_path) -> None:
     assert result.measured == 1 and result.meta["overhead_ms"] > 0
     (row,) = read_latency_rows(output)
     assert float(row["latency_ms"]) >= 0 and int(row["in_channels"]) == 8
+
+
+def _rows(layout: MacroLayout, per_cell: int) -> list[dict]:
+    """Unmeasured rows of every cell (latency 1 ms each), as read back from a CSV."""
+    return [{"stage": str(stage), "block_type": block_type, "width": str(s.width), "depth": str(s.depth),
+             "kernel": str(s.kernel), "expand": str(float(s.expand)), "latency_ms": "1.0"}
+            for stage in range(layout.num_stages) for block_type in layout.block_types
+            for s in sample_substages(layout, stage, block_type, per_cell)]
+
+
+def test_validation_subnets_are_made_of_rows_in_windows_holding_their_width() -> None:
+    rows = _rows(CIFAR_LAYOUT, 3)
+    subnets = validation_subnets(CIFAR_LAYOUT, rows, 12, seed=1)
+    assert subnets == validation_subnets(CIFAR_LAYOUT, rows, 12, seed=1)
+    assert subnets != validation_subnets(CIFAR_LAYOUT, rows, 12, seed=2)
+    assert len({choice for choice, _ in subnets}) > 1
+    for choice, picked in subnets:
+        for stage, (stage_choice, row) in enumerate(zip(choice.stages, picked)):
+            assert int(row["stage"]) == stage and row in rows
+            assert stage_choice.block_type == row["block_type"]
+            start, stop = stage_choice.window
+            assert int(row["width"]) in CIFAR_LAYOUT.stages[stage].widths[start:stop]
+    without_stage_2 = [r for r in rows if r["stage"] != "2"]
+    with pytest.raises(ValueError, match=r"stage\(s\) \[2\]"):
+        validation_subnets(CIFAR_LAYOUT, without_stage_2, 1)
+
+
+def test_validation_times_whole_subnets_against_stem_rows_and_head(tmp_path) -> None:
+    output = tmp_path / "latency.csv"
+    target = host_target("torch")
+    profile_substages(TINY, output, target=target, samples_per_cell=2, warmup=0, repeats=2, progress=False)
+    result = validate_substage_rows(TINY, output, target=target, subnets=4, warmup=0, repeats=2, rounds=2,
+                                    min_spearman=1.01)
+    assert result.record["subnets"] == 4 and not result.passed  # no Spearman reaches 1.01
+    meta = json.loads((tmp_path / "latency.csv.meta.json").read_text())
+    assert meta["validation"] == result.record and meta["repeats"] == 2  # the profile's meta is kept
+    stem, heads = meta["fixed_ms"]["stem"], meta["fixed_ms"]["head"]
+    assert stem > 0 and set(heads) <= {"16", "24"} and all(v > 0 for v in heads.values())
+    latency = {substage_key(r): float(r["latency_ms"]) for r in read_latency_rows(output)}
+    with open(result.csv_path, newline="") as handle:
+        written = list(csv.DictReader(handle))
+    assert result.csv_path.name == "latency_validation.csv" and len(written) == 4
+    for row, (choice, picked) in zip(written, validation_subnets(TINY, read_latency_rows(output), 4)):
+        config = json.loads(row["config"])
+        assert config["w"] == [int(r["width"]) for r in picked] and row["space"] == choice.id
+        stages_ms = sum(latency[substage_key(r)] for r in picked)
+        assert float(row["stages_ms"]) == pytest.approx(stages_ms, rel=1e-4)
+        fixed = stem + heads[str(config["w"][-1])]
+        assert float(row["predicted_ms"]) == pytest.approx(stages_ms + fixed, rel=1e-4)
+        assert 0 < float(row["measured_ms"]) < 1000

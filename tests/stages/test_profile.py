@@ -155,6 +155,7 @@ def test_spaceevo_profile_smoke_writes_rows_and_resumes(tmp_path: Path) -> None:
     assert (int(row["in_channels"]), int(row["in_size"])) == (112, 4) and float(row["latency_ms"]) > 0
     meta = json.loads((run_dir / (profile.SPACEEVO_FILE + ".meta.json")).read_text())
     assert meta["target"] == resolve_target("auto").name and meta["samples_per_cell"] == 1
+    assert "validation" not in meta  # one cell: no whole subnet can be made of the rows
     # run again: nothing left to measure, the row is kept as it was
     profile.run(load_recipe(SPACEEVO_RECIPE, [f"run_dir={run_dir}"], smoke=True))
     assert read_latency_rows(run_dir / profile.SPACEEVO_FILE) == [row]

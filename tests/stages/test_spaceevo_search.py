@@ -224,3 +224,18 @@ def test_a_recipe_with_both_search_sections_is_refused(tmp_path: Path) -> None:
 
 if __name__ == "__main__":  # rewrite the committed fixture
     write_fixture_tables(FIXTURE)
+
+
+def test_fixed_parts_default_to_the_profiled_stem_and_widest_head() -> None:
+    meta = {"fixed_ms": {"stem": 0.25, "head": {"96": 0.5, "224": 0.75, "160": 0.625}}}
+    assert stage.fixed_parts_ms(meta, None) == 1.0
+    assert stage.fixed_parts_ms(meta, 0.125) == 0.125  # the recipe's number wins
+    assert stage.fixed_parts_ms({}, None) == 0.0  # rows profiled without self-validation
+
+
+def test_search_records_where_the_fixed_latency_came_from(tmp_path: Path) -> None:
+    run_dir = _run(_recipe(tmp_path, evaluations=8))
+    record = json.loads((run_dir / stage.BEST_JSON).read_text())
+    # the fixture's latency meta has no fixed_ms and no validation
+    assert record["fixed_latency_ms"] == 0.0 and record["fixed_latency_source"] == "none (0)"
+    assert record["latency_validation"] is None
