@@ -47,6 +47,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import platform
 import random
@@ -61,7 +62,13 @@ from typing import Any
 from lightning_nas.files import replacing, write_json, write_text
 from lightning_nas.hardware import profiling
 from lightning_nas.hardware.latency_table import LatencyTableError, cpu_name, now
-from lightning_nas.hardware.latency_validation import judged, summarise, time_in_passes, validation_csv_path
+from lightning_nas.hardware.latency_validation import (
+    judged,
+    spearman,
+    summarise,
+    time_in_passes,
+    validation_csv_path,
+)
 from lightning_nas.spaces.spaceevo_layout import (
     MacroLayout,
     SpaceChoice,
@@ -78,6 +85,7 @@ __all__ = [
     "SubStageProfile",
     "SubStageValidation",
     "cell_input",
+    "head_module",
     "profile_substages",
     "read_latency_rows",
     "sample_substages",
@@ -268,6 +276,23 @@ def profile_substages(
     return SubStageProfile(output, measured, skipped, len(plan) - skipped - measured, meta)
 
 
+def head_module(net: Any) -> Any:
+    """What follows the last stage of a SpaceEvo network (1x1 conv, pooling, classifier) as one
+    module sharing ``net``'s layers, to be timed alone."""
+    import torch
+    from torch import nn
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head, self.classifier = net.head, net.classifier
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return self.classifier(torch.flatten(self.head(features).mean((2, 3)), 1))
+
+    return Head()
+
+
 def validation_subnets(layout: MacroLayout, rows: Sequence[dict[str, Any]], count: int,
                        seed: int = 0) -> list[tuple[SpaceChoice, list[dict[str, Any]]]]:
     """``count`` random whole subnets made of ``rows``: per stage a row drawn uniformly from that
@@ -326,21 +351,10 @@ def validate_substage_rows(
     ``fixed_ms`` and ``validation`` into the metadata and the subnets into
     ``<output>_validation.csv``."""
     import torch
-    from torch import nn
 
     from lightning_nas.nn.spaceevo_net import SpaceEvoSubnet
     from lightning_nas.spaces.spaceevo_space import SpaceEvoSubnetSpace
     from lightning_nas.targets import resolve_target
-
-    class Head(nn.Module):
-        """The part after the last stage: 1x1 conv, pooling, classifier."""
-
-        def __init__(self, net: nn.Module) -> None:
-            super().__init__()
-            self.head, self.classifier = net.head, net.classifier
-
-        def forward(self, features: torch.Tensor) -> torch.Tensor:
-            return self.classifier(torch.flatten(self.head(features).mean((2, 3)), 1))
 
     target = resolve_target(target)
     output = Path(output)
@@ -368,7 +382,7 @@ def validate_substage_rows(
             if last_width not in heads:
                 with torch.no_grad():
                     features = net.forward_stages(x)[-1]
-                named["head"] = profiling.runner_for(Head(net), features, "int8", target, strip_input=True,
+                named["head"] = profiling.runner_for(head_module(net), features, "int8", target, strip_input=True,
                                                      threads=threads, workdir=workdir)
                 heads[last_width] = i
             networks.append((space, config, stage_rows, last_width))
@@ -390,10 +404,14 @@ def validate_substage_rows(
             "fixed_ms": stem_ms + head_ms[last_width] + overhead,
             "predicted_ms": stages_ms + stem_ms + head_ms[last_width] + overhead,
             "measured_ms": median(timings["whole"]),
+            "measured_passes_ms": [t.median for t in timings["whole"]],
         })
     predicted = [r["predicted_ms"] for r in table_rows]
     measured = [r["measured_ms"] for r in table_rows]
     figures = judged(summarise(predicted, measured), min_spearman, max_median_abs_pct_error)
+    # the machine's test-retest ceiling: how well one pass over the subnets ranks them like another
+    passes = list(zip(*(r["measured_passes_ms"] for r in table_rows)))
+    retest = [spearman(passes[i], passes[j]) for i in range(len(passes)) for j in range(i + 1, len(passes))]
     record = {
         "validated": now(), "subnets": len(table_rows), "seed": int(seed), "target": target.name,
         "warmup": int(warmup), "repeats": int(repeats), "rounds": int(rounds), "realtime": bool(realtime),
@@ -402,18 +420,19 @@ def validate_substage_rows(
         # the rows alone (no stem, head or call overhead): how much of the ranking they carry
         "spearman_stages_only": judged(summarise([r["stages_ms"] for r in table_rows], measured),
                                        None, None)["spearman"],
+        "retest_spearman": statistics.fmean(retest) if retest and all(map(math.isfinite, retest)) else None,
         **figures,
     }
     csv_path = validation_csv_path(output)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["subnet", "space", "stages_ms", "fixed_ms", "predicted_ms", "measured_ms", "abs_pct_error",
-                     "config"])
+                     "measured_passes_ms", "config"])
     for i, r in enumerate(table_rows):
         writer.writerow([i, r["space"], f"{r['stages_ms']:.6g}", f"{r['fixed_ms']:.6g}", f"{r['predicted_ms']:.6g}",
                          f"{r['measured_ms']:.6g}",
                          f"{100.0 * abs(r['predicted_ms'] - r['measured_ms']) / r['measured_ms']:.4g}",
-                         json.dumps(r["config"], separators=(",", ":"))])
+                         " ".join(f"{v:.6g}" for v in r["measured_passes_ms"]), json.dumps(r["config"], separators=(",", ":"))])
     write_text(csv_path, buffer.getvalue())
     record["csv"] = csv_path.name
     meta = json.loads(meta_path.read_text(encoding="utf-8"))

@@ -160,10 +160,11 @@ def validate_spaceevo(layout: Any, output: Path, settings: Any, target: Any) -> 
         max_median_abs_pct_error=settings.max_median_error_pct, report=print,
     )
     r = result.record
-    spearman, alone = ("nan" if v is None else f"{v:.3f}" for v in (r["spearman"], r["spearman_stages_only"]))
+    spearman, alone, retest = ("nan" if v is None else f"{v:.3f}"
+                               for v in (r["spearman"], r["spearman_stages_only"], r["retest_spearman"]))
     fixed = json.loads(output.with_name(output.name + ".meta.json").read_text(encoding="utf-8"))["fixed_ms"]
     print(f"validation int8 on {r['subnets']} whole subnets: Spearman {spearman} (rows alone "
-          f"{alone}), median |error| {r['median_abs_pct_error']:.1f} %, mean |error| "
+          f"{alone}; pass against pass {retest}), median |error| {r['median_abs_pct_error']:.1f} %, mean |error| "
           f"{r['mean_abs_pct_error']:.1f} %, predicted/measured {r['median_ratio_predicted_to_measured']:.3f} "
           f"({'passed' if r['passed'] else 'FAILED'}); stem {fixed['stem']:.4f} ms, head "
           f"{min(fixed['head'].values()):.4f}-{max(fixed['head'].values()):.4f} ms")

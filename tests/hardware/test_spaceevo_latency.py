@@ -121,4 +121,7 @@ def test_validation_times_whole_subnets_against_stem_rows_and_head(tmp_path) -> 
         assert float(row["stages_ms"]) == pytest.approx(stages_ms, rel=1e-4)
         fixed = stem + heads[str(config["w"][-1])]
         assert float(row["predicted_ms"]) == pytest.approx(stages_ms + fixed, rel=1e-4)
+        passes = [float(v) for v in row["measured_passes_ms"].split()]
+        assert len(passes) == 2 and float(row["measured_ms"]) == pytest.approx(sum(passes) / 2, rel=1e-4)
         assert 0 < float(row["measured_ms"]) < 1000
+    assert result.record["retest_spearman"] is None or -1 <= result.record["retest_spearman"] <= 1
