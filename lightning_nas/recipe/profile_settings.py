@@ -59,6 +59,8 @@ class ProfileSettings:
     #: Self-validation once the table is complete: this many random whole subnets are measured and
     #: compared with the table's sum (Spearman, median abs. error; written into the table and a
     #: ``<table>_validation.csv``). 0 skips it. About 30 gives a Spearman stable to a few hundredths.
+    #: With ``spaceevo`` the subnets are made of the table's rows (stem + rows + head against whole
+    #: int8 networks, :func:`~lightning_nas.hardware.spaceevo_latency.validate_substage_rows`).
     validation_subnets: NonNegativeInt = 30
     validation_warmup: NonNegativeInt = 5
     validation_repeats: PositiveInt = 30
