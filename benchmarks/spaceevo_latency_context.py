@@ -8,6 +8,9 @@ in passes over all of them (1 thread, batch 1, on the table's target):
 * ``stages_alone``: the sum over its stages of each stage extracted from that network and timed
   alone on its real input (the previous stage's *active* width), int8 in and out, plus the stem and
   head timed alone the same way: what the network costs if nothing happens between its parts;
+* ``stages_in_pairs``: the stem alone, then each stage (and the head) as the difference between
+  the chain of its predecessor and itself and the predecessor alone: every part timed right after
+  the part before it, as in the network;
 * ``rows``: the table's prediction (stem + rows + head), whose rows were timed with the previous
   stage's *largest* width and other random weights.
 
@@ -84,8 +87,14 @@ def run(args: argparse.Namespace) -> dict:
 
             named = {"whole": runner(net, x), "stem": runner(net.stem, x, strip_output=True),
                      "head": runner(head_module(net), features[-1], strip_input=True)}
+            parts = [net.stem, *net.stages, head_module(net)]
             for s, stage in enumerate(net.stages):
                 named[f"stage{s}"] = runner(stage, features[s], strip_input=True, strip_output=True)
+            for k in range(1, len(parts)):  # part k after part k - 1; the input is part k - 1's
+                last = k == len(parts) - 1
+                pair_input = x if k == 1 else features[k - 2]
+                named[f"pair{k}"] = runner(torch.nn.Sequential(parts[k - 1], parts[k]), pair_input,
+                                           strip_input=k > 1, strip_output=not last)
             runners.append(named)
             stage_rows_of.append(stage_rows)
         samples = time_in_passes(runners, threads=threads, warmup=args.warmup, repeats=args.repeats,
@@ -96,12 +105,16 @@ def run(args: argparse.Namespace) -> dict:
         fixed = max(med["stem"] - overhead, 0.0) + max(med["head"] - overhead, 0.0)
         alone = [max(med[f"stage{s}"] - overhead, 0.0) for s in range(layout.num_stages)]
         table = [latency[substage_key(r)] for r in stage_rows]
+        # part k's cost after part k - 1: the pair less the predecessor alone (stem, stages, head)
+        alone_parts = [med["stem"], *(med[f"stage{s}"] for s in range(layout.num_stages)), med["head"]]
+        in_pairs = med["stem"] + sum(med[f"pair{k}"] - alone_parts[k - 1] for k in range(1, len(alone_parts)))
         per_subnet.append({"space": choice.id, "whole_ms": med["whole"],
                            "stages_alone_ms": sum(alone) + fixed + overhead, "rows_ms": sum(table) + fixed + overhead,
+                           "stages_in_pairs_ms": in_pairs,
                            "stage_alone_ms": alone, "stage_rows_ms": table, "fixed_ms": fixed})
     whole = [r["whole_ms"] for r in per_subnet]
     summary = {"target": target.name, "subnets": len(per_subnet), "rounds": args.rounds}
-    for key in ("stages_alone_ms", "rows_ms"):
+    for key in ("stages_alone_ms", "stages_in_pairs_ms", "rows_ms"):
         values = [r[key] for r in per_subnet]
         summary[key] = {"median_ratio_to_whole": statistics.median(v / w for v, w in zip(values, whole)),
                         "spearman_vs_whole": spearman(values, whole)}
@@ -116,7 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(args)
     s = result["summary"]
     print(f"{s['subnets']} whole subnets on {s['target']}, {s['rounds']} passes")
-    for key, label in (("stages_alone_ms", "stem + stages alone + head"), ("rows_ms", "stem + table rows + head")):
+    for key, label in (("stages_alone_ms", "stem + stages alone + head"),
+                       ("stages_in_pairs_ms", "parts after their predecessor"),
+                       ("rows_ms", "stem + table rows + head")):
         f = s[key]
         print(f"{label:<28} / whole: median {f['median_ratio_to_whole']:.3f}, Spearman {f['spearman_vs_whole']:.3f}")
     print("table row / stage alone, median per stage:", " ".join(f"{v:.3f}" for v in s["median_row_to_alone_ratio_by_stage"]))

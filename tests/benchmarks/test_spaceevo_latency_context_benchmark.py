@@ -33,5 +33,6 @@ def test_tiny_table_context_figures(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert len(subnet["stage_alone_ms"]) == len(subnet["stage_rows_ms"]) == TINY.num_stages
         assert set(subnet["stage_rows_ms"]) <= set(latency.values())
         assert subnet["rows_ms"] == pytest.approx(sum(subnet["stage_rows_ms"]) + subnet["fixed_ms"])
-        assert subnet["whole_ms"] > 0 and subnet["fixed_ms"] > 0
-    assert "stem + table rows + head" in capsys.readouterr().out
+        assert subnet["whole_ms"] > 0 and subnet["fixed_ms"] > 0 and subnet["stages_in_pairs_ms"] != 0
+    printed = capsys.readouterr().out
+    assert "stem + table rows + head" in printed and "parts after their predecessor" in printed
