@@ -42,11 +42,10 @@ from lightning_nas.hardware.spaceevo_latency import (  # noqa: E402
     head_module,
     read_latency_rows,
     substage_key,
+    validation_network,
     validation_subnets,
 )
-from lightning_nas.nn.spaceevo_net import SpaceEvoSubnet  # noqa: E402
-from lightning_nas.spaces.spaceevo_layout import SubStage  # noqa: E402
-from lightning_nas.spaces.spaceevo_space import SpaceEvoSubnetSpace, layout_from_hparams  # noqa: E402
+from lightning_nas.spaces.spaceevo_space import layout_from_hparams  # noqa: E402
 from lightning_nas.targets import resolve_target  # noqa: E402
 
 
@@ -73,12 +72,7 @@ def run(args: argparse.Namespace) -> dict:
     runners, stage_rows_of = [], []
     with tempfile.TemporaryDirectory() as workdir:
         for i, (choice, stage_rows) in enumerate(picked):
-            space = SpaceEvoSubnetSpace(choice, layout)
-            config = space.config_of([SubStage(int(r["width"]), int(r["depth"]), int(r["kernel"]),
-                                               float(r["expand"])) for r in stage_rows])
-            net = SpaceEvoSubnet(space, config).eval()
-            x = torch.randn(1, layout.in_channels, layout.resolution, layout.resolution,
-                            generator=torch.Generator().manual_seed(i))
+            net, x = validation_network(layout, choice, stage_rows, seed=i)
             with torch.no_grad():
                 features = net.forward_stages(x)
 

@@ -91,6 +91,7 @@ __all__ = [
     "sample_substages",
     "substage_key",
     "validate_substage_rows",
+    "validation_network",
     "validation_subnets",
 ]
 
@@ -216,6 +217,7 @@ def profile_substages(
     meta_path = output.with_name(output.name + ".meta.json")
     meta = _meta(layout, target, threads, batch_size, warmup, repeats, realtime, seed, samples_per_cell)
     rows: list[dict[str, Any]] = []
+    previous: dict[str, Any] = {}
     if output.exists():
         if not meta_path.exists():
             raise LatencyTableError(f"{output} exists without its metadata {meta_path.name}: not a table of this run")
@@ -231,6 +233,8 @@ def profile_substages(
             for substage in sample_substages(layout, stage, block_type, samples_per_cell, seed)]
     todo = [p for p in plan if (p[0], p[1], p[2].width, p[2].depth, p[2].kernel, float(p[2].expand)) not in done]
     skipped = len(plan) - len(todo)
+    if not todo:  # the rows are those the last validation measured: its figures still hold
+        meta.update({k: previous[k] for k in ("fixed_ms", "validation") if k in previous})
     if limit is not None:
         todo = todo[: max(int(limit), 0)]
 
@@ -318,6 +322,23 @@ def validation_subnets(layout: MacroLayout, rows: Sequence[dict[str, Any]], coun
     return subnets
 
 
+def validation_network(layout: MacroLayout, choice: SpaceChoice, stage_rows: Sequence[dict[str, Any]],
+                       batch_size: int = 1, seed: int = 0) -> tuple[Any, Any]:
+    """``(network, input)``: the standalone subnet of ``choice`` running ``stage_rows`` (one row
+    per stage, as :func:`validation_subnets` gives them), in eval mode, and a seeded input batch."""
+    import torch
+
+    from lightning_nas.nn.spaceevo_net import SpaceEvoSubnet
+    from lightning_nas.spaces.spaceevo_space import SpaceEvoSubnetSpace
+
+    space = SpaceEvoSubnetSpace(choice, layout)
+    config = space.config_of([SubStage(int(r["width"]), int(r["depth"]), int(r["kernel"]), float(r["expand"]))
+                              for r in stage_rows])
+    x = torch.randn(batch_size, layout.in_channels, layout.resolution, layout.resolution,
+                    generator=torch.Generator().manual_seed(seed))
+    return SpaceEvoSubnet(space, config).eval(), x
+
+
 @dataclass
 class SubStageValidation:
     """What :func:`validate_substage_rows` measured: ``record`` is what the metadata stores."""
@@ -325,6 +346,8 @@ class SubStageValidation:
     record: dict[str, Any]
     rows: list[dict[str, Any]]
     csv_path: Path
+    #: The stem and the heads by last width, as written into the metadata (``fixed_ms``).
+    fixed_ms: dict[str, Any]
 
     @property
     def passed(self) -> bool:
@@ -352,8 +375,6 @@ def validate_substage_rows(
     ``<output>_validation.csv``."""
     import torch
 
-    from lightning_nas.nn.spaceevo_net import SpaceEvoSubnet
-    from lightning_nas.spaces.spaceevo_space import SpaceEvoSubnetSpace
     from lightning_nas.targets import resolve_target
 
     target = resolve_target(target)
@@ -368,12 +389,7 @@ def validate_substage_rows(
     with tempfile.TemporaryDirectory() as workdir:
         networks, runners, heads = [], [], {}
         for i, (choice, stage_rows) in enumerate(picked):
-            space = SpaceEvoSubnetSpace(choice, layout)
-            config = space.config_of([SubStage(int(r["width"]), int(r["depth"]), int(r["kernel"]),
-                                               float(r["expand"])) for r in stage_rows])
-            net = SpaceEvoSubnet(space, config).eval()
-            x = torch.randn(batch_size, layout.in_channels, layout.resolution, layout.resolution,
-                            generator=torch.Generator().manual_seed(i))
+            net, x = validation_network(layout, choice, stage_rows, batch_size, seed=i)
             named = {"whole": profiling.runner_for(net, x, "int8", target, threads=threads, workdir=workdir)}
             last_width = int(stage_rows[-1]["width"])
             if i == 0:
@@ -385,7 +401,7 @@ def validate_substage_rows(
                 named["head"] = profiling.runner_for(head_module(net), features, "int8", target, strip_input=True,
                                                      threads=threads, workdir=workdir)
                 heads[last_width] = i
-            networks.append((space, config, stage_rows, last_width))
+            networks.append((choice, net.config, stage_rows, last_width))
             runners.append(named)
         samples = time_in_passes(runners, threads=threads, warmup=warmup, repeats=repeats, rounds=rounds,
                                  realtime=realtime, report=report)
@@ -397,10 +413,10 @@ def validate_substage_rows(
     stem_ms = max(median(samples[0]["stem"]) - overhead, 0.0)
     head_ms = {width: max(median(samples[i]["head"]) - overhead, 0.0) for width, i in sorted(heads.items())}
     table_rows = []
-    for (space, config, stage_rows, last_width), timings in zip(networks, samples):
+    for (choice, config, stage_rows, last_width), timings in zip(networks, samples):
         stages_ms = sum(float(r["latency_ms"]) for r in stage_rows)
         table_rows.append({
-            "space": space_id(space.choice), "config": config, "stages_ms": stages_ms,
+            "space": space_id(choice), "config": config, "stages_ms": stages_ms,
             "fixed_ms": stem_ms + head_ms[last_width] + overhead,
             "predicted_ms": stages_ms + stem_ms + head_ms[last_width] + overhead,
             "measured_ms": median(timings["whole"]),
@@ -436,7 +452,8 @@ def validate_substage_rows(
     write_text(csv_path, buffer.getvalue())
     record["csv"] = csv_path.name
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    meta["fixed_ms"] = {"stem": stem_ms, "head": {str(w): v for w, v in head_ms.items()}}
+    fixed_ms = {"stem": stem_ms, "head": {str(w): v for w, v in head_ms.items()}}
+    meta["fixed_ms"] = fixed_ms
     meta["validation"] = record
     write_json(meta_path, meta)
-    return SubStageValidation(record, table_rows, csv_path)
+    return SubStageValidation(record, table_rows, csv_path, fixed_ms)

@@ -12,7 +12,6 @@ the space search (``lightning-nas search`` with a ``spaceevo:`` section) reads i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +161,7 @@ def validate_spaceevo(layout: Any, output: Path, settings: Any, target: Any) -> 
     r = result.record
     spearman, alone, retest = ("nan" if v is None else f"{v:.3f}"
                                for v in (r["spearman"], r["spearman_stages_only"], r["retest_spearman"]))
-    fixed = json.loads(output.with_name(output.name + ".meta.json").read_text(encoding="utf-8"))["fixed_ms"]
+    fixed = result.fixed_ms
     print(f"validation int8 on {r['subnets']} whole subnets: Spearman {spearman} (rows alone "
           f"{alone}; pass against pass {retest}), median |error| {r['median_abs_pct_error']:.1f} %, mean |error| "
           f"{r['mean_abs_pct_error']:.1f} %, predicted/measured {r['median_ratio_predicted_to_measured']:.3f} "

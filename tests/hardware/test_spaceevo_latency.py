@@ -125,3 +125,8 @@ def test_validation_times_whole_subnets_against_stem_rows_and_head(tmp_path) -> 
         assert len(passes) == 2 and float(row["measured_ms"]) == pytest.approx(sum(passes) / 2, rel=1e-4)
         assert 0 < float(row["measured_ms"]) < 1000
     assert result.record["retest_spearman"] is None or -1 <= result.record["retest_spearman"] <= 1
+    assert result.fixed_ms == meta["fixed_ms"]
+    # a rerun with nothing left to measure keeps the figures of the rows it leaves as they are
+    profile_substages(TINY, output, target=target, samples_per_cell=2, warmup=0, repeats=2, progress=False)
+    kept = json.loads((tmp_path / "latency.csv.meta.json").read_text())
+    assert kept["validation"] == result.record and kept["fixed_ms"] == meta["fixed_ms"]
