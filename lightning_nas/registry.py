@@ -104,6 +104,9 @@ SPACES.add("ofa_mbv3", "lightning_nas.spaces.ofa_mbv3:OFAMobileNetV3Space",
            "once-for-all elastic MobileNetV3 (kernel, expand, depth, resolution), ImageNet layout")
 SPACES.add("ofa_mbv3_cifar", "lightning_nas.spaces.ofa_mbv3:OFAMobileNetV3Space",
            "once-for-all elastic MobileNetV3 for 32x32 inputs (stride-1 stem, 10 classes)", preset="ofa_mbv3_cifar")
+SPACES.add("ofa_mbv3_cifar_4x4", "lightning_nas.spaces.ofa_mbv3:OFAMobileNetV3Space",
+           "once-for-all elastic MobileNetV3 for 32x32 inputs with 4x4 maps before the head (width 0.75)",
+           preset="ofa_mbv3_cifar_4x4")
 SPACES.add("nb201", "lightning_nas.spaces.nb201:NB201Space",
            "NAS-Bench-201 cell space (15,625 cells, 5 ops on 6 edges)")
 SPACES.add("proxyless", "lightning_nas.spaces.proxyless:ProxylessSpace",

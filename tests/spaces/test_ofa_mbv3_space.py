@@ -52,7 +52,7 @@ def test_init_signature_is_explicit_and_simply_typed() -> None:
 
 
 def test_registry_and_cifar_defaults() -> None:
-    assert set(PRESETS) == {"ofa_mbv3", "ofa_mbv3_cifar"}
+    assert set(PRESETS) == {"ofa_mbv3", "ofa_mbv3_cifar", "ofa_mbv3_cifar_4x4"}
     cifar = SPACES.build({"name": "ofa_mbv3_cifar"})
     assert type(cifar) is OFAMobileNetV3Space and cifar.name == "ofa_mbv3_cifar"
     assert (cifar.num_classes, cifar.resolutions, cifar.stem_stride) == (10, [24, 28, 32], 1)
@@ -61,6 +61,20 @@ def test_registry_and_cifar_defaults() -> None:
     assert rebuilt == cifar and rebuilt.hparams() == cifar.hparams() and rebuilt.name == "ofa_mbv3_cifar"
     with pytest.raises(ValueError, match="unknown preset 'ofa_mbv3_tiny'.*ofa_mbv3_cifar"):
         OFAMobileNetV3Space.from_preset("ofa_mbv3_tiny")
+
+
+def test_cifar_4x4_layout_keeps_4x4_maps_before_the_head() -> None:
+    space = SPACES.build({"name": "ofa_mbv3_cifar_4x4"})
+    assert space.name == "ofa_mbv3_cifar_4x4" and space.stage_strides == [2, 2, 2, 1, 1]
+    largest = space.largest()
+    head = next(spec for spec in space.layer_specs(largest) if spec.name == "head.final_expand.conv")
+    assert (head.in_size, head.in_channels) == (4, 120)  # 160 * 0.75, rounded to 8
+    # docs/benchmarks.md: 47.7M MACs for the largest subnet at 32 px (the 2x2 preset: 49.6M)
+    assert space.macs(largest) == pytest.approx(47.67e6, rel=0.002)
+    two_by_two = SPACES.build({"name": "ofa_mbv3_cifar"})
+    assert space.macs(largest) < two_by_two.macs(two_by_two.largest())
+    rebuilt = SPACES.build({"name": space.name, **space.hparams()})
+    assert rebuilt == space
 
 
 def test_imagenet_layout_matches_published_figures(space: OFAMobileNetV3Space) -> None:
