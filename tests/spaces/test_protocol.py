@@ -47,6 +47,7 @@ CAPABILITIES: dict[str, set[type]] = {
     "nb201": set(),
     "ofa_mbv3": {CostModelSpace, BoundedSpace, ElasticSpace},
     "ofa_mbv3_cifar": {CostModelSpace, BoundedSpace, ElasticSpace},
+    "ofa_mbv3_cifar_4x4": {CostModelSpace, BoundedSpace, ElasticSpace},
     "proxyless": {CostModelSpace},
     "proxyless_cifar": {CostModelSpace},
     "quant_policy": {BoundedSpace},
