@@ -68,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 32x32 inputs: a stride-1 stem keeps 2x2 maps in the last stage; 10 classes, small resolutions
     "ofa_mbv3_cifar": {"num_classes": 10, "resolutions": [24, 28, 32], "stem_stride": 1},
     # 32x32 inputs with 4x4 maps before the head: stride 1 in the last stage too; at width 0.75 a
-    # training step costs about what the 2x2 preset's does (docs/benchmarks.md, CIFAR-10 supernet)
+    # training step ran at 0.8-1.3x the 2x2 preset's speed on the hosts measured (docs/benchmarks.md)
     "ofa_mbv3_cifar_4x4": {"num_classes": 10, "resolutions": [24, 28, 32], "stem_stride": 1,
                            "stage_strides": [2, 2, 2, 1, 1], "width_mult": 0.75},
 }
